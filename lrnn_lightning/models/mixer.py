@@ -1,0 +1,49 @@
+"""The step protocol every sequence mixer implements (see DESIGN.md).
+
+    forward(x, dt=None)              x (B, L, D) -> y (B, L, D); dt (B, L) event timesteps
+    allocate_state(B, device, dtype) -> dict[str, Tensor] of zeroed state tensors
+    step(x_t, state, dt_t=None)      x_t (B, D) -> y_t (B, D); updates `state` in place
+    prefill(x, dt=None)              -> (y (B, L, D), state): parallel pass + final state
+
+Capture rules: `step` derives every weight-dependent tensor from the live parameters
+on each call, updates state tensors only in place, and never synchronises with the
+host, so one CUDA graph of it stays valid across optimizer steps. State tensors are
+real floating tensors of the dtype given to `allocate_state` (a complex state is kept
+as real and imaginary parts), so the engine can zero, pad and copy them generically.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import Tensor, nn
+
+State = dict[str, Tensor]
+
+
+class Mixer(nn.Module, abc.ABC):
+    """Abstract base of the zoo's mixers.
+
+    Subclasses take `(d_model, d_state, **options)` in their constructor so that the
+    registry and `SequenceModel` can build any of them by name.
+    """
+
+    d_model: int
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, dt: Tensor | None = None) -> Tensor:
+        """Parallel pass: x (B, L, D), dt (B, L) or None -> (B, L, D)."""
+
+    @abc.abstractmethod
+    def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
+                       dtype: torch.dtype = torch.float32) -> State:
+        """Zeroed recurrent state for `batch_size` rows."""
+
+    @abc.abstractmethod
+    def step(self, x_t: Tensor, state: State, dt_t: Tensor | None = None) -> Tensor:
+        """One recurrent step: x_t (B, D), dt_t (B,) or None -> (B, D); `state` updated in place."""
+
+    @abc.abstractmethod
+    def prefill(self, x: Tensor, dt: Tensor | None = None) -> tuple[Tensor, State]:
+        """Parallel pass that also returns the state after the last step."""

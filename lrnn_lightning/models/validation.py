@@ -1,0 +1,81 @@
+"""Input checks shared by every mixer and the backbone.
+
+Shape checks read only tensor metadata, so they are safe inside a captured `step`.
+Value checks (`check_dt_values`) synchronise with the host and therefore run only in
+the parallel paths (`forward`, `prefill`) and once per rollout in the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_sequence(x: Tensor, d_model: int, owner: str) -> tuple[int, int]:
+    """Validate a sequence input of shape (B, L, D) and return (B, L)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner}: expected a torch.Tensor of shape (B, L, {d_model}), got {type(x).__name__}.")
+    if x.dim() != 3:
+        raise ValueError(
+            f"{owner}: expected input of shape (B, L, {d_model}) (rank 3), got shape {tuple(x.shape)} "
+            f"(rank {x.dim()}). HINT: for a single step use `step(x_t)` with x_t of shape (B, {d_model})."
+        )
+    if x.shape[-1] != d_model:
+        raise ValueError(
+            f"{owner}: expected feature size {d_model} in the last dimension, got shape {tuple(x.shape)}."
+        )
+    if x.shape[1] == 0:
+        raise ValueError(f"{owner}: got an empty sequence (L=0), shape {tuple(x.shape)}.")
+    return x.shape[0], x.shape[1]
+
+
+def check_step_input(x_t: Tensor, d_model: int, owner: str) -> int:
+    """Validate one step's input of shape (B, D) and return B."""
+    if not isinstance(x_t, Tensor):
+        raise TypeError(f"{owner}.step: expected a torch.Tensor of shape (B, {d_model}), got {type(x_t).__name__}.")
+    if x_t.dim() != 2 or x_t.shape[-1] != d_model:
+        raise ValueError(
+            f"{owner}.step: expected x_t of shape (B, {d_model}), got shape {tuple(x_t.shape)}. "
+            "HINT: `step` takes one time step; use `forward` for (B, L, D) sequences."
+        )
+    return x_t.shape[0]
+
+
+def check_dt(dt: Tensor | None, batch: int, length: int, owner: str, check_values: bool = True) -> None:
+    """Validate event timesteps of shape (B, L): positive and finite."""
+    if dt is None:
+        return
+    if not isinstance(dt, Tensor):
+        raise TypeError(f"{owner}: expected dt to be a torch.Tensor of shape ({batch}, {length}), got {type(dt).__name__}.")
+    if tuple(dt.shape) != (batch, length):
+        raise ValueError(
+            f"{owner}: expected dt of shape (B, L) = ({batch}, {length}), got shape {tuple(dt.shape)}. "
+            "HINT: dt holds one positive timestep per batch row and time step."
+        )
+    if not dt.is_floating_point():
+        raise ValueError(f"{owner}: expected a floating-point dt, got dtype {dt.dtype}.")
+    if check_values:
+        check_dt_values(dt, owner)
+
+
+def check_dt_values(dt: Tensor, owner: str) -> None:
+    """Raise if any timestep is non-finite or non-positive (synchronises with the host)."""
+    finite = torch.isfinite(dt)
+    if not bool(finite.all()):
+        bad = dt[~finite].flatten()[0].item()
+        raise ValueError(f"{owner}: dt must be finite, got {bad}. HINT: check the timestamps the dt was derived from.")
+    if not bool((dt > 0).all()):
+        bad = dt[dt <= 0].flatten()[0].item()
+        raise ValueError(
+            f"{owner}: dt must be strictly positive, got {bad}. "
+            "HINT: timestamps must be strictly increasing; drop duplicate samples."
+        )
+
+
+def check_step_dt(dt_t: Tensor | None, batch: int, owner: str) -> None:
+    """Validate one step's timesteps of shape (B,) or (B, 1); metadata only, capture-safe."""
+    if dt_t is None:
+        return
+    if not isinstance(dt_t, Tensor) or dt_t.dim() not in (1, 2) or dt_t.shape[0] != batch or dt_t.numel() != batch:
+        shape = tuple(dt_t.shape) if isinstance(dt_t, Tensor) else type(dt_t).__name__
+        raise ValueError(f"{owner}.step: expected dt_t of shape ({batch},), got {shape}.")
