@@ -1,0 +1,54 @@
+"""Test utilities: random weights, random timesteps and a guard against host syncs."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def perturb_parameters(module: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
+    """Add small Gaussian noise to every parameter, so zero-initialised ones (biases,
+    skip terms) are exercised too."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
+
+
+def random_dt(batch: int, length: int, low: float = 0.3, high: float = 2.0, device=None) -> torch.Tensor:
+    """Positive timesteps that vary per row and per step."""
+    return low + (high - low) * torch.rand(batch, length, device=device)
+
+
+@contextlib.contextmanager
+def forbid_host_sync():
+    """Make every tensor -> Python conversion raise while active.
+
+    A `step` that calls `.item()`, branches on a tensor's truth value, converts to a
+    list or NumPy array, or uses a data-dependent shape op cannot be captured in a CUDA
+    graph; on the CPU this guard catches the same mistakes.
+    """
+    names = ["item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+    fn_names = ["nonzero", "masked_select", "unique", "where"]
+    fn_originals = {name: getattr(torch, name) for name in fn_names}
+
+    def refuse(name):
+        def raiser(*args, **kwargs):
+            if name == "where" and len(args) + len(kwargs) > 1:
+                return fn_originals["where"](*args, **kwargs)  # 3-argument where is fine
+            raise AssertionError(f"host synchronisation in step: Tensor.{name}")
+        return raiser
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, refuse(name))
+        for name in fn_names:
+            setattr(torch, name, refuse(name))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+        for name, fn in fn_originals.items():
+            setattr(torch, name, fn)
