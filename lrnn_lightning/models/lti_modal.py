@@ -1,0 +1,162 @@
+"""`ModalLTIMixer`: the shared machinery of the MIMO diagonal complex SSMs (LRU, S5).
+
+Both are, per mode p = 1..P of a complex diagonal state,
+
+    h_t = decay_t * h_{t-1} + scale_t * (B x_t)        y_t = c Re(C h_t) + D x_t
+
+with B (P, H), C (H, P) complex, D (H,) real and c = 2 when only one mode of each
+conjugate pair is kept, else 1. A subclass says how `decay` and `scale` follow from its
+parameters and the event timestep (`_discretize`), and may fold per-mode gains into B
+(`_input_weight`); this class does the rest of the step protocol:
+
+- forward, dt=None: time-invariant, so the states are a causal FFT convolution of B x
+  with decay^l in mode space, O(B P L log L);
+- forward, dt given: time-varying, solved by the associative scan;
+- step: one real matmul for B x, six fused kernels for the complex update, three for
+  the readout, all on real tensors; the rest is the discretisation, recomputed from the
+  live parameters on every call.
+
+All paths run with autocast off, in the parameters' dtype (see `working_precision`).
+
+Parameters are real tensors: B is (2, P, H) and C is (2, H, P), holding real and
+imaginary parts, so Re and Im of B x come from one matmul against B.flatten(0, 1).
+The state is {"h_re": (batch, P), "h_im": (batch, P)}.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import Tensor, nn
+
+from lrnn_lightning.models.fft_conv import causal_fft_conv
+from lrnn_lightning.models.lti_complex import complex_decay_add_, complex_mul, powers_from_log, working_precision
+from lrnn_lightning.models.mixer import Mixer, State
+from lrnn_lightning.models.scan import linear_scan
+from lrnn_lightning.models.validation import check_dt, check_sequence, check_step_dt, check_step_input
+
+
+class ModalLTIMixer(Mixer):
+    """Base of the diagonal complex SSMs with dense complex B and C (see the module doc).
+
+    Subclasses must set `self.B` (2, P, H), `self.C` (2, H, P) and `self.D` (H,) as
+    parameters and implement `_discretize`.
+
+    Args:
+        d_model: H, features in and out.
+        n_modes: P, number of complex modes held in the state.
+        output_scale: c in y = c Re(C h) + D x (2 for conjugate-symmetric halves, else 1).
+    """
+
+    B: nn.Parameter
+    C: nn.Parameter
+    D: nn.Parameter
+
+    def __init__(self, d_model: int, n_modes: int, output_scale: float):
+        super().__init__()
+        self.d_model = d_model
+        self.n_modes = n_modes
+        self.output_scale = float(output_scale)
+
+    @property
+    def _owner(self) -> str:
+        return type(self).__name__
+
+    @abc.abstractmethod
+    def _discretize(self, dt: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Per-mode (log_decay, input_scale), complex.
+
+        Args:
+            dt: None (unit step) or event timesteps of any shape S (e.g. (B,) or (B, L)).
+
+        Returns:
+            log_decay and input_scale of shape (P,) for dt=None, else S + (P,);
+            input_scale may be None (input enters unscaled).
+        """
+
+    def _input_weight(self) -> Tensor:
+        """(2P, H) real matrix whose product with x gives [Re(B x), Im(B x)]."""
+        return self.B.flatten(0, 1)
+
+    def _readout(self, h_re: Tensor, h_im: Tensor, x: Tensor) -> Tensor:
+        """c Re(C h) + D x for 2-D h_re, h_im (N, P) and x (N, H) -> (N, H); three kernels."""
+        y = torch.addmm(x * self.D, h_re, self.C[0].T, alpha=self.output_scale)
+        return y.addmm_(h_im, self.C[1].T, alpha=-self.output_scale)
+
+    def _states(self, x: Tensor, dt: Tensor | None) -> Tensor:
+        """All states h_t, complex (B, L, P), from a zero initial state."""
+        u = x @ self._input_weight().T
+        u = torch.complex(u[..., : self.n_modes], u[..., self.n_modes:])
+        log_decay, scale = self._discretize(dt)
+        if scale is not None:
+            u = u * scale
+        if dt is None:
+            return causal_fft_conv(u, powers_from_log(log_decay, x.shape[1]))
+        return linear_scan(torch.exp(log_decay), u)
+
+    def _parallel(self, x: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor]:
+        batch, length = check_sequence(x, self.d_model, self._owner)
+        check_dt(dt, batch, length, self._owner)
+        with torch.autocast(x.device.type, enabled=False):  # see `working_precision`
+            x, dt = working_precision(self.D, x, dt)
+            h = self._states(x, dt)
+            y = self._readout(h.real.flatten(0, 1), h.imag.flatten(0, 1), x.flatten(0, 1))
+        return y.view(batch, length, self.d_model), h
+
+    def forward(self, x: Tensor, dt: Tensor | None = None) -> Tensor:
+        """Parallel pass from a zero state.
+
+        Args:
+            x: input, shape (B, L, H).
+            dt: optional event timesteps, shape (B, L), positive.
+
+        Returns:
+            y of shape (B, L, H).
+        """
+        return self._parallel(x, dt)[0]
+
+    def prefill(self, x: Tensor, dt: Tensor | None = None) -> tuple[Tensor, State]:
+        """Parallel pass that also returns the state after the last step.
+
+        Args:
+            x: context, shape (B, L, H).
+            dt: optional event timesteps, shape (B, L).
+
+        Returns:
+            y (B, L, H) and the state {"h_re", "h_im"}, each (B, P).
+        """
+        y, h = self._parallel(x, dt)
+        last = h[:, -1]
+        return y, {"h_re": last.real.contiguous(), "h_im": last.imag.contiguous()}
+
+    def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
+                       dtype: torch.dtype = torch.float32) -> State:
+        """Zeroed state {"h_re", "h_im"}, each (batch_size, P)."""
+        shape = (batch_size, self.n_modes)
+        return {"h_re": torch.zeros(shape, device=device, dtype=dtype),
+                "h_im": torch.zeros(shape, device=device, dtype=dtype)}
+
+    def step(self, x_t: Tensor, state: State, dt_t: Tensor | None = None) -> Tensor:
+        """One recurrent step; `state` is updated in place.
+
+        Args:
+            x_t: input, shape (B, H).
+            state: as returned by `allocate_state` or `prefill`.
+            dt_t: optional timestep, shape (B,) or (B, 1).
+
+        Returns:
+            y_t of shape (B, H).
+        """
+        batch = check_step_input(x_t, self.d_model, self._owner)
+        check_step_dt(dt_t, batch, self._owner)
+        with torch.autocast(x_t.device.type, enabled=False):
+            x_t, dt_t = working_precision(self.D, x_t, None if dt_t is None else dt_t.reshape(batch))
+            log_decay, scale = self._discretize(dt_t)
+            u = x_t @ self._input_weight().T
+            u_re, u_im = u[:, : self.n_modes], u[:, self.n_modes:]
+            if scale is not None:
+                u_re, u_im = complex_mul(scale, u_re, u_im)
+            h_re, h_im = state["h_re"], state["h_im"]
+            complex_decay_add_(h_re, h_im, torch.exp(log_decay), u_re, u_im)
+            return self._readout(h_re, h_im, x_t)
