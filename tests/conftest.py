@@ -20,5 +20,8 @@ def _seed():
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach(), b.detach()
+    if a.is_complex() or b.is_complex():
+        a, b = torch.view_as_real(a.to(torch.complex128)), torch.view_as_real(b.to(torch.complex128))
+    a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
