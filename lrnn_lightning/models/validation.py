@@ -46,7 +46,9 @@ def check_dt(dt: Tensor | None, batch: int, length: int, owner: str, check_value
     if dt is None:
         return
     if not isinstance(dt, Tensor):
-        raise TypeError(f"{owner}: expected dt to be a torch.Tensor of shape ({batch}, {length}), got {type(dt).__name__}.")
+        raise TypeError(
+            f"{owner}: expected dt to be a torch.Tensor of shape ({batch}, {length}), got {type(dt).__name__}."
+        )
     if tuple(dt.shape) != (batch, length):
         raise ValueError(
             f"{owner}: expected dt of shape (B, L) = ({batch}, {length}), got shape {tuple(dt.shape)}. "
