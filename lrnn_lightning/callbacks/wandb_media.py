@@ -1,0 +1,60 @@
+"""What `RolloutCallback` shows in Weights & Biases: the error-vs-horizon chart, sample plots,
+a table of the samples and the rollout's timing."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from lrnn_lightning.callbacks.plotting import plot_rollout
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lrnn_lightning.callbacks.rollout import RolloutResult
+
+
+def sample_times(dt: torch.Tensor, context_length: int) -> torch.Tensor:
+    """Sample times from per-step gaps dt (L,), shifted so the first predicted sample is at 0."""
+    times = torch.cat([dt.new_zeros(1), dt[:-1].double().cumsum(0)])
+    return times - times[context_length]
+
+
+def log_rollout_media(logger: WandbLogger, result: RolloutResult, *, step: int, prefix: str, num_plots: int,
+                      plot_channels: int) -> None:
+    """Log one validation's rollout media to `logger`'s run (call on global rank zero only)."""
+    import wandb
+
+    horizon = list(range(1, result.future.shape[1] + 1))
+    chart = wandb.plot.line_series(
+        xs=horizon,
+        ys=[result.model.nrmse.tolist(), result.persistence.nrmse.tolist()],
+        keys=["model", "persistence"],
+        title=f"Normalised RMSE vs horizon (epoch {result.epoch})",
+        xname="horizon step",
+    )
+    rows, images = [], []
+    context_length = result.context.shape[1]
+    for k, window in enumerate(result.indices):
+        image = None
+        if k < num_plots:
+            times = None if result.dt is None else sample_times(result.dt[k], context_length)
+            pixels = plot_rollout(result.context[k], result.future[k], result.prediction[k], plot_channels,
+                                  title=f"validation window {window}, epoch {result.epoch}", times=times)
+            image = wandb.Image(pixels, caption=f"window {window}")
+            images.append(image)
+        rows.append([window, image, float(result.sequence_nrmse[k].mean()),
+                     float(result.persistence_sequence_nrmse[k].mean()), int(result.sequence_valid_steps[k])])
+    table = wandb.Table(columns=["window", "plot", "nrmse", "persistence_nrmse", "valid_steps"], data=rows)
+    logger.experiment.log({
+        f"{prefix}/error_vs_horizon": chart,
+        f"{prefix}/samples": images,
+        f"{prefix}/samples_table": table,
+        f"{prefix}/path": result.stats.path,
+        f"{prefix}/compiled": result.stats.compiled,
+        f"{prefix}/capture_ms": result.stats.capture_ms,
+        f"{prefix}/num_captures": result.stats.num_captures,
+        f"{prefix}/steps_per_second": result.stats.steps_per_second,
+        "trainer/global_step": step,
+    })

@@ -1,0 +1,129 @@
+"""`WindowDataModule`: the shared machinery of every datamodule.
+
+A subclass only says how to get its raw series (`load_series`); this base splits each
+series by time, normalises every channel with statistics of the training part, turns
+timestamps into per-step gaps in event mode, and serves `SeriesWindows`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lrnn_lightning.data.windows import SeriesWindows, gaps_from_times, split_by_time
+
+
+@dataclass
+class RawSeries:
+    """What a subclass loads: values (one (N_i, H) array per series) and, when it has them,
+    sample times (one (N_i,) array per series)."""
+
+    values: list[np.ndarray]
+    times: list[np.ndarray] | None = None
+
+
+def check_positive_int(owner: str, name: str, value, hint: str = "") -> int:
+    """Return `value` if it is a positive integer, else raise naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}." + (f" HINT: {hint}" if hint
+                                                                                             else ""))
+    return int(value)
+
+
+class WindowDataModule(LightningDataModule, abc.ABC):
+    """Windows (context, future[, dt]) over series split by time into train and validation.
+
+    Args:
+        context_length: samples of history in each window.
+        horizon: samples of future in each window (the longest rollout the callback can score).
+        batch_size: windows per training batch.
+        stride: distance between training window starts.
+        val_stride: distance between validation window starts (defaults to `stride`).
+        val_fraction: the last fraction of every series that is held out for validation.
+        event: yield per-step timesteps `dt` (event mode).
+        dt_unit: the time unit `dt` is expressed in; None uses the median gap of the training
+            data, so a regularly sampled series has dt == 1 and irregular gaps scatter around 1.
+        num_workers: DataLoader workers.
+    """
+
+    name = "series"
+
+    def __init__(self, context_length: int = 64, horizon: int = 128, batch_size: int = 32, stride: int = 1,
+                 val_stride: int | None = None, val_fraction: float = 0.2, event: bool = False,
+                 dt_unit: float | None = None, num_workers: int = 0):
+        super().__init__()
+        owner = type(self).__name__
+        self.context_length = check_positive_int(owner, "context_length", context_length)
+        self.horizon = check_positive_int(owner, "horizon", horizon)
+        self.batch_size = check_positive_int(owner, "batch_size", batch_size, "use e.g. data.batch_size=32.")
+        self.stride = check_positive_int(owner, "stride", stride)
+        self.val_stride = self.stride if val_stride is None else check_positive_int(owner, "val_stride", val_stride)
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise ValueError(f"{owner}: val_fraction must lie in (0, 1), got {val_fraction!r}.")
+        if dt_unit is not None and not float(dt_unit) > 0:
+            raise ValueError(f"{owner}: dt_unit must be positive (or None for the median gap), got {dt_unit!r}.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"{owner}: num_workers must be a non-negative integer, got {num_workers!r}.")
+        self.val_fraction, self.event, self.dt_unit = float(val_fraction), bool(event), dt_unit
+        self.num_workers = num_workers
+        self.train_dataset: SeriesWindows | None = None
+        self.val_dataset: SeriesWindows | None = None
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+
+    @property
+    @abc.abstractmethod
+    def num_channels(self) -> int:
+        """Channels H per sample (the model's input and output width)."""
+
+    @abc.abstractmethod
+    def load_series(self) -> RawSeries:
+        """The raw series, in time order."""
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        raw = self.load_series()
+        if self.event and raw.times is None:
+            raise ValueError(f"{type(self).__name__}: event mode (event=true) needs timestamps, and this data has "
+                             "none. HINT: set data.event=false, or give the data its timestamps.")
+        train_values, val_values = zip(*(split_by_time(v, self.val_fraction) for v in raw.values), strict=True)
+        stacked = np.concatenate(train_values, axis=0)
+        self.mean = stacked.mean(axis=0)
+        self.std = np.maximum(stacked.std(axis=0), 1e-8)
+        normalise = lambda parts: [(p - self.mean) / self.std for p in parts]
+        train_dts = val_dts = None
+        if self.event:
+            gaps = [gaps_from_times(t) for t in raw.times]
+            unit = self.dt_unit or float(np.median(np.concatenate([split_by_time(g, self.val_fraction)[0]
+                                                                  for g in gaps])))
+            train_dts, val_dts = zip(*(split_by_time(g / unit, self.val_fraction) for g in gaps), strict=True)
+        self.train_dataset = self._windows("training", normalise(train_values), train_dts, self.stride)
+        self.val_dataset = self._windows("validation", normalise(val_values), val_dts, self.val_stride)
+
+    def _windows(self, split: str, values, dts, stride: int) -> SeriesWindows:
+        windows = SeriesWindows(values, dts, self.context_length, self.horizon, stride)
+        if len(windows) == 0:
+            longest = max(v.shape[0] for v in values)
+            raise ValueError(
+                f"{type(self).__name__}: the {split} split has at most {longest} samples per series, fewer than one "
+                f"window of context_length + horizon = {self.context_length} + {self.horizon} = "
+                f"{windows.window_length}. HINT: lower data.context_length / data.horizon (and generation.context / "
+                "generation.horizon with them), or change data.val_fraction.")
+        return windows
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True, drop_last=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)

@@ -1,0 +1,109 @@
+"""`NextStepModule`: teacher-forced next-step training of a step-protocol sequence model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from typing_extensions import override
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": F.mse_loss, "mae": F.l1_loss,
+                                                         "huber": F.smooth_l1_loss}
+
+
+def next_step_pair(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Inputs, targets and input timesteps of a window batch for next-step prediction.
+
+    The window is context and future joined, x (B, L, H); the model reads x[:, :-1] (with
+    dt[:, :-1], the gap from each input to the sample it predicts) and must output x[:, 1:].
+    """
+    if not isinstance(batch, dict) or "context" not in batch or "future" not in batch:
+        got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"NextStepModule: expected a batch dict with 'context' and 'future' (and 'dt' in event "
+                         f"mode), got {got}. HINT: use a datamodule from lrnn_lightning.data.")
+    window = torch.cat([batch["context"], batch["future"]], dim=1)
+    dt = batch.get("dt")
+    return window[:, :-1], window[:, 1:], None if dt is None else dt[:, :-1]
+
+
+class NextStepModule(LightningModule):
+    """Trains `model` to predict each next sample of a window from all samples before it.
+
+    The whole window goes through the model's parallel `forward` at once (teacher
+    forcing); the loss compares the output at position t with the sample at t + 1.
+    Logs `train/loss` and `val/loss`. The model must implement the step protocol so that
+    `RolloutCallback` can roll it out autoregressively.
+
+    Args:
+        model: the sequence model (e.g. `build_model("lru", d_input=3)`), (B, L, H) -> (B, L, H).
+        optimizer: a factory taking the parameters, e.g. Hydra's
+            `{_target_: torch.optim.AdamW, _partial_: true, lr: 3e-3}`.
+        scheduler: an optional factory taking the optimizer (also `_partial_`).
+        scheduler_interval: step the scheduler every "epoch" or every "step".
+        loss: "mse", "mae" or "huber".
+
+    Example:
+        >>> from functools import partial
+        >>> module = NextStepModule(build_model("lru", d_input=3), partial(torch.optim.AdamW, lr=3e-3))
+        >>> Trainer(max_epochs=5).fit(module, datamodule=OscillatorsDataModule())
+    """
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
+                 scheduler_interval: str = "epoch", loss: str = "mse"):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"NextStepModule: model must be a torch.nn.Module, got {type(model).__name__}.")
+        if not callable(optimizer):
+            raise ValueError(f"NextStepModule: optimizer must be a factory of the parameters, got {optimizer!r}. "
+                             "HINT: in Hydra configs set `_partial_: true` on the optimizer.")
+        if scheduler is not None and not callable(scheduler):
+            raise ValueError(f"NextStepModule: scheduler must be a factory of the optimizer or None, got "
+                             f"{scheduler!r}. HINT: in Hydra configs set `_partial_: true` on the scheduler.")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"NextStepModule: scheduler_interval must be 'epoch' or 'step', got "
+                             f"{scheduler_interval!r}.")
+        if loss not in LOSSES:
+            raise ValueError(f"NextStepModule: unknown loss {loss!r}. Valid names: {', '.join(LOSSES)}.")
+        # factories stay out of the checkpoint's hyperparameters: they would make it unloadable with
+        # torch.load(weights_only=True), the default; the run's Hydra config records them instead
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"], logger=False)
+        self.model = model
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.loss_fn = LOSSES[loss]
+
+    @override
+    def forward(self, x: Tensor, dt: Tensor | None = None) -> Tensor:
+        return self.model(x, dt)
+
+    def _loss(self, batch: dict[str, Tensor]) -> Tensor:
+        inputs, targets, dt = next_step_pair(batch)
+        return self.loss_fn(self.model(inputs, dt).float(), targets.float())
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["context"].shape[0])
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch["context"].shape[0])
+        return loss
+
+    @override
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval,
+                                 "monitor": "val/loss"}}

@@ -1,0 +1,87 @@
+"""The training run behind `train.py`: data, model, module, callbacks, loggers, trainer, fit."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+from lightning.pytorch import seed_everything
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from lrnn_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from lrnn_lightning.utils.wandb_setup import finish_wandb
+
+
+def route_lightning_logs_through_hydra() -> None:
+    """Stop Lightning printing every message twice under Hydra.
+
+    The `lightning` package gives its logger a console handler of its own, and its
+    records also reach the root logger that Hydra configures (console and the run's
+    train.log). When the root logger has handlers, drop Lightning's own.
+    """
+    root, lightning_logger = logging.getLogger(), logging.getLogger("lightning")
+    if root.handlers:
+        for handler in list(lightning_logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_logger.removeHandler(handler)
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate everything a run needs from a composed config (no training).
+
+    Returns:
+        dict with `datamodule`, `model`, `module`, `callbacks`, `loggers` and `trainer`.
+    """
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model, d_input=datamodule.num_channels)
+    module = hydra.utils.instantiate(cfg.module, model=model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return {"datamodule": datamodule, "model": model, "module": module, "callbacks": callbacks,
+            "loggers": loggers, "trainer": trainer}
+
+
+def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value of the metric an optimiser (Optuna) minimises, or None when none is named."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise ValueError(f"optimized_metric={name!r} was not logged. Logged metrics: {', '.join(sorted(metrics))}. "
+                         "HINT: pick one of those, e.g. optimized_metric=rollout/nrmse.")
+    return metrics[name]
+
+
+def summary_line(metrics: dict[str, float], prefix: str = "rollout") -> str:
+    """One line that says whether the rollout beats doing nothing."""
+    if f"{prefix}/nrmse" not in metrics:
+        return "No rollout metrics were logged (no RolloutCallback, or no validation ran)."
+    return (f"Rollout: normalised RMSE {metrics[f'{prefix}/nrmse']:.4f} vs persistence "
+            f"{metrics[f'{prefix}/persistence_nrmse']:.4f} (skill {metrics[f'{prefix}/skill']:+.3f}), "
+            f"valid for {metrics[f'{prefix}/valid_steps']:.0f} steps, "
+            f"{metrics[f'{prefix}/steps_per_second']:.0f} steps/s on the "
+            f"{'graph' if metrics.get(f'{prefix}/uses_graph') else 'loop'} path.")
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
+    """Fit the configured model; return the final metrics and the optimised metric's value."""
+    route_lightning_logs_through_hydra()
+    if cfg.get("seed") is not None:
+        seed_everything(cfg.seed, workers=True)
+    parts = build(cfg)
+    trainer, loggers = parts["trainer"], parts["loggers"]
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    exit_code = 1
+    try:
+        trainer.fit(parts["module"], datamodule=parts["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+        exit_code = 0
+    finally:
+        finish_wandb(loggers, exit_code=exit_code)
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    rank_zero_info(summary_line(metrics))
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
+        rank_zero_info(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}")
+    return metrics, metric_value(metrics, cfg.get("optimized_metric"))
