@@ -1,0 +1,270 @@
+"""`RolloutEngine`: prefill a context, then roll a model out autoregressively, through a CUDA graph when it can.
+
+What one rollout computes (both paths, identical numbers):
+
+    y_ctx, state = model.prefill(context, dt[:, :C])          # parallel over the context
+    out[:, 0]    = y_ctx[:, -1]                                 # prediction of the step after the context
+    out[:, k]    = model.step(out[:, k - 1], state, dt[:, C + k - 1])   for k = 1 .. horizon - 1
+
+so `model.forward(cat([context, out[:, :-1]], 1), dt[:, :-1])[:, C - 1:]` reproduces `out`.
+dt[:, t] is the timestep that goes with input position t; its last column is not consumed.
+
+The graph path captures `chunk` steps per CUDA graph (`StepGraph`), once per (batch size,
+dtype, device, width) for the engine's event mode, chunk, compile and autocast settings,
+and re-uses it across rollouts: the graph reads live weights, so optimizer steps and
+in-place checkpoint loads need no re-capture. A replaced parameter (`.to()`,
+`load_state_dict(assign=True)`) is detected by fingerprint and triggers a re-capture.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lrnn_lightning.rollout.checks import (
+    check_context,
+    check_horizon,
+    check_model_output,
+    check_positive_int,
+    check_rollout_dt,
+    check_step_model,
+    feature_size,
+    model_device_dtype,
+)
+from lrnn_lightning.rollout.errors import CaptureError, StaleGraphError
+from lrnn_lightning.rollout.fingerprint import describe_change, model_fingerprint
+from lrnn_lightning.rollout.inference import AUTOCAST_DTYPES, rollout_mode
+from lrnn_lightning.rollout.loop import rollout_loop
+from lrnn_lightning.rollout.step_graph import StepGraph
+
+OWNER = "RolloutEngine"
+
+
+@dataclass
+class RolloutStats:
+    """What the engine did, for logging.
+
+    Attributes:
+        path: "graph" or "loop", the path of the last rollout.
+        compiled: whether the last rollout ran a torch.compile'd step body.
+        capture_ms: wall time of the last capture (warm-up and compilation included).
+        num_captures: graphs captured by this engine so far.
+        steps_per_second: last rollout, batch rows x horizon / seconds (prefill included, capture excluded).
+        fallback_reason: why capture failed, when on_capture_error="fallback" made the engine use the loop.
+    """
+
+    path: str = "loop"
+    compiled: bool = False
+    capture_ms: float = 0.0
+    num_captures: int = 0
+    steps_per_second: float = 0.0
+    fallback_reason: str | None = None
+
+
+class RolloutEngine:
+    """Autoregressive rollouts of a step-protocol model, by CUDA-graph replay or a plain loop.
+
+    Args:
+        model: implements the step protocol (`allocate_state`, `step`, `prefill`) with
+            d_input == d_output; wrap lrnnx models in `LrnnxAdapter`.
+        batch_size: rows of the captured graph; smaller batches are padded, larger ones
+            split. None: sized by the first rollout, re-captured if a later one is larger.
+        chunk: steps per graph replay (K).
+        cuda_graph: "auto" (graph when the model is on a GPU), True (require it) or False (loop).
+        compile: fuse the K-step body with torch.compile before capture (graph path only).
+        event_mode: every rollout takes per-step timesteps dt of shape (B, C + horizon).
+        autocast_dtype: torch.bfloat16 / torch.float16 to run under autocast (weights stay in
+            their dtype and are cast inside each step), or None for full precision.
+        on_capture_error: "raise" (CaptureError) or "fallback" (warn once, then use the loop
+            until `release()`).
+        on_stale: when a parameter or buffer was replaced since capture: "recapture" or "raise"
+            (StaleGraphError).
+        n_warmups: eager runs before each capture.
+
+    Example:
+        >>> engine = RolloutEngine(model.cuda(), batch_size=64, chunk=16)
+        >>> future = engine.rollout(context, horizon=200)      # (B, 200, H)
+        >>> engine.stats.path, engine.stats.steps_per_second
+        >>> engine.release()
+    """
+
+    def __init__(self, model: nn.Module, *, batch_size: int | None = None, chunk: int = 16,
+                 cuda_graph: bool | str = "auto", compile: bool = False, event_mode: bool = False,
+                 autocast_dtype: torch.dtype | None = None, on_capture_error: str = "raise",
+                 on_stale: str = "recapture", n_warmups: int = 3):
+        check_step_model(model, OWNER)
+        feature_size(model, OWNER)
+        if batch_size is not None:
+            check_positive_int(batch_size, "batch_size", OWNER, "or None to size the graph by the first rollout.")
+        check_positive_int(chunk, "chunk", OWNER, "the number of steps per graph replay, e.g. 16.")
+        if cuda_graph not in (True, False, "auto"):
+            raise ValueError(f"{OWNER}: cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
+        if autocast_dtype not in (None, *AUTOCAST_DTYPES):
+            raise ValueError(f"{OWNER}: autocast_dtype must be None, torch.bfloat16 or torch.float16, got "
+                             f"{autocast_dtype!r}. HINT: keep the weights in float32 and pick the compute dtype here.")
+        for name, value, allowed in (("on_capture_error", on_capture_error, ("raise", "fallback")),
+                                     ("on_stale", on_stale, ("recapture", "raise"))):
+            if value not in allowed:
+                raise ValueError(f"{OWNER}: {name} must be one of {allowed}, got {value!r}.")
+        self.model, self.batch_size, self.chunk = model, batch_size, chunk
+        self.cuda_graph, self.compile, self.event_mode = cuda_graph, bool(compile), bool(event_mode)
+        self.autocast_dtype, self.on_capture_error, self.on_stale = autocast_dtype, on_capture_error, on_stale
+        self.n_warmups = n_warmups
+        self.stats = RolloutStats()
+        self._graph: StepGraph | None = None
+        self._fell_back = False
+        if cuda_graph is True:
+            self._graph_wanted(model_device_dtype(model, torch.empty(0))[0])
+
+    def rollout(self, context: Tensor, horizon: int, dt: Tensor | None = None) -> Tensor:
+        """Prefill `context`, then predict `horizon` steps autoregressively.
+
+        Args:
+            context: (B, C, H) on the model's device, in the model's dtype, C >= 1.
+            horizon: number of predicted steps, >= 1.
+            dt: event timesteps (B, C + horizon), positive and finite, required exactly in
+                event mode; dt[:, t] goes with input position t, the last column is not consumed.
+
+        Returns:
+            (B, horizon, H): out[:, 0] is the prediction after the context, out[:, k] the
+            model's step on out[:, k - 1].
+        """
+        owner = f"{OWNER}.rollout"
+        width = feature_size(self.model, owner)
+        batch, context_len, width = check_context(context, width, self.model, owner)
+        horizon = check_horizon(horizon, owner)
+        check_rollout_dt(dt, batch, context_len + horizon, self.event_mode, context.device, owner)
+        dt = None if dt is None else dt.to(context.dtype)  # both paths see the same timesteps
+        use_graph = self._graph_wanted(context.device)
+
+        with rollout_mode(self.model, context.device.type, self.autocast_dtype):
+            graph = self._ready_graph(batch, width, context.dtype, context.device) if use_graph else None
+            start = time.perf_counter()
+            if graph is None:
+                out = rollout_loop(self.model, context, horizon, dt)
+            else:
+                out = self._rollout_on_graph(graph, context, horizon, dt)
+        if context.device.type == "cuda":
+            torch.cuda.synchronize(context.device)
+        seconds = time.perf_counter() - start
+
+        self.stats.path = "loop" if graph is None else "graph"
+        self.stats.compiled = graph is not None and graph.compiled
+        self.stats.steps_per_second = batch * horizon / max(seconds, 1e-9)
+        return out
+
+    def release(self) -> None:
+        """Free the captured graph and its memory pool; the next graph rollout captures again."""
+        if self._graph is not None:
+            self._graph.release()
+            self._graph = None
+        self._fell_back = False
+
+    # -- graph path ------------------------------------------------------------------------
+
+    def _rollout_on_graph(self, graph: StepGraph, context: Tensor, horizon: int, dt: Tensor | None) -> Tensor:
+        batch, context_len, width = context.shape
+        out = torch.empty(batch, horizon, width, device=context.device, dtype=context.dtype)
+        for start in range(0, batch, graph.batch_size):
+            rows = slice(start, start + graph.batch_size)
+            dt_rows = None if dt is None else dt[rows]
+            y_context, state = self.model.prefill(context[rows], None if dt_rows is None else dt_rows[:, :context_len])
+            check_model_output(y_context, out[rows].shape[0], context_len, width, type(self.model).__name__)
+            out[rows, 0] = y_context[:, -1]
+            dt_steps = None if dt_rows is None else dt_rows[:, context_len:context_len + horizon - 1]
+            graph.run(out[rows, 0], horizon - 1, out[rows, 1:], state=state, dt_steps=dt_steps)
+        return out
+
+    def _graph_wanted(self, device: torch.device) -> bool:
+        """Whether this rollout takes the graph path (raises if cuda_graph=True cannot be honoured)."""
+        on_gpu = device.type == "cuda" and torch.cuda.is_available()
+        if self.cuda_graph is True and not on_gpu:
+            raise ValueError(f"{OWNER}: cuda_graph=True needs the model on a CUDA GPU, but it is on {device}"
+                             f"{'' if torch.cuda.is_available() else ' and CUDA is not available'}. "
+                             "HINT: set cuda_graph='auto' or False, or move the model to a GPU.")
+        return on_gpu and self.cuda_graph is not False and not self._fell_back
+
+    def _ready_graph(self, batch: int, width: int, dtype: torch.dtype, device: torch.device) -> StepGraph | None:
+        """The graph for this rollout: the current one if still valid, else a fresh capture (None: fell back)."""
+        current = self._graph
+        capacity = self.batch_size or max(batch, current.batch_size if current is not None else 0)
+        if current is not None:
+            change = describe_change(current.fingerprint, model_fingerprint(self.model))
+            if change is not None and self.on_stale == "raise":
+                raise StaleGraphError(
+                    f"{OWNER}: the captured graph would read memory the model no longer uses: {change}. "
+                    "HINT: create the engine with on_stale='recapture', or call engine.release() after replacing "
+                    "parameters; in-place updates (optimizer steps, load_state_dict without assign) need neither."
+                )
+            if change is None and (current.batch_size, current.width, current.dtype, current.device) == \
+                    (capacity, width, dtype, device):
+                return current
+            self.release()
+        return self._capture(capacity, width, dtype, device)
+
+    def _capture(self, capacity: int, width: int, dtype: torch.dtype, device: torch.device) -> StepGraph | None:
+        try:
+            graph = self._make_graph(self.model, capacity, width, chunk=self.chunk, event_mode=self.event_mode,
+                                     dtype=dtype, device=device, compile=self.compile,
+                                     autocast_dtype=self.autocast_dtype, n_warmups=self.n_warmups)
+        except Exception as error:
+            message = _capture_failure(error, capacity, self.chunk, width)
+            if self.on_capture_error == "raise":
+                raise CaptureError(message) from error
+            warnings.warn(f"{message} Falling back to the plain step loop for this engine.", RuntimeWarning,
+                          stacklevel=3)
+            self._fell_back = True
+            self.stats.fallback_reason = message
+            return None
+        self._graph = graph
+        self.stats.num_captures += 1
+        self.stats.capture_ms = graph.capture_ms
+        return graph
+
+    def _make_graph(self, model: nn.Module, batch_size: int, width: int, **options: Any) -> StepGraph:
+        """Build a captured StepGraph (a hook: tests substitute an eager StepGraph to run this path on the CPU)."""
+        return StepGraph(model, batch_size, width, **options)
+
+
+def _capture_failure(error: Exception, capacity: int, chunk: int, width: int) -> str:
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return (f"{OWNER}: out of GPU memory while capturing the rollout graph for batch_size={capacity} "
+                f"(chunk={chunk}, width={width}) ({reason}). HINT: pass a smaller batch_size to RolloutEngine; "
+                "larger batches are then split into slices of that size.")
+    return (f"{OWNER}: capturing the rollout graph for batch_size={capacity} failed ({reason}). HINT: `step` must "
+            "be capturable: no .item(), no host synchronisation, no data-dependent shapes; or pass "
+            "on_capture_error='fallback' to use the plain loop.")
+
+
+def rollout(model: nn.Module, context: Tensor, horizon: int, dt: Tensor | None = None, *,
+            engine: RolloutEngine | None = None, **engine_kwargs: Any) -> Tensor:
+    """Functional form of `RolloutEngine.rollout`: (B, C, H) context -> (B, horizon, H).
+
+    Without `engine`, a temporary engine is built from `engine_kwargs` (event_mode defaults
+    to whether dt is given) and released afterwards; pass a long-lived engine to reuse its
+    captured graph across calls.
+
+    Example:
+        >>> future = rollout(model, context, horizon=50)
+        >>> future = rollout(model, context, 50, dt, engine=engine)
+    """
+    if engine is not None:
+        if engine_kwargs:
+            raise ValueError(f"rollout: got an engine and engine options {sorted(engine_kwargs)}. "
+                             "HINT: set the options when creating the engine.")
+        if engine.model is not model:
+            raise ValueError("rollout: the engine was created for a different model. "
+                             "HINT: RolloutEngine(model) for this model, or call engine.rollout directly.")
+        return engine.rollout(context, horizon, dt)
+    engine_kwargs.setdefault("event_mode", dt is not None)
+    temporary = RolloutEngine(model, **engine_kwargs)
+    try:
+        return temporary.rollout(context, horizon, dt)
+    finally:
+        temporary.release()

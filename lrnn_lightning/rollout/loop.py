@@ -1,0 +1,72 @@
+"""The plain-loop reference path: prefill the context, then one Python-level `step` per output.
+
+Everything else in this package must reproduce these numbers: a CUDA graph replays the
+very same `run_steps` body, so graph and loop differ only in how the kernels are launched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lrnn_lightning.rollout.checks import check_model_output
+from lrnn_lightning.rollout.state import State, load_state
+
+StepFunction = Callable[[Tensor, State, Tensor | None], Tensor]
+
+
+def run_steps(model: nn.Module, x0: Tensor, state: State, num_steps: int, dt_steps: Tensor | None = None,
+              step: StepFunction | None = None) -> Tensor:
+    """Feed each output back as the next input: y_1 = step(x0), y_{k+1} = step(y_k).
+
+    Args:
+        model: implements `step(x_t, state, dt_t)`.
+        x0: input of the first step, shape (B, H).
+        state: the model's state, updated in place.
+        num_steps: number of steps (0 gives an empty result).
+        dt_steps: timesteps (B, num_steps), column k for step k; None without event timesteps.
+        step: the function to call instead of `model.step` (e.g. a compiled one), same signature.
+
+    Returns:
+        The outputs y_1..y_num_steps, shape (B, num_steps, H), in x0's dtype.
+    """
+    step = model.step if step is None else step
+    outputs = []
+    x = x0
+    for k in range(num_steps):
+        # the cast is a no-op in full precision; under autocast it keeps the fed-back input
+        # in x0's dtype, exactly as the graph path's static input buffer does
+        x = step(x, state, None if dt_steps is None else dt_steps[:, k]).to(x0.dtype)
+        outputs.append(x)
+    if not outputs:
+        return x0.new_empty(x0.shape[0], 0, x0.shape[1])
+    return torch.stack(outputs, dim=1)
+
+
+def rollout_loop(model: nn.Module, context: Tensor, horizon: int, dt: Tensor | None = None) -> Tensor:
+    """Roll `model` out from `context` with a plain Python loop (no CUDA graph).
+
+    out[:, 0] is the prefill's last output (the prediction of the step after the context);
+    out[:, k] = step(out[:, k - 1], dt[:, C + k - 1]) for k = 1..horizon - 1.
+    Call it inside `rollout_mode` (eval, no_grad); inputs are assumed validated.
+
+    Args:
+        model: implements the step protocol.
+        context: (B, C, H).
+        horizon: number of outputs, >= 1.
+        dt: event timesteps (B, C + horizon), or None; the last column is not consumed.
+
+    Returns:
+        (B, horizon, H) in the context's dtype.
+    """
+    batch, context_len, width = context.shape
+    y_context, prefilled = model.prefill(context, None if dt is None else dt[:, :context_len])
+    check_model_output(y_context, batch, context_len, width, type(model).__name__)
+    state = model.allocate_state(batch, context.device, context.dtype)
+    load_state(state, prefilled, type(model).__name__)
+    first = y_context[:, -1].to(context.dtype)
+    dt_steps = None if dt is None else dt[:, context_len:context_len + horizon - 1]
+    rest = run_steps(model, first, state, horizon - 1, dt_steps)
+    return torch.cat([first.unsqueeze(1), rest], dim=1)
