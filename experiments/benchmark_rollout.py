@@ -6,7 +6,8 @@ Variants, all on the same card in one run:
               per step, with two copies per step (input into the static input buffer, the
               output cloned out of the static output buffer)
     graph     ours: StepGraph with K = --chunk steps per replay, feedback and output writes inside
-    compiled  ours with compile=True (torch.compile'd K-step body, then captured)
+    compiled  ours with compile=True (torch.compile'd step, then K steps captured)
+    tf32      ours (K-step graph) captured with TF32 matmuls allowed (RolloutEngine(tf32=True))
 Each time is the median of --repeats timed runs (CUDA events) after a warm-up run; next to
 it, GPU kernels and copies (memcpy/memset) per step counted with torch.profiler, and the
 relative deviation of the outputs from the first variant (eager by default).
@@ -32,11 +33,11 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 from lrnn_lightning.models import SequenceModel  # noqa: E402
 from lrnn_lightning.rollout import StepGraph, run_steps  # noqa: E402
-from lrnn_lightning.rollout.inference import rollout_mode  # noqa: E402
+from lrnn_lightning.rollout.inference import matmul_tf32, rollout_mode  # noqa: E402
 
 CONFIGS = [(32, 32, 16, 1), (32, 128, 64, 4), (256, 256, 64, 6), (1024, 512, 128, 8)]  # (B, d_model, d_state, layers)
-VARIANTS = ("eager", "seed", "graph", "compiled")
-GPU_ONLY = {"seed", "graph", "compiled"}
+VARIANTS = ("eager", "seed", "graph", "compiled", "tf32")
+GPU_ONLY = {"seed", "graph", "compiled", "tf32"}
 
 
 class SeedStyleGraph:
@@ -76,7 +77,8 @@ def build_variant(variant: str, model: nn.Module, batch: int, width: int, chunk:
         return eager
     if variant == "seed":
         return SeedStyleGraph(model, batch, width, device).run
-    graph = StepGraph(model, batch, width, chunk=chunk, device=device, compile=variant == "compiled")
+    with matmul_tf32(variant == "tf32"):
+        graph = StepGraph(model, batch, width, chunk=chunk, device=device, compile=variant == "compiled")
 
     def replay(x0: Tensor, num_steps: int) -> Tensor:
         out = torch.empty(batch, num_steps, width, device=device)
@@ -129,7 +131,7 @@ def bench_config(name: str, config: tuple[int, int, int, int], args, device: tor
     with rollout_mode(model, device.type):
         for variant in args.variants:
             row = {"model": name, "B": batch, "d_model": d_model, "d_state": d_state, "layers": layers,
-                   "variant": variant, "chunk": args.chunk if variant in ("graph", "compiled") else 1}
+                   "variant": variant, "chunk": args.chunk if variant in ("graph", "compiled", "tf32") else 1}
             if variant in GPU_ONLY and device.type != "cuda":
                 rows.append({**row, "skipped": "needs a CUDA GPU"})
                 continue

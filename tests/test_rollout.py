@@ -609,3 +609,40 @@ def test_generate_errors():
     with pytest.raises(ValueError, match=r"needs the model on a CUDA GPU, got device cpu.*without graph_cache"):
         capture_graph(model, 4, H)
 
+
+
+class _FlagRecorder(torch.nn.Module):
+    """A tiny step-protocol model that records the TF32 flag each step runs under."""
+
+    def __init__(self, width: int = 3):
+        super().__init__()
+        self.d_input = self.d_output = width
+        self.weight = torch.nn.Parameter(0.5 * torch.randn(width, width))
+        self.seen: list[bool] = []
+
+    def allocate_state(self, batch_size, device=None, dtype=torch.float32):
+        return {"h": torch.zeros(batch_size, self.d_input, device=device, dtype=dtype)}
+
+    def step(self, x_t, state, dt_t=None):
+        self.seen.append(torch.backends.cuda.matmul.allow_tf32)
+        state["h"].mul_(0.5).add_(x_t @ self.weight)
+        return state["h"].clone()
+
+    def prefill(self, x, dt=None):
+        state = self.allocate_state(x.shape[0], x.device, x.dtype)
+        ys = [self.step(x[:, t], state) for t in range(x.shape[1])]
+        return torch.stack(ys, 1), state
+
+    def forward(self, x, dt=None):
+        return self.prefill(x, dt)[0]
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_choice_holds_during_the_rollout_and_is_restored(tf32):
+    from lrnn_lightning.rollout import RolloutEngine
+
+    model = _FlagRecorder()
+    before = torch.backends.cuda.matmul.allow_tf32
+    RolloutEngine(model, tf32=tf32).rollout(torch.randn(2, 4, 3), horizon=5)
+    assert model.seen and all(flag is tf32 for flag in model.seen)
+    assert torch.backends.cuda.matmul.allow_tf32 is before

@@ -335,3 +335,20 @@ def test_tiny_model_graph_matches_written_out_reference():
     dt = random_dt(B, 4 + HORIZON, device="cuda")
     out = RolloutEngine(model, event_mode=True, chunk=5).rollout(context, HORIZON, dt)
     assert_close(out, reference_rollout(model, context, HORIZON, dt), SAME, "graph vs written-out reference")
+
+
+TF32_TOL = 2e-2  # TF32 matmuls (10 mantissa bits) vs fp32 over the whole horizon
+
+
+def test_tf32_graph_matches_tf32_loop_and_stays_near_fp32():
+    model = zoo_model("lru", d_model=64, d_state=32)
+    context, _ = cuda_data(batch=8)
+    fp32 = RolloutEngine(model, cuda_graph=True).rollout(context, HORIZON)
+    engine = RolloutEngine(model, cuda_graph=True, tf32=True)
+    graph = engine.rollout(context, HORIZON)
+    assert not torch.backends.cuda.matmul.allow_tf32, "the engine must restore the global TF32 flag"
+    assert_close(graph, loop_rollout(model, context, HORIZON, tf32=True), 1e-5, "tf32 graph vs tf32 loop")
+    assert_close(graph, fp32, TF32_TOL, "tf32 vs fp32")
+    engine.rollout(context, HORIZON)
+    assert engine.stats.num_captures == 1
+    engine.release()

@@ -85,6 +85,10 @@ class RolloutEngine:
         on_stale: when a parameter or buffer was replaced since capture: "recapture" or "raise"
             (StaleGraphError).
         n_warmups: eager runs before each capture.
+        tf32: run float32 matmuls on TF32 tensor cores during rollouts (True), forbid it
+            (False), or keep the global setting (None). Small-batch float32 matmuls are
+            several times faster on TF32 (see experiments/RESULTS.md), at about 1e-3
+            relative error per matmul; the graph and the loop path make the same choice.
 
     Example:
         >>> engine = RolloutEngine(model.cuda(), batch_size=64, chunk=16)
@@ -96,7 +100,7 @@ class RolloutEngine:
     def __init__(self, model: nn.Module, *, batch_size: int | None = None, chunk: int = 16,
                  cuda_graph: bool | str = "auto", compile: bool = False, event_mode: bool = False,
                  autocast_dtype: torch.dtype | None = None, on_capture_error: str = "raise",
-                 on_stale: str = "recapture", n_warmups: int = 3):
+                 on_stale: str = "recapture", n_warmups: int = 3, tf32: bool | None = None):
         check_step_model(model, OWNER)
         feature_size(model, OWNER)
         if batch_size is not None:
@@ -114,7 +118,7 @@ class RolloutEngine:
         self.model, self.batch_size, self.chunk = model, batch_size, chunk
         self.cuda_graph, self.compile, self.event_mode = cuda_graph, bool(compile), bool(event_mode)
         self.autocast_dtype, self.on_capture_error, self.on_stale = autocast_dtype, on_capture_error, on_stale
-        self.n_warmups = n_warmups
+        self.n_warmups, self.tf32 = n_warmups, tf32
         self.stats = RolloutStats()
         self._graph: StepGraph | None = None
         self._fell_back = False
@@ -142,7 +146,7 @@ class RolloutEngine:
         dt = None if dt is None else dt.to(context.dtype)  # both paths see the same timesteps
         use_graph = self._graph_wanted(context.device)
 
-        with rollout_mode(self.model, context.device.type, self.autocast_dtype):
+        with rollout_mode(self.model, context.device.type, self.autocast_dtype, self.tf32):
             graph = self._ready_graph(batch, width, context.dtype, context.device) if use_graph else None
             start = time.perf_counter()
             if graph is None:
@@ -201,8 +205,9 @@ class RolloutEngine:
                     "HINT: create the engine with on_stale='recapture', or call engine.release() after replacing "
                     "parameters; in-place updates (optimizer steps, load_state_dict without assign) need neither."
                 )
-            if change is None and (current.batch_size, current.width, current.dtype, current.device) == \
-                    (capacity, width, dtype, device):
+            wanted = (capacity, width, dtype, device, torch.backends.cuda.matmul.allow_tf32)
+            if change is None and (current.batch_size, current.width, current.dtype, current.device,
+                                   current.tf32) == wanted:
                 return current
             self.release()
         return self._capture(capacity, width, dtype, device)

@@ -80,6 +80,7 @@ class StepGraph:
             raise ValueError(f"StepGraph: capturing a CUDA graph needs a CUDA device, got {self.device}. "
                              "HINT: move the model to a GPU, or use the plain loop on the CPU.")
         self.fingerprint = model_fingerprint(model)
+        self.tf32 = torch.backends.cuda.matmul.allow_tf32  # baked into the captured matmul kernels
         self.graph: torch.cuda.CUDAGraph | None = None
         self.pool: tuple[int, int] | None = None
 
