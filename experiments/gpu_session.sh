@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One batched GPU session (device machine): GPU tests, then every benchmark, each step under
+# its own time limit so one hang cannot eat the others. Logs and JSON are kept in $OUT/session.tgz
+# (refreshed after every step, so a run cut short still returns what it did).
+#   bash experiments/gpu_session.sh [steps...]     steps: env tests models rollout callback train fused
+set -uo pipefail
+DEST=${OUT:-gpu_out}; OUT=$(mktemp -d); mkdir -p "$DEST"
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
+steps=${*:-env tests models rollout train callback fused}
+run() {  # run NAME SECONDS CMD...: time-limited, logged to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t0))s"; tail -n "${TAIL:-25}" "$OUT/$name.log"
+  tar czf "$DEST/session.tgz" -C "$OUT" .
+}
+for step in $steps; do case $step in
+  env) run env 60 bash -c 'nvidia-smi -L; date -u; python3 -c "import torch, lightning, hydra, wandb, triton; \
+print(torch.__version__, lightning.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
+  tests) TAIL=40 run tests 200 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE ;;
+  models) run models 60 python3 experiments/benchmark_models.py --out "$OUT/models.json" ;;
+  rollout) TAIL=45 run rollout 150 python3 experiments/benchmark_rollout.py --steps 64 --repeats 3 \
+      --out "$OUT/rollout.json" ;;
+  callback) run callback 80 python3 experiments/benchmark_callback.py --repeats 3 --out "$OUT/callback.json" ;;
+  train) run train 80 bash -c 'python3 train.py model=lru generation.cuda_graph=true trainer=gpu \
+      trainer.max_epochs=3 paths.output_dir=/tmp/gpu_train && python3 -c "
+import glob; from lrnn_lightning.utils.wandb_offline import read_offline_run
+run = read_offline_run(sorted(glob.glob(\"/tmp/gpu_train/wandb/offline-run-*\"))[-1])
+keys = sorted({k for row in run.history for k in row})
+print(\"W&B offline run:\", run.run_dir, len(run.history), \"rows\")
+print(\"uses_graph:\", run.values(\"rollout/uses_graph\"), \"steps/s:\", run.values(\"rollout/steps_per_second\"))
+print(\"media keys:\", [k for k in keys if k.endswith(\"_type\")])"' ;;
+  fused) if [ -f experiments/benchmark_fused.py ]; then
+      run fused 60 python3 experiments/benchmark_fused.py --out "$OUT/fused.json"; fi ;;
+esac; done
