@@ -624,7 +624,9 @@ class _FlagRecorder(torch.nn.Module):
         return {"h": torch.zeros(batch_size, self.d_input, device=device, dtype=dtype)}
 
     def step(self, x_t, state, dt_t=None):
-        self.seen.append(torch.backends.cuda.matmul.allow_tf32)
+        from lrnn_lightning.rollout.inference import matmul_tf32_enabled
+
+        self.seen.append(matmul_tf32_enabled())
         state["h"].mul_(0.5).add_(x_t @ self.weight)
         return state["h"].clone()
 
@@ -646,3 +648,55 @@ def test_tf32_choice_holds_during_the_rollout_and_is_restored(tf32):
     RolloutEngine(model, tf32=tf32).rollout(torch.randn(2, 4, 3), horizon=5)
     assert model.seen and all(flag is tf32 for flag in model.seen)
     assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
+def test_tf32_switch_works_when_the_process_uses_the_new_precision_api():
+    from lrnn_lightning.rollout import RolloutEngine
+    from lrnn_lightning.rollout.inference import matmul_tf32_enabled
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 flags")
+    model = _FlagRecorder()
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # reading allow_tf32 now raises in torch >= 2.9
+    try:
+        out = RolloutEngine(model, tf32=False).rollout(torch.randn(2, 4, 3), horizon=3)
+        assert out.shape == (2, 3, 3)
+        assert matmul_tf32_enabled() and torch.backends.cuda.matmul.fp32_precision == "tf32"
+        with torch.no_grad():
+            RolloutEngine(model, tf32=None).rollout(torch.randn(2, 4, 3), horizon=3)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+
+
+def test_fingerprint_sees_a_restrided_parameter_and_names_it():
+    from lrnn_lightning.rollout.fingerprint import describe_change, model_fingerprint
+
+    layer = torch.nn.Linear(4, 4)
+    before = model_fingerprint(layer)
+    layer.weight.data = layer.weight.data.t()  # same storage, same shape, transposed layout
+    assert describe_change(before, model_fingerprint(layer)) == \
+        "parameter 'weight' changed stride from (4, 1) to (1, 4)"
+
+
+def test_load_state_names_the_buffer_capacity():
+    from lrnn_lightning.rollout.state import load_state
+
+    with pytest.raises(ValueError, match=r"'h' of shape \(3, 4\), expected \(b, 4\) with b <= 2"):
+        load_state({"h": torch.zeros(2, 4)}, {"h": torch.randn(3, 4)}, "M")
+
+
+def test_step_graph_refuses_a_start_state_with_other_rows():
+    from lrnn_lightning.rollout import StepGraph
+
+    model = _FlagRecorder()
+    graph = StepGraph(model, 4, 3, chunk=2, device="cpu", capture=False)
+    with pytest.raises(ValueError, match=r"x0 has 3 rows but the start state has \{'h': 2\}"):
+        graph.run(torch.randn(3, 3), 4, torch.empty(3, 4, 3), state={"h": torch.randn(2, 3)})
+
+
+def test_capture_graph_names_a_wrong_H():
+    from lrnn_lightning.rollout import capture_graph
+
+    with pytest.raises(ValueError, match=r"H=5, but the model takes 3 features per step.*H=3"):
+        capture_graph(_FlagRecorder(), batch_size=2, H=5)

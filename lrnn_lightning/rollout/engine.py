@@ -29,17 +29,15 @@ from torch import Tensor, nn
 from lrnn_lightning.rollout.checks import (
     check_context,
     check_horizon,
-    check_model_output,
     check_positive_int,
     check_rollout_dt,
     check_step_model,
     feature_size,
     model_device_dtype,
 )
-from lrnn_lightning.rollout.errors import CaptureError, StaleGraphError
-from lrnn_lightning.rollout.fingerprint import describe_change, model_fingerprint
-from lrnn_lightning.rollout.inference import AUTOCAST_DTYPES, rollout_mode
-from lrnn_lightning.rollout.loop import rollout_loop
+from lrnn_lightning.rollout.errors import CaptureError, StaleGraphError, describe_capture_failure
+from lrnn_lightning.rollout.inference import AUTOCAST_DTYPES, matmul_tf32_enabled, rollout_mode
+from lrnn_lightning.rollout.loop import prefill_context, rollout_loop
 from lrnn_lightning.rollout.step_graph import StepGraph
 
 OWNER = "RolloutEngine"
@@ -177,11 +175,9 @@ class RolloutEngine:
         for start in range(0, batch, graph.batch_size):
             rows = slice(start, start + graph.batch_size)
             dt_rows = None if dt is None else dt[rows]
-            y_context, state = self.model.prefill(context[rows], None if dt_rows is None else dt_rows[:, :context_len])
-            check_model_output(y_context, out[rows].shape[0], context_len, width, type(self.model).__name__)
-            out[rows, 0] = y_context[:, -1]
-            dt_steps = None if dt_rows is None else dt_rows[:, context_len:context_len + horizon - 1]
-            graph.run(out[rows, 0], horizon - 1, out[rows, 1:], state=state, dt_steps=dt_steps)
+            first, state, dt_steps = prefill_context(self.model, context[rows], horizon, dt_rows)
+            out[rows, 0] = first
+            graph.run(first, horizon - 1, out[rows, 1:], state=state, dt_steps=dt_steps)
         return out
 
     def _graph_wanted(self, device: torch.device) -> bool:
@@ -198,14 +194,14 @@ class RolloutEngine:
         current = self._graph
         capacity = self.batch_size or max(batch, current.batch_size if current is not None else 0)
         if current is not None:
-            change = describe_change(current.fingerprint, model_fingerprint(self.model))
+            change = current.stale_reason()
             if change is not None and self.on_stale == "raise":
                 raise StaleGraphError(
                     f"{OWNER}: the captured graph would read memory the model no longer uses: {change}. "
                     "HINT: create the engine with on_stale='recapture', or call engine.release() after replacing "
                     "parameters; in-place updates (optimizer steps, load_state_dict without assign) need neither."
                 )
-            wanted = (capacity, width, dtype, device, torch.backends.cuda.matmul.allow_tf32)
+            wanted = (capacity, width, dtype, device, matmul_tf32_enabled())
             if change is None and (current.batch_size, current.width, current.dtype, current.device,
                                    current.tf32) == wanted:
                 return current
@@ -218,7 +214,7 @@ class RolloutEngine:
                                      dtype=dtype, device=device, compile=self.compile,
                                      autocast_dtype=self.autocast_dtype, n_warmups=self.n_warmups)
         except Exception as error:
-            message = _capture_failure(error, capacity, self.chunk, width)
+            message = describe_capture_failure(error, OWNER, capacity, self.chunk, width)
             if self.on_capture_error == "raise":
                 raise CaptureError(message) from error
             warnings.warn(f"{message} Falling back to the plain step loop for this engine.", RuntimeWarning,
@@ -234,17 +230,6 @@ class RolloutEngine:
     def _make_graph(self, model: nn.Module, batch_size: int, width: int, **options: Any) -> StepGraph:
         """Build a captured StepGraph (a hook: tests substitute an eager StepGraph to run this path on the CPU)."""
         return StepGraph(model, batch_size, width, **options)
-
-
-def _capture_failure(error: Exception, capacity: int, chunk: int, width: int) -> str:
-    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return (f"{OWNER}: out of GPU memory while capturing the rollout graph for batch_size={capacity} "
-                f"(chunk={chunk}, width={width}) ({reason}). HINT: pass a smaller batch_size to RolloutEngine; "
-                "larger batches are then split into slices of that size.")
-    return (f"{OWNER}: capturing the rollout graph for batch_size={capacity} failed ({reason}). HINT: `step` must "
-            "be capturable: no .item(), no host synchronisation, no data-dependent shapes; or pass "
-            "on_capture_error='fallback' to use the plain loop.")
 
 
 def rollout(model: nn.Module, context: Tensor, horizon: int, dt: Tensor | None = None, *,

@@ -1,4 +1,5 @@
-"""Which memory a captured graph reads: the storage, dtype, device and shape of every parameter and buffer.
+"""Which memory a captured graph reads: the storage, dtype, device, shape and strides of every parameter and
+buffer.
 
 A CUDA graph bakes in the addresses of the weights it reads. In-place updates (optimizer
 steps, `load_state_dict`, `p.data.copy_`) keep the addresses, so a replay follows them.
@@ -24,6 +25,7 @@ class TensorSignature(NamedTuple):
     dtype: torch.dtype
     device: torch.device
     shape: tuple[int, ...]
+    stride: tuple[int, ...]
 
 
 Fingerprint = tuple[TensorSignature, ...]
@@ -31,11 +33,10 @@ Fingerprint = tuple[TensorSignature, ...]
 
 def model_fingerprint(model: nn.Module) -> Fingerprint:
     """The signature of every parameter and buffer of `model`, in registration order."""
-    signatures = [TensorSignature(name, "parameter", p.data_ptr(), p.dtype, p.device, tuple(p.shape))
-                  for name, p in model.named_parameters()]
-    signatures += [TensorSignature(name, "buffer", b.data_ptr(), b.dtype, b.device, tuple(b.shape))
-                   for name, b in model.named_buffers()]
-    return tuple(signatures)
+    tensors = [(name, "parameter", p) for name, p in model.named_parameters()]
+    tensors += [(name, "buffer", b) for name, b in model.named_buffers()]
+    return tuple(TensorSignature(name, kind, t.data_ptr(), t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+                 for name, kind, t in tensors)
 
 
 def describe_change(old: Fingerprint, new: Fingerprint) -> str | None:
@@ -51,7 +52,7 @@ def describe_change(old: Fingerprint, new: Fingerprint) -> str | None:
         if before == after:
             continue
         what = f"{before.kind} {before.name!r}"
-        for field in ("dtype", "device", "shape"):
+        for field in ("dtype", "device", "shape", "stride"):
             if getattr(before, field) != getattr(after, field):
                 return f"{what} changed {field} from {getattr(before, field)} to {getattr(after, field)}"
         return f"{what} was replaced by a tensor at another address (e.g. load_state_dict(assign=True))"

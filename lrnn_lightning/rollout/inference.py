@@ -22,22 +22,50 @@ def autocast_context(device_type: str, dtype: torch.dtype | None) -> contextlib.
     return torch.autocast(device_type=device_type, dtype=dtype, cache_enabled=False)
 
 
+def matmul_tf32_enabled() -> bool:
+    """Whether float32 matmuls currently run on TF32 tensor cores (whichever API set it)."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+@contextlib.contextmanager
+def _tf32_switch(legacy_owner: object, legacy_name: str, new_owner: object | None, enabled: bool) -> Iterator[None]:
+    # PyTorch >= 2.9 has two APIs for the TF32 flags and raises when a process mixes them:
+    # set the flag through the one the process already uses, and restore it after
+    try:
+        previous = getattr(legacy_owner, legacy_name)
+        legacy = True
+    except RuntimeError:  # the process uses the new `fp32_precision` API
+        previous, legacy = new_owner.fp32_precision, False
+    if legacy:
+        setattr(legacy_owner, legacy_name, enabled)
+    else:
+        new_owner.fp32_precision = "tf32" if enabled else "ieee"
+    try:
+        yield
+    finally:
+        if legacy:
+            setattr(legacy_owner, legacy_name, previous)
+        else:
+            new_owner.fp32_precision = previous
+
+
 @contextlib.contextmanager
 def matmul_tf32(enabled: bool | None) -> Iterator[None]:
-    """Allow (True) or forbid (False) TF32 tensor cores for float32 matmuls inside the block; None leaves it.
+    """Allow (True) or forbid (False) TF32 for float32 matmuls and convolutions inside the block; None
+    leaves both as they are.
 
     A CUDA graph keeps the kernels chosen while it was captured, so capturing under this
-    context fixes the choice for every later replay.
+    context fixes the choice for every later replay. Convolutions are included so that a
+    prefill's causal convolution (cuDNN, TF32 by default) follows the same choice.
     """
     if enabled is None:
         yield
         return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
-    try:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    with _tf32_switch(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul, enabled), \
+            _tf32_switch(torch.backends.cudnn, "allow_tf32", conv, enabled):
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ StepFunction = Callable[[Tensor, State, Tensor | None], Tensor]
 
 
 def run_steps(model: nn.Module, x0: Tensor, state: State, num_steps: int, dt_steps: Tensor | None = None,
-              step: StepFunction | None = None) -> Tensor:
+              step: StepFunction | None = None, out: Tensor | None = None) -> Tensor:
     """Feed each output back as the next input: y_1 = step(x0), y_{k+1} = step(y_k).
 
     Args:
@@ -28,6 +28,7 @@ def run_steps(model: nn.Module, x0: Tensor, state: State, num_steps: int, dt_ste
         num_steps: number of steps (0 gives an empty result).
         dt_steps: timesteps (B, num_steps), column k for step k; None without event timesteps.
         step: the function to call instead of `model.step` (e.g. a compiled one), same signature.
+        out: optional (B, num_steps, H) tensor to write the outputs into (no extra copy).
 
     Returns:
         The outputs y_1..y_num_steps, shape (B, num_steps, H), in x0's dtype.
@@ -41,8 +42,31 @@ def run_steps(model: nn.Module, x0: Tensor, state: State, num_steps: int, dt_ste
         x = step(x, state, None if dt_steps is None else dt_steps[:, k]).to(x0.dtype)
         outputs.append(x)
     if not outputs:
-        return x0.new_empty(x0.shape[0], 0, x0.shape[1])
-    return torch.stack(outputs, dim=1)
+        return x0.new_empty(x0.shape[0], 0, x0.shape[1]) if out is None else out
+    return torch.stack(outputs, dim=1, out=out)
+
+
+def prefill_context(model: nn.Module, context: Tensor, horizon: int,
+                    dt: Tensor | None = None) -> tuple[Tensor, State, Tensor | None]:
+    """Prefill `context` and return what the autoregressive steps start from.
+
+    Args:
+        model: implements the step protocol.
+        context: (B, C, H).
+        horizon: number of outputs of the rollout, >= 1.
+        dt: event timesteps (B, C + horizon), or None.
+
+    Returns:
+        first: (B, H), the prefill's last output (the prediction of the step after the context).
+        state: the state after the context, as `prefill` returned it.
+        dt_steps: (B, horizon - 1) timesteps of the steps that follow (dt's last column is
+            not consumed), or None.
+    """
+    batch, context_len, width = context.shape
+    y_context, state = model.prefill(context, None if dt is None else dt[:, :context_len])
+    check_model_output(y_context, batch, context_len, width, type(model).__name__)
+    dt_steps = None if dt is None else dt[:, context_len:context_len + horizon - 1]
+    return y_context[:, -1].to(context.dtype), state, dt_steps
 
 
 def rollout_loop(model: nn.Module, context: Tensor, horizon: int, dt: Tensor | None = None) -> Tensor:
@@ -61,12 +85,8 @@ def rollout_loop(model: nn.Module, context: Tensor, horizon: int, dt: Tensor | N
     Returns:
         (B, horizon, H) in the context's dtype.
     """
-    batch, context_len, width = context.shape
-    y_context, prefilled = model.prefill(context, None if dt is None else dt[:, :context_len])
-    check_model_output(y_context, batch, context_len, width, type(model).__name__)
-    state = model.allocate_state(batch, context.device, context.dtype)
+    first, prefilled, dt_steps = prefill_context(model, context, horizon, dt)
+    state = model.allocate_state(context.shape[0], context.device, context.dtype)
     load_state(state, prefilled, type(model).__name__)
-    first = y_context[:, -1].to(context.dtype)
-    dt_steps = None if dt is None else dt[:, context_len:context_len + horizon - 1]
     rest = run_steps(model, first, state, horizon - 1, dt_steps)
     return torch.cat([first.unsqueeze(1), rest], dim=1)

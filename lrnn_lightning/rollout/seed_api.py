@@ -19,9 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from lrnn_lightning.models.validation import check_dt_values
-from lrnn_lightning.rollout.checks import check_positive_int, check_step_model, model_device_dtype
-from lrnn_lightning.rollout.errors import CaptureError, StaleGraphError
-from lrnn_lightning.rollout.fingerprint import describe_change, model_fingerprint
+from lrnn_lightning.rollout.checks import check_positive_int, check_step_model, feature_size, model_device_dtype
+from lrnn_lightning.rollout.errors import CaptureError, StaleGraphError, describe_capture_failure
 from lrnn_lightning.rollout.inference import rollout_mode
 from lrnn_lightning.rollout.loop import run_steps
 from lrnn_lightning.rollout.lrnnx_adapter import LrnnxAdapter
@@ -67,8 +66,16 @@ def capture_graph(model: nn.Module, batch_size: int, H: int, max_seqlen: int = 1
     step_model = as_step_model(model, max_seqlen, "capture_graph")
     check_positive_int(batch_size, "batch_size", "capture_graph")
     check_positive_int(H, "H", "capture_graph")
+    width = feature_size(step_model, "capture_graph")
+    if width is not None and H != width:
+        raise ValueError(f"capture_graph: H={H}, but the model takes {width} features per step. "
+                         f"HINT: capture_graph(model, batch_size, H={width}).")
     model_device, dtype = model_device_dtype(step_model, torch.empty(0))
     device = model_device if device is None else torch.device(device)
+    if device != model_device and not (device.type == model_device.type == "cuda"
+                                       and (device.index or 0) == (model_device.index or 0)):
+        raise ValueError(f"capture_graph: device={device}, but the model's weights are on {model_device}. "
+                         "HINT: leave device=None, or move the model there first.")
     if device.type != "cuda" or not torch.cuda.is_available():
         raise ValueError(f"capture_graph: a CUDA graph needs the model on a CUDA GPU, got device {device}. "
                          "HINT: move the model to a GPU, or call generate(model, x, num_steps) without "
@@ -79,10 +86,8 @@ def capture_graph(model: nn.Module, batch_size: int, H: int, max_seqlen: int = 1
     try:
         return StepGraph(step_model, batch_size, H, chunk=chunk, event_mode=event_mode, dtype=dtype, device=device,
                          compile=compile, autocast_dtype=autocast_dtype, n_warmups=n_warmups)
-    except torch.cuda.OutOfMemoryError as error:
-        raise CaptureError(f"capture_graph: out of GPU memory while capturing batch_size={batch_size} "
-                           f"(chunk={chunk}, H={H}). HINT: capture a smaller batch_size and generate in slices.") \
-            from error
+    except Exception as error:
+        raise CaptureError(describe_capture_failure(error, "capture_graph", batch_size, chunk, H)) from error
 
 
 def generate(model: nn.Module, x: Tensor, num_steps: int, graph_cache: StepGraph | None = None,
@@ -132,7 +137,7 @@ def generate(model: nn.Module, x: Tensor, num_steps: int, graph_cache: StepGraph
                          "HINT: capture_graph(model, ...) for this model.")
     if handle.static_input is None:
         raise ValueError(f"{owner}: graph_cache was released. HINT: capture_graph(model, ...) again.")
-    change = describe_change(handle.fingerprint, model_fingerprint(handle.model))
+    change = handle.stale_reason()
     if change is not None:
         raise StaleGraphError(f"{owner}: graph_cache is stale: {change}. HINT: handle.release(), then "
                               f"capture_graph(model, batch_size={handle.batch_size}, H={handle.width}) again.")

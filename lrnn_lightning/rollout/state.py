@@ -32,7 +32,8 @@ def load_state(buffers: State, source: State | None, owner: str) -> None:
         if value.shape[1:] != buffer.shape[1:] or value.shape[0] > buffer.shape[0]:
             raise ValueError(
                 f"{owner}: prefill returned state {key!r} of shape {tuple(value.shape)}, expected "
-                f"({value.shape[0]}, {', '.join(map(str, buffer.shape[1:]))}) to match allocate_state. "
+                f"(b, {', '.join(map(str, buffer.shape[1:]))}) with b <= {buffer.shape[0]} to match "
+                "allocate_state. "
                 "HINT: prefill and allocate_state must agree on every state tensor's shape."
             )
         rows = value.shape[0]

@@ -17,12 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from lrnn_lightning.rollout.checks import check_positive_int
-from lrnn_lightning.rollout.fingerprint import model_fingerprint
-from lrnn_lightning.rollout.inference import autocast_context, rollout_mode
+from lrnn_lightning.rollout.fingerprint import describe_change, model_fingerprint
+from lrnn_lightning.rollout.inference import autocast_context, matmul_tf32_enabled, rollout_mode
 from lrnn_lightning.rollout.loop import StepFunction, run_steps
 from lrnn_lightning.rollout.state import State, load_state
 
-PAD_DT = 1.0  # timestep of padding rows and unused tail steps: benign for every model
+PAD_DT = 1.0  # timestep of padding rows: benign for every model (a partial last chunk's unused steps
+# keep the previous chunk's timesteps; their outputs are discarded)
 
 # One warm-up/capture stream per device, shared by every capture: PyTorch gives each new
 # stream its own cuBLAS workspace and never frees it, so a fresh stream per capture would
@@ -80,7 +81,7 @@ class StepGraph:
             raise ValueError(f"StepGraph: capturing a CUDA graph needs a CUDA device, got {self.device}. "
                              "HINT: move the model to a GPU, or use the plain loop on the CPU.")
         self.fingerprint = model_fingerprint(model)
-        self.tf32 = torch.backends.cuda.matmul.allow_tf32  # baked into the captured matmul kernels
+        self.tf32 = matmul_tf32_enabled()  # baked into the captured matmul kernels
         self.graph: torch.cuda.CUDAGraph | None = None
         self.pool: tuple[int, int] | None = None
 
@@ -100,9 +101,9 @@ class StepGraph:
         self.capture_ms = 1000.0 * (time.perf_counter() - start)
 
     def _body(self) -> None:
-        outputs = run_steps(self.model, self.static_input, self.static_state, self.chunk, self.static_dt, self._step)
-        self.static_output.copy_(outputs)
-        self.static_input.copy_(outputs[:, -1])
+        run_steps(self.model, self.static_input, self.static_state, self.chunk, self.static_dt, self._step,
+                  out=self.static_output)
+        self.static_input.copy_(self.static_output[:, -1])
 
     def _capture(self, n_warmups: int) -> None:
         # warm-up on a side stream (lazy cuBLAS handles, autotuning, compilation) so the
@@ -127,6 +128,10 @@ class StepGraph:
             # ending an invalidated capture raises its own, vaguer error: report the body's
             self.release()
             raise (body_error or error) from None
+
+    def stale_reason(self) -> str | None:
+        """Why replaying would read memory the model no longer uses (a replaced parameter), or None."""
+        return describe_change(self.fingerprint, model_fingerprint(self.model))
 
     def replay(self) -> None:
         """Advance the static buffers by `chunk` steps."""
@@ -165,6 +170,11 @@ class StepGraph:
                                               if self.event_mode else
                                               "got timesteps, but the graph was captured without event mode. "
                                               "HINT: capture with event_mode=True."))
+        if state is not None:
+            rows_of = {key: value.shape[0] for key, value in state.items() if value.shape[0] != rows}
+            if rows_of:
+                raise ValueError(f"StepGraph: x0 has {rows} rows but the start state has {rows_of}. "
+                                 "HINT: pass the state prefilled for exactly these rows.")
         load_state(self.static_state, state, type(self.model).__name__)
         self.static_input[:rows].copy_(x0)
         self.static_input[rows:].zero_()
