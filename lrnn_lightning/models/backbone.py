@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnn_lightning.models.mixer import Mixer, State
-from lrnn_lightning.models.validation import check_dt, check_sequence, check_step_dt, check_step_input
+from lrnn_lightning.models.validation import (
+    check_dt,
+    check_positive_int,
+    check_sequence,
+    check_step_dt,
+    check_step_input,
+    dt_values_checked,
+)
 
 
 class GatedMLP(nn.Module):
@@ -80,8 +87,7 @@ class SequenceModel(nn.Module):
 
         for name, value in (("d_input", d_input), ("d_output", d_output), ("d_model", d_model),
                             ("d_state", d_state), ("n_layers", n_layers), ("mlp_expand", mlp_expand)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"SequenceModel: {name} must be a positive integer, got {value!r}.")
+            check_positive_int(value, name, "SequenceModel")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"SequenceModel: dropout must lie in [0, 1), got {dropout!r}.")
         mixer_cls = get_mixer_class(mixer) if isinstance(mixer, str) else mixer
@@ -96,12 +102,16 @@ class SequenceModel(nn.Module):
         self.decoder = nn.Linear(d_model, d_output)
 
     def forward(self, x: Tensor, dt: Tensor | None = None) -> Tensor:
-        """x (B, L, d_input), dt (B, L) or None -> (B, L, d_output)."""
+        """x (B, L, d_input), dt (B, L) or None -> (B, L, d_output).
+
+        dt's values are checked once here, not again in every layer.
+        """
         batch, length = check_sequence(x, self.d_input, "SequenceModel")
         check_dt(dt, batch, length, "SequenceModel")
         h = self.encoder(x)
-        for layer in self.layers:
-            h = layer(h, dt)
+        with dt_values_checked(dt):
+            for layer in self.layers:
+                h = layer(h, dt)
         return self.decoder(self.final_norm(h))
 
     def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
@@ -132,7 +142,8 @@ class SequenceModel(nn.Module):
         check_dt(dt, batch, length, "SequenceModel")
         h = self.encoder(x)
         state: State = {}
-        for i, layer in enumerate(self.layers):
-            h, layer_state = layer.prefill(h, dt)
-            state.update({f"{i}.{key}": value for key, value in layer_state.items()})
+        with dt_values_checked(dt):
+            for i, layer in enumerate(self.layers):
+                h, layer_state = layer.prefill(h, dt)
+                state.update({f"{i}.{key}": value for key, value in layer_state.items()})
         return self.decoder(self.final_norm(h)), state

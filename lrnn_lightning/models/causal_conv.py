@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrnn_lightning.models.validation import check_positive_int
+
 
 class CausalConv1d(nn.Module):
     """Per-channel causal convolution over time: y_t = bias + sum_k w_k * x_{t-K+1+k}.
@@ -29,9 +31,8 @@ class CausalConv1d(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int):
         super().__init__()
-        for name, value in (("channels", channels), ("kernel_size", kernel_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"CausalConv1d: {name} must be a positive integer, got {value!r}.")
+        check_positive_int(channels, "channels", "CausalConv1d")
+        check_positive_int(kernel_size, "kernel_size", "CausalConv1d")
         self.channels, self.kernel_size = channels, kernel_size
         # same init as nn.Conv1d(groups=channels): fan_in = kernel_size
         bound = 1.0 / math.sqrt(kernel_size)
@@ -56,7 +57,13 @@ class CausalConv1d(nn.Module):
         return F.pad(tail, (keep - tail.shape[-1], 0)).contiguous()
 
     def step(self, x_t: Tensor, window: Tensor) -> Tensor:
-        """x_t (B, C) -> (B, C); `window` (B, C, K-1) is shifted in place to end with x_t."""
+        """x_t (B, C) -> (B, C); `window` (B, C, K-1) is shifted in place to end with x_t.
+
+        Three kernels: the taps [window, x_t], the forward's convolution over them (one
+        output position), and the in-place roll of the window (none for K = 1).
+        """
         taps = torch.cat([window, x_t.unsqueeze(-1)], dim=-1)
-        window.copy_(taps[..., 1:])
-        return torch.linalg.vecdot(taps, self.weight) + self.bias
+        y = F.conv1d(taps, self.weight.unsqueeze(1), self.bias, groups=self.channels).squeeze(-1)
+        if self.kernel_size > 1:
+            window.copy_(taps[..., 1:])
+        return y

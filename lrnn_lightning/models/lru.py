@@ -23,8 +23,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lrnn_lightning.models.lti_init import check_positive_int
+from lrnn_lightning.models.lti_complex import upcast
 from lrnn_lightning.models.lti_modal import ModalLTIMixer
+from lrnn_lightning.models.validation import check_positive_int
 
 
 class LRU(ModalLTIMixer):
@@ -74,11 +75,11 @@ class LRU(ModalLTIMixer):
         return torch.exp(self._log_lambda())
 
     def _log_lambda(self) -> Tensor:
-        return torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log))
+        return torch.complex(-torch.exp(upcast(self.nu_log)), torch.exp(upcast(self.theta_log)))
 
     def _discretize(self, dt: Tensor | None) -> tuple[Tensor, None]:
         log_lambda = self._log_lambda()
         return (log_lambda if dt is None else dt.unsqueeze(-1) * log_lambda), None
 
     def _input_weight(self) -> Tensor:
-        return (self.B * torch.exp(self.gamma_log).unsqueeze(-1)).flatten(0, 1)
+        return (upcast(self.B) * torch.exp(upcast(self.gamma_log)).unsqueeze(-1)).flatten(0, 1)

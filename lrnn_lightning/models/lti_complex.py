@@ -4,13 +4,16 @@ The recurrent state of LRU, S4D and S5 is complex but is stored as a real pair
 (h_re, h_im) so the rollout engine can zero, pad and copy it like any other state and
 torch.compile sees only real tensors. The helpers here do the per-step complex updates
 on such pairs with as few kernels as possible (each `addcmul` fuses a multiply and an
-add), and build the powers that turn the recurrence into a convolution.
+add), build the powers that turn the recurrence into a convolution, and bring
+parameters and inputs to the working precision (at least float32).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+_AT_LEAST_FLOAT32 = (torch.float32, torch.float64)
 
 
 def complex_mul(scale: Tensor, re: Tensor, im: Tensor) -> tuple[Tensor, Tensor]:
@@ -28,18 +31,27 @@ def complex_mul(scale: Tensor, re: Tensor, im: Tensor) -> tuple[Tensor, Tensor]:
     return out_re, out_im
 
 
-def complex_decay_add_(h_re: Tensor, h_im: Tensor, decay: Tensor, u_re: Tensor, u_im: Tensor) -> None:
+def complex_decay_add_(h_re: Tensor, h_im: Tensor, decay: Tensor, u_re: Tensor, u_im: Tensor) -> tuple[Tensor, Tensor]:
     """h <- decay * h + u in place, for h = h_re + i h_im held as two real tensors; 6 kernels.
+
+    The update is computed in the promoted dtype of the operands and written into the
+    state with `copy_`, so a state of lower precision than the computation (a bfloat16
+    state of a float32 computation) is updated in place all the same.
 
     Args:
         h_re, h_im: the state's real and imaginary parts, shape (B, *S); overwritten.
         decay: complex, broadcastable to (B, *S).
         u_re, u_im: the input's real and imaginary parts, broadcastable to (B, *S).
+
+    Returns:
+        The new state's real and imaginary parts in the computation's dtype, before they
+        are rounded to the state's dtype (the same tensors' values when the dtypes agree).
     """
     new_re = torch.addcmul(u_re, decay.real, h_re).addcmul_(decay.imag, h_im, value=-1)
     new_im = torch.addcmul(u_im, decay.real, h_im).addcmul_(decay.imag, h_re)
     h_re.copy_(new_re)
     h_im.copy_(new_im)
+    return new_re, new_im
 
 
 def powers_from_log(log_decay: Tensor, length: int) -> Tensor:
@@ -59,12 +71,26 @@ def powers_from_log(log_decay: Tensor, length: int) -> Tensor:
     return torch.exp(steps.view(length, *([1] * log_decay.dim())) * log_decay)
 
 
-def working_precision(reference: Tensor, x: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Cast x and dt to the dtype of the parameter `reference`.
+def upcast(param: Tensor) -> Tensor:
+    """`param` in at least float32: as is in float32 or float64, else a float32 copy."""
+    return param if param.dtype in _AT_LEAST_FLOAT32 else param.float()
 
-    The LTI mixers run with autocast disabled: complex tensors have no bfloat16 kind,
-    and a long recurrence needs a float32 mantissa anyway. So inputs that arrive in a
-    lower precision (from an autocast region) or as float64 event times are brought to
-    the parameters' dtype; casts to the same dtype cost nothing.
+
+def working_precision(reference: Tensor, x: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor | None, torch.dtype]:
+    """Cast x and dt to the computation's dtype, and say which dtype the output takes.
+
+    The LTI mixers compute in the dtype of the parameter `reference` promoted to at least
+    float32, with autocast disabled: the complex half types lack most kernels (and
+    bfloat16 has no complex kind at all), and a long recurrence needs a float32 mantissa
+    anyway. So half-precision parameters are upcast where they are read (`upcast`), and
+    inputs that arrive in a lower precision (from an autocast region) or as float64 event
+    times are brought to that dtype; casts to the same dtype cost nothing.
+
+    Returns:
+        x and dt in the computation's dtype, and the output's dtype: the input's dtype,
+        or the parameters' where that is wider (float32 under autocast for a float32
+        model, as without autocast).
     """
-    return x.to(reference.dtype), None if dt is None else dt.to(reference.dtype)
+    dtype = reference.dtype if reference.dtype in _AT_LEAST_FLOAT32 else torch.float32
+    out_dtype = torch.promote_types(x.dtype, reference.dtype)
+    return x.to(dtype), None if dt is None else dt.to(dtype), out_dtype

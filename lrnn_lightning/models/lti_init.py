@@ -8,13 +8,6 @@ import torch
 from torch import Tensor
 
 
-def check_positive_int(value: object, name: str, owner: str) -> int:
-    """Return `value` if it is a positive int, else raise a ValueError naming it."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}.")
-    return value
-
-
 def check_even_state(d_state: int, owner: str, why: str) -> None:
     """Raise unless `d_state` is even (modes come in complex-conjugate pairs)."""
     if d_state % 2:

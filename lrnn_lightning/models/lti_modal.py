@@ -11,12 +11,13 @@ parameters and the event timestep (`_discretize`), and may fold per-mode gains i
 
 - forward, dt=None: time-invariant, so the states are a causal FFT convolution of B x
   with decay^l in mode space, O(B P L log L);
-- forward, dt given: time-varying, solved by the associative scan;
+- forward, dt given: time-varying, solved by the associative scan (`pairwise_scan`);
 - step: one real matmul for B x, six fused kernels for the complex update, three for
   the readout, all on real tensors; the rest is the discretisation, recomputed from the
   live parameters on every call.
 
-All paths run with autocast off, in the parameters' dtype (see `working_precision`).
+All paths run with autocast off, in the parameters' dtype promoted to at least float32
+(see `working_precision`): subclasses read their parameters through `upcast`.
 
 Parameters are real tensors: B is (2, P, H) and C is (2, H, P), holding real and
 imaginary parts, so Re and Im of B x come from one matmul against B.flatten(0, 1).
@@ -31,9 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from lrnn_lightning.models.fft_conv import causal_fft_conv
-from lrnn_lightning.models.lti_complex import complex_decay_add_, complex_mul, powers_from_log, working_precision
+from lrnn_lightning.models.lti_complex import (
+    complex_decay_add_,
+    complex_mul,
+    powers_from_log,
+    upcast,
+    working_precision,
+)
 from lrnn_lightning.models.mixer import Mixer, State
-from lrnn_lightning.models.scan import linear_scan
+from lrnn_lightning.models.scan import pairwise_scan
 from lrnn_lightning.models.validation import check_dt, check_sequence, check_step_dt, check_step_input
 
 
@@ -41,7 +48,7 @@ class ModalLTIMixer(Mixer):
     """Base of the diagonal complex SSMs with dense complex B and C (see the module doc).
 
     Subclasses must set `self.B` (2, P, H), `self.C` (2, H, P) and `self.D` (H,) as
-    parameters and implement `_discretize`.
+    parameters and implement `_discretize`, reading parameters through `upcast`.
 
     Args:
         d_model: H, features in and out.
@@ -71,18 +78,19 @@ class ModalLTIMixer(Mixer):
             dt: None (unit step) or event timesteps of any shape S (e.g. (B,) or (B, L)).
 
         Returns:
-            log_decay and input_scale of shape (P,) for dt=None, else S + (P,);
-            input_scale may be None (input enters unscaled).
+            log_decay and input_scale of shape (P,) for dt=None, else S + (P,), complex of
+            at least single precision; input_scale may be None (input enters unscaled).
         """
 
     def _input_weight(self) -> Tensor:
         """(2P, H) real matrix whose product with x gives [Re(B x), Im(B x)]."""
-        return self.B.flatten(0, 1)
+        return upcast(self.B).flatten(0, 1)
 
     def _readout(self, h_re: Tensor, h_im: Tensor, x: Tensor) -> Tensor:
         """c Re(C h) + D x for 2-D h_re, h_im (N, P) and x (N, H) -> (N, H); three kernels."""
-        y = torch.addmm(x * self.D, h_re, self.C[0].T, alpha=self.output_scale)
-        return y.addmm_(h_im, self.C[1].T, alpha=-self.output_scale)
+        C = upcast(self.C)
+        y = torch.addmm(x * upcast(self.D), h_re, C[0].T, alpha=self.output_scale)
+        return y.addmm_(h_im, C[1].T, alpha=-self.output_scale)
 
     def _states(self, x: Tensor, dt: Tensor | None) -> Tensor:
         """All states h_t, complex (B, L, P), from a zero initial state."""
@@ -93,16 +101,17 @@ class ModalLTIMixer(Mixer):
             u = u * scale
         if dt is None:
             return causal_fft_conv(u, powers_from_log(log_decay, x.shape[1]))
-        return linear_scan(torch.exp(log_decay), u)
+        return pairwise_scan(torch.exp(log_decay), u)
 
     def _parallel(self, x: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor]:
+        """y (B, L, H) in the output dtype, and all states (B, L, P) complex."""
         batch, length = check_sequence(x, self.d_model, self._owner)
         check_dt(dt, batch, length, self._owner)
         with torch.autocast(x.device.type, enabled=False):  # see `working_precision`
-            x, dt = working_precision(self.D, x, dt)
+            x, dt, out_dtype = working_precision(self.D, x, dt)
             h = self._states(x, dt)
             y = self._readout(h.real.flatten(0, 1), h.imag.flatten(0, 1), x.flatten(0, 1))
-        return y.view(batch, length, self.d_model), h
+        return y.view(batch, length, self.d_model).to(out_dtype), h
 
     def forward(self, x: Tensor, dt: Tensor | None = None) -> Tensor:
         """Parallel pass from a zero state.
@@ -124,11 +133,11 @@ class ModalLTIMixer(Mixer):
             dt: optional event timesteps, shape (B, L).
 
         Returns:
-            y (B, L, H) and the state {"h_re", "h_im"}, each (B, P).
+            y (B, L, H) and the state {"h_re", "h_im"}, each (B, P), both in y's dtype.
         """
         y, h = self._parallel(x, dt)
         last = h[:, -1]
-        return y, {"h_re": last.real.contiguous(), "h_im": last.imag.contiguous()}
+        return y, {"h_re": last.real.to(y.dtype).contiguous(), "h_im": last.imag.to(y.dtype).contiguous()}
 
     def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
                        dtype: torch.dtype = torch.float32) -> State:
@@ -142,21 +151,21 @@ class ModalLTIMixer(Mixer):
 
         Args:
             x_t: input, shape (B, H).
-            state: as returned by `allocate_state` or `prefill`.
+            state: as returned by `allocate_state` or `prefill`, of any floating dtype
+                (the step computes in at least float32 and rounds into it).
             dt_t: optional timestep, shape (B,) or (B, 1).
 
         Returns:
-            y_t of shape (B, H).
+            y_t of shape (B, H), in x_t's dtype or the parameters' where that is wider.
         """
         batch = check_step_input(x_t, self.d_model, self._owner)
         check_step_dt(dt_t, batch, self._owner)
         with torch.autocast(x_t.device.type, enabled=False):
-            x_t, dt_t = working_precision(self.D, x_t, None if dt_t is None else dt_t.reshape(batch))
+            x_t, dt_t, out_dtype = working_precision(self.D, x_t, None if dt_t is None else dt_t.reshape(batch))
             log_decay, scale = self._discretize(dt_t)
             u = x_t @ self._input_weight().T
             u_re, u_im = u[:, : self.n_modes], u[:, self.n_modes:]
             if scale is not None:
                 u_re, u_im = complex_mul(scale, u_re, u_im)
-            h_re, h_im = state["h_re"], state["h_im"]
-            complex_decay_add_(h_re, h_im, torch.exp(log_decay), u_re, u_im)
-            return self._readout(h_re, h_im, x_t)
+            h_re, h_im = complex_decay_add_(state["h_re"], state["h_im"], torch.exp(log_decay), u_re, u_im)
+            return self._readout(h_re, h_im, x_t).to(out_dtype)

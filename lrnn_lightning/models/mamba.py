@@ -19,7 +19,13 @@ from torch.utils.checkpoint import checkpoint
 from lrnn_lightning.models.causal_conv import CausalConv1d
 from lrnn_lightning.models.mixer import Mixer, State
 from lrnn_lightning.models.scan import pairwise_scan
-from lrnn_lightning.models.validation import check_dt, check_sequence, check_step_dt, check_step_input
+from lrnn_lightning.models.validation import (
+    check_dt,
+    check_positive_int,
+    check_sequence,
+    check_step_dt,
+    check_step_input,
+)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, decay_time: Tensor | None = None,
@@ -75,7 +81,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, de
 
 def _selective_scan_chunk(u: Tensor, delta: Tensor, decay: Tensor, A: Tensor, B: Tensor, C: Tensor,
                           h0: Tensor | None) -> tuple[Tensor, Tensor]:
-    a = torch.exp(decay.unsqueeze(-1) * A)                  # (B, T, E, N); decay (B, T, E) or (B, T, 1)
+    # (B, T, E, N); decay (B, T, E) or (B, T, 1), float32 event times even for a half-precision A
+    a = torch.exp(decay.unsqueeze(-1) * A).to(A.dtype)
     b = (delta * u).unsqueeze(-1) * B.unsqueeze(2)           # (B, T, E, N)
     h = pairwise_scan(a, b, h0)
     y = torch.einsum("bten,btn->bte", h, C)
@@ -115,10 +122,10 @@ class Mamba(Mixer):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_state", d_state), ("expand", expand), ("d_conv", d_conv),
                             ("scan_chunk_size", scan_chunk_size)):
-            _check_positive_int(name, value)
+            check_positive_int(value, name, "Mamba")
         if dt_rank == "auto":
             dt_rank = math.ceil(d_model / 16)
-        _check_positive_int("dt_rank", dt_rank, hint=' or "auto" for ceil(d_model / 16)')
+        check_positive_int(dt_rank, "dt_rank", "Mamba", alternative='"auto" for ceil(d_model / 16)')
         if not 0.0 < float(dt_min) <= float(dt_max):
             raise ValueError(f"Mamba: expected 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}.")
         self.d_model, self.d_state, self.d_inner, self.dt_rank = d_model, d_state, expand * d_model, dt_rank
@@ -150,7 +157,7 @@ class Mamba(Mixer):
         u = F.silu(self.conv(x_in))
         delta, B, C = self._selection(u)
         A = -torch.exp(self.A_log)
-        decay_time = None if dt is None else dt.to(u.dtype)
+        decay_time = None if dt is None else dt.to(_timestep_dtype(A))
         y, h = selective_scan(u, delta, A, B, C, decay_time, chunk_size=self.scan_chunk_size,
                               checkpoint_chunks=self.scan_checkpoint)
         y = (y + self.D * u) * F.silu(z)
@@ -182,14 +189,14 @@ class Mamba(Mixer):
         x_in, z = self.in_proj(x_t).chunk(2, dim=-1)
         u = F.silu(self.conv.step(x_in, state["conv"]))
         delta, B, C = self._selection(u)
-        decay = delta if dt_t is None else dt_t.reshape(batch, 1).to(u.dtype)
+        A = -torch.exp(self.A_log)
+        decay = delta if dt_t is None else dt_t.reshape(batch, 1).to(_timestep_dtype(A))
         h = state["h"]
-        h.mul_(torch.exp(decay.unsqueeze(-1) * -torch.exp(self.A_log)))
-        h.add_((delta * u).unsqueeze(-1) * B.unsqueeze(1))
-        y = torch.bmm(h, C.unsqueeze(-1)).squeeze(-1) + self.D * u
+        h.mul_(torch.exp(decay.unsqueeze(-1) * A)).addcmul_((delta * u).unsqueeze(-1), B.unsqueeze(1))
+        y = torch.baddbmm((self.D * u).unsqueeze(-1), h, C.unsqueeze(-1)).squeeze(-1)
         return self.out_proj(y * F.silu(z))
 
 
-def _check_positive_int(name: str, value, hint: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Mamba: {name} must be a positive integer{hint}, got {value!r}.")
+def _timestep_dtype(A: Tensor) -> torch.dtype:
+    """The dtype event times enter the decay in: at least float32, even where autocast runs u in bf16."""
+    return torch.promote_types(A.dtype, torch.float32)

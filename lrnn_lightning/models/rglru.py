@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from lrnn_lightning.models.causal_conv import CausalConv1d
 from lrnn_lightning.models.mixer import Mixer, State
 from lrnn_lightning.models.scan import pairwise_scan
-from lrnn_lightning.models.validation import check_dt, check_sequence, check_step_dt, check_step_input
+from lrnn_lightning.models.validation import (
+    check_dt,
+    check_positive_int,
+    check_sequence,
+    check_step_dt,
+    check_step_input,
+)
 
 
 class _SqrtWithBoundedGrad(torch.autograd.Function):
@@ -71,8 +77,7 @@ class RGLRU(Mixer):
                  decay_min: float = 0.9, decay_max: float = 0.999):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_state", d_state), ("expand", expand), ("d_conv", d_conv)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"RGLRU: {name} must be a positive integer, got {value!r}.")
+            check_positive_int(value, name, "RGLRU")
         if not float(c) > 0.0:
             raise ValueError(f"RGLRU: c must be positive, got {c!r}.")
         if not 0.0 < float(decay_min) <= float(decay_max) < 1.0:
@@ -92,20 +97,23 @@ class RGLRU(Mixer):
         log_a = 0.5 * torch.log(decay_sq) / self.c
         self.Lambda = nn.Parameter(log_a - torch.log(-torch.expm1(log_a)))  # logit(a)
 
-    def _recurrence(self, u: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor]:
-        """u (..., W), dt (...) or None -> decay a_t and input b_t, each (..., W)."""
+    def _recurrence(self, u: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """u (..., W), dt (...) or None -> decay a_t, normaliser sqrt(1 - a_t^2) and gated input i_t u_t,
+        each (..., W); the recurrence's input is b_t = normaliser * (i_t u_t)."""
         r, i = torch.sigmoid(self.gates(u)).chunk(2, dim=-1)
         log_a = (self.c * F.logsigmoid(self.Lambda)) * r
         if dt is not None:
-            log_a = log_a * dt.unsqueeze(-1).to(u.dtype)
+            # event times need their float32 mantissa even where autocast runs u in bf16
+            dt = dt.unsqueeze(-1).to(torch.promote_types(log_a.dtype, torch.float32))
+            log_a = (log_a * dt).to(log_a.dtype)
         normaliser = _SqrtWithBoundedGrad.apply(-torch.expm1(2.0 * log_a), self.max_normaliser_grad)
-        return torch.exp(log_a), normaliser * (i * u)
+        return torch.exp(log_a), normaliser, i * u
 
     def _mix(self, x: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, D) -> (y (B, L, D), pre-conv inputs (B, L, W), final h (B, W))."""
         x_in, gate = self.in_proj(x).chunk(2, dim=-1)
-        a, b = self._recurrence(self.conv(x_in), dt)
-        h = pairwise_scan(a, b)
+        a, normaliser, gated_input = self._recurrence(self.conv(x_in), dt)
+        h = pairwise_scan(a, normaliser * gated_input)
         return self.out_proj(h * F.gelu(gate)), x_in, h[:, -1]
 
     def forward(self, x: Tensor, dt: Tensor | None = None) -> Tensor:
@@ -132,8 +140,9 @@ class RGLRU(Mixer):
         batch = check_step_input(x_t, self.d_model, "RGLRU")
         check_step_dt(dt_t, batch, "RGLRU")
         x_in, gate = self.in_proj(x_t).chunk(2, dim=-1)
-        a, b = self._recurrence(self.conv.step(x_in, state["conv"]), None if dt_t is None else dt_t.reshape(batch))
+        a, normaliser, gated_input = self._recurrence(self.conv.step(x_in, state["conv"]),
+                                                      None if dt_t is None else dt_t.reshape(batch))
         h = state["h"]
-        h.mul_(a).add_(b)
+        h.mul_(a).addcmul_(normaliser, gated_input)
         return self.out_proj(h * F.gelu(gate))
 

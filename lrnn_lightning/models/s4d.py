@@ -17,7 +17,8 @@ step t follow its timestep. Re(A) is parameterised as -exp(A_real_log): stable a
 
 For dt=None the layer is a per-channel convolution with the real kernel
 K_l = 2 Re(C (exp(Delta A) - 1) / A exp(l Delta A)), applied by FFT; with dt it is solved
-by the associative scan.
+by the associative scan (`pairwise_scan`). Every path computes in the parameters' dtype
+promoted to at least float32 (see `working_precision`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,18 @@ import torch
 from torch import Tensor, nn
 
 from lrnn_lightning.models.fft_conv import causal_fft_conv
-from lrnn_lightning.models.lti_complex import complex_decay_add_, powers_from_log, working_precision
+from lrnn_lightning.models.lti_complex import complex_decay_add_, powers_from_log, upcast, working_precision
 from lrnn_lightning.models.lti_discretization import zoh
-from lrnn_lightning.models.lti_init import check_even_state, check_positive_int, check_step_range, log_uniform
+from lrnn_lightning.models.lti_init import check_even_state, check_step_range, log_uniform
 from lrnn_lightning.models.mixer import Mixer, State
-from lrnn_lightning.models.scan import linear_scan
-from lrnn_lightning.models.validation import check_dt, check_sequence, check_step_dt, check_step_input
+from lrnn_lightning.models.scan import pairwise_scan
+from lrnn_lightning.models.validation import (
+    check_dt,
+    check_positive_int,
+    check_sequence,
+    check_step_dt,
+    check_step_input,
+)
 
 
 class S4D(Mixer):
@@ -69,27 +76,28 @@ class S4D(Mixer):
 
     def eigenvalues(self) -> Tensor:
         """Continuous-time A, complex (d_model, N)."""
-        return torch.complex(-torch.exp(self.A_real_log), self.A_imag)
+        return torch.complex(-torch.exp(upcast(self.A_real_log)), upcast(self.A_imag))
 
     def _discretize(self, dt: Tensor | None) -> tuple[Tensor, Tensor]:
         """ZOH (log_decay, input_scale), complex (H, N) for dt=None, else dt.shape + (H, N)."""
-        delta = torch.exp(self.log_dt).unsqueeze(-1)
+        delta = torch.exp(upcast(self.log_dt)).unsqueeze(-1)
         if dt is not None:
             delta = dt[..., None, None] * delta
         return zoh(self.eigenvalues(), delta)
 
     def _readout(self, h_re: Tensor, h_im: Tensor, x: Tensor) -> Tensor:
         """2 Re(C h) + D x for h (..., H, N) and x (..., H) -> (..., H)."""
-        re_ch = torch.mul(h_re, self.C[0]).addcmul_(h_im, self.C[1], value=-1).sum(-1)
-        return torch.add(x * self.D, re_ch, alpha=2)
+        C = upcast(self.C)
+        re_ch = torch.mul(h_re, C[0]).addcmul_(h_im, C[1], value=-1).sum(-1)
+        return torch.add(x * upcast(self.D), re_ch, alpha=2)
 
     def _time_invariant(self, x: Tensor, with_state: bool) -> tuple[Tensor, Tensor | None]:
         """FFT path for dt=None: y (B, L, H) and, if asked, the final state (B, H, N) complex."""
         log_decay, scale = self._discretize(None)
         powers = powers_from_log(log_decay, x.shape[1])  # (L, H, N)
-        c = torch.complex(self.C[0], self.C[1]) * scale
-        kernel = 2 * torch.einsum("lhn,hn->lh", powers, c).real
-        y = causal_fft_conv(x, kernel) + x * self.D
+        C = upcast(self.C)
+        kernel = 2 * torch.einsum("lhn,hn->lh", powers, torch.complex(C[0], C[1]) * scale).real
+        y = causal_fft_conv(x, kernel) + x * upcast(self.D)
         if not with_state:
             return y, None
         # h_{L-1} = scale * sum_l decay^l x_{L-1-l}
@@ -99,7 +107,7 @@ class S4D(Mixer):
     def _time_varying(self, x: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
         """Scan path: y (B, L, H) and all states (B, L, H, N) complex."""
         log_decay, scale = self._discretize(dt)
-        h = linear_scan(torch.exp(log_decay), scale * x.unsqueeze(-1))
+        h = pairwise_scan(torch.exp(log_decay), scale * x.unsqueeze(-1))
         return self._readout(h.real, h.imag, x), h
 
     def forward(self, x: Tensor, dt: Tensor | None = None) -> Tensor:
@@ -115,10 +123,9 @@ class S4D(Mixer):
         batch, length = check_sequence(x, self.d_model, "S4D")
         check_dt(dt, batch, length, "S4D")
         with torch.autocast(x.device.type, enabled=False):  # see `working_precision`
-            x, dt = working_precision(self.D, x, dt)
-            if dt is None:
-                return self._time_invariant(x, with_state=False)[0]
-            return self._time_varying(x, dt)[0]
+            x, dt, out_dtype = working_precision(self.D, x, dt)
+            y = self._time_invariant(x, with_state=False)[0] if dt is None else self._time_varying(x, dt)[0]
+        return y.to(out_dtype)
 
     def prefill(self, x: Tensor, dt: Tensor | None = None) -> tuple[Tensor, State]:
         """Parallel pass that also returns the state after the last step.
@@ -128,18 +135,19 @@ class S4D(Mixer):
             dt: optional event timesteps, shape (B, L).
 
         Returns:
-            y (B, L, H) and the state {"h_re", "h_im"}, each (B, H, N).
+            y (B, L, H) and the state {"h_re", "h_im"}, each (B, H, N), both in y's dtype.
         """
         batch, length = check_sequence(x, self.d_model, "S4D")
         check_dt(dt, batch, length, "S4D")
         with torch.autocast(x.device.type, enabled=False):
-            x, dt = working_precision(self.D, x, dt)
+            x, dt, out_dtype = working_precision(self.D, x, dt)
             if dt is None:
                 y, h_last = self._time_invariant(x, with_state=True)
             else:
                 y, h = self._time_varying(x, dt)
                 h_last = h[:, -1]
-        return y, {"h_re": h_last.real.contiguous(), "h_im": h_last.imag.contiguous()}
+        return y.to(out_dtype), {"h_re": h_last.real.to(out_dtype).contiguous(),
+                                 "h_im": h_last.imag.to(out_dtype).contiguous()}
 
     def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
                        dtype: torch.dtype = torch.float32) -> State:
@@ -153,21 +161,22 @@ class S4D(Mixer):
 
         Args:
             x_t: input, shape (B, H).
-            state: as returned by `allocate_state` or `prefill`.
+            state: as returned by `allocate_state` or `prefill`, of any floating dtype
+                (the step computes in at least float32 and rounds into it).
             dt_t: optional timestep, shape (B,) or (B, 1).
 
         Returns:
-            y_t of shape (B, H).
+            y_t of shape (B, H), in x_t's dtype or the parameters' where that is wider.
         """
         batch = check_step_input(x_t, self.d_model, "S4D")
         check_step_dt(dt_t, batch, "S4D")
         with torch.autocast(x_t.device.type, enabled=False):
-            x_t, dt_t = working_precision(self.D, x_t, None if dt_t is None else dt_t.reshape(batch))
+            x_t, dt_t, out_dtype = working_precision(self.D, x_t, None if dt_t is None else dt_t.reshape(batch))
             log_decay, scale = self._discretize(dt_t)
             x_col = x_t.unsqueeze(-1)
-            h_re, h_im = state["h_re"], state["h_im"]
-            complex_decay_add_(h_re, h_im, torch.exp(log_decay), x_col * scale.real, x_col * scale.imag)
-            return self._readout(h_re, h_im, x_t)
+            h_re, h_im = complex_decay_add_(state["h_re"], state["h_im"], torch.exp(log_decay),
+                                            x_col * scale.real, x_col * scale.imag)
+            return self._readout(h_re, h_im, x_t).to(out_dtype)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_modes={self.n_modes}"

@@ -31,9 +31,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lrnn_lightning.models.lti_complex import upcast
 from lrnn_lightning.models.lti_discretization import get_discretization
-from lrnn_lightning.models.lti_init import check_even_state, check_positive_int, check_step_range, log_uniform
+from lrnn_lightning.models.lti_init import check_even_state, check_step_range, log_uniform
 from lrnn_lightning.models.lti_modal import ModalLTIMixer
+from lrnn_lightning.models.validation import check_positive_int
 
 
 def hippo_normal_eig(n: int) -> tuple[Tensor, Tensor]:
@@ -103,10 +105,10 @@ class S5(ModalLTIMixer):
 
     def eigenvalues(self) -> Tensor:
         """Continuous-time Lambda, complex (P,)."""
-        return torch.complex(-torch.exp(self.Lambda_real_log), self.Lambda_imag)
+        return torch.complex(-torch.exp(upcast(self.Lambda_real_log)), upcast(self.Lambda_imag))
 
     def _discretize(self, dt: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        delta = torch.exp(self.log_step)
+        delta = torch.exp(upcast(self.log_step))
         if dt is not None:
             delta = dt.unsqueeze(-1) * delta
         return self._rule(self.eigenvalues(), delta)

@@ -2,13 +2,36 @@
 
 Shape checks read only tensor metadata, so they are safe inside a captured `step`.
 Value checks (`check_dt_values`) synchronise with the host and therefore run only in
-the parallel paths (`forward`, `prefill`) and once per rollout in the engine.
+the parallel paths (`forward`, `prefill`) and once per rollout in the engine. A caller
+that has checked a dt's values (the backbone, once per call) marks it with
+`dt_values_checked`, so the mixers it calls check only its shape.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
+
+_checked_dt: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("checked_dt", default=None)
+
+
+def check_positive_int(value: object, name: str, owner: str, alternative: str = "") -> int:
+    """Return `value` if it is an int >= 1 (bools excluded), else raise a ValueError naming it.
+
+    Args:
+        value: the value to check.
+        name: the argument's name, for the message.
+        owner: the class or function the argument belongs to, for the message.
+        alternative: another accepted form, named in the message (e.g. '"auto" for ...').
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        expected = f"a positive integer or {alternative}" if alternative else "a positive integer"
+        raise ValueError(f"{owner}: {name} must be {expected}, got {value!r}.")
+    return value
 
 
 def check_sequence(x: Tensor, d_model: int, owner: str) -> tuple[int, int]:
@@ -42,7 +65,11 @@ def check_step_input(x_t: Tensor, d_model: int, owner: str) -> int:
 
 
 def check_dt(dt: Tensor | None, batch: int, length: int, owner: str, check_values: bool = True) -> None:
-    """Validate event timesteps of shape (B, L): positive and finite."""
+    """Validate event timesteps of shape (B, L): positive and finite.
+
+    The value check is skipped when `check_values` is False or inside
+    `dt_values_checked(dt)` for this same tensor.
+    """
     if dt is None:
         return
     if not isinstance(dt, Tensor):
@@ -56,8 +83,28 @@ def check_dt(dt: Tensor | None, batch: int, length: int, owner: str, check_value
         )
     if not dt.is_floating_point():
         raise ValueError(f"{owner}: expected a floating-point dt, got dtype {dt.dtype}.")
-    if check_values:
+    if check_values and dt is not _checked_dt.get():
         check_dt_values(dt, owner)
+
+
+@contextlib.contextmanager
+def dt_values_checked(dt: Tensor | None) -> Iterator[None]:
+    """Within the block, `check_dt` skips the value check of this very tensor.
+
+    For a caller that has just run `check_dt_values` on `dt` and passes it on to several
+    mixers: each check would synchronise with the host again. Other tensors, and every
+    call after the block, are still checked.
+
+    Example:
+        >>> check_dt(dt, batch, length, "SequenceModel")
+        >>> with dt_values_checked(dt):
+        ...     h = layer(h, dt)   # the layer's own check_dt checks only dt's shape
+    """
+    token = _checked_dt.set(dt)
+    try:
+        yield
+    finally:
+        _checked_dt.reset(token)
 
 
 def check_dt_values(dt: Tensor, owner: str) -> None:
