@@ -14,7 +14,8 @@ parameters and the event timestep (`_discretize`), and may fold per-mode gains i
 - forward, dt given: time-varying, solved by the associative scan (`pairwise_scan`);
 - step: one real matmul for B x, six fused kernels for the complex update, three for
   the readout, all on real tensors; the rest is the discretisation, recomputed from the
-  live parameters on every call.
+  live parameters on every call (once per rollout chunk inside the engine's
+  `shared_derivations` scope, see derived.py).
 
 All paths run with autocast off, in the parameters' dtype promoted to at least float32
 (see `working_precision`): subclasses read their parameters through `upcast`.
@@ -31,6 +32,7 @@ import abc
 import torch
 from torch import Tensor, nn
 
+from lrnn_lightning.models.derived import derived
 from lrnn_lightning.models.fft_conv import causal_fft_conv
 from lrnn_lightning.models.lti_complex import (
     complex_decay_add_,
@@ -85,6 +87,11 @@ class ModalLTIMixer(Mixer):
     def _input_weight(self) -> Tensor:
         """(2P, H) real matrix whose product with x gives [Re(B x), Im(B x)]."""
         return upcast(self.B).flatten(0, 1)
+
+    def _unit_step_coefficients(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(decay, input scale, input weight) of a step without an event timestep."""
+        log_decay, scale = self._discretize(None)
+        return torch.exp(log_decay), scale, self._input_weight()
 
     def _readout(self, h_re: Tensor, h_im: Tensor, x: Tensor) -> Tensor:
         """c Re(C h) + D x for 2-D h_re, h_im (N, P) and x (N, H) -> (N, H); three kernels."""
@@ -162,10 +169,14 @@ class ModalLTIMixer(Mixer):
         check_step_dt(dt_t, batch, self._owner)
         with torch.autocast(x_t.device.type, enabled=False):
             x_t, dt_t, out_dtype = working_precision(self.D, x_t, None if dt_t is None else dt_t.reshape(batch))
-            log_decay, scale = self._discretize(dt_t)
-            u = x_t @ self._input_weight().T
+            if dt_t is None:  # time-invariant: every weight-derived tensor is shared across a chunk
+                decay, scale, weight = derived(self, "step", self._unit_step_coefficients)
+            else:
+                log_decay, scale = self._discretize(dt_t)
+                decay, weight = torch.exp(log_decay), derived(self, "input_weight", self._input_weight)
+            u = x_t @ weight.T
             u_re, u_im = u[:, : self.n_modes], u[:, self.n_modes:]
             if scale is not None:
                 u_re, u_im = complex_mul(scale, u_re, u_im)
-            h_re, h_im = complex_decay_add_(state["h_re"], state["h_im"], torch.exp(log_decay), u_re, u_im)
+            h_re, h_im = complex_decay_add_(state["h_re"], state["h_im"], decay, u_re, u_im)
             return self._readout(h_re, h_im, x_t).to(out_dtype)

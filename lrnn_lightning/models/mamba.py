@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lrnn_lightning.models.causal_conv import CausalConv1d
+from lrnn_lightning.models.derived import derived
 from lrnn_lightning.models.mixer import Mixer, State
 from lrnn_lightning.models.scan import pairwise_scan
 from lrnn_lightning.models.validation import (
@@ -182,6 +183,9 @@ class Mamba(Mixer):
         return {"conv": self.conv.allocate_window(batch_size, device, dtype),
                 "h": torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=dtype)}
 
+    def _continuous_A(self) -> Tensor:
+        return -torch.exp(self.A_log)
+
     def step(self, x_t: Tensor, state: State, dt_t: Tensor | None = None) -> Tensor:
         """x_t (B, D), dt_t (B,) or None -> (B, D); `state` updated in place."""
         batch = check_step_input(x_t, self.d_model, "Mamba")
@@ -189,7 +193,7 @@ class Mamba(Mixer):
         x_in, z = self.in_proj(x_t).chunk(2, dim=-1)
         u = F.silu(self.conv.step(x_in, state["conv"]))
         delta, B, C = self._selection(u)
-        A = -torch.exp(self.A_log)
+        A = derived(self, "A", self._continuous_A)  # shared across a rollout chunk, see derived.py
         decay = delta if dt_t is None else dt_t.reshape(batch, 1).to(_timestep_dtype(A))
         h = state["h"]
         h.mul_(torch.exp(decay.unsqueeze(-1) * A)).addcmul_((delta * u).unsqueeze(-1), B.unsqueeze(1))

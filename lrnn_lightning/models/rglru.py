@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrnn_lightning.models.causal_conv import CausalConv1d
+from lrnn_lightning.models.derived import derived
 from lrnn_lightning.models.mixer import Mixer, State
 from lrnn_lightning.models.scan import pairwise_scan
 from lrnn_lightning.models.validation import (
@@ -97,11 +98,15 @@ class RGLRU(Mixer):
         log_a = 0.5 * torch.log(decay_sq) / self.c
         self.Lambda = nn.Parameter(log_a - torch.log(-torch.expm1(log_a)))  # logit(a)
 
+    def _log_decay_base(self) -> Tensor:
+        """c log a, (W,): the log-decay at a fully open recurrence gate."""
+        return self.c * F.logsigmoid(self.Lambda)
+
     def _recurrence(self, u: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """u (..., W), dt (...) or None -> decay a_t, normaliser sqrt(1 - a_t^2) and gated input i_t u_t,
         each (..., W); the recurrence's input is b_t = normaliser * (i_t u_t)."""
         r, i = torch.sigmoid(self.gates(u)).chunk(2, dim=-1)
-        log_a = (self.c * F.logsigmoid(self.Lambda)) * r
+        log_a = derived(self, "log_a_max", self._log_decay_base) * r  # shared across a rollout chunk
         if dt is not None:
             # event times need their float32 mantissa even where autocast runs u in bf16
             dt = dt.unsqueeze(-1).to(torch.promote_types(log_a.dtype, torch.float32))

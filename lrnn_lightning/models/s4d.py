@@ -28,6 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lrnn_lightning.models.derived import derived
 from lrnn_lightning.models.fft_conv import causal_fft_conv
 from lrnn_lightning.models.lti_complex import complex_decay_add_, powers_from_log, upcast, working_precision
 from lrnn_lightning.models.lti_discretization import zoh
@@ -84,6 +85,11 @@ class S4D(Mixer):
         if dt is not None:
             delta = dt[..., None, None] * delta
         return zoh(self.eigenvalues(), delta)
+
+    def _unit_step_coefficients(self) -> tuple[Tensor, Tensor]:
+        """(decay, input scale) of a step without an event timestep, complex (H, N)."""
+        log_decay, scale = self._discretize(None)
+        return torch.exp(log_decay), scale
 
     def _readout(self, h_re: Tensor, h_im: Tensor, x: Tensor) -> Tensor:
         """2 Re(C h) + D x for h (..., H, N) and x (..., H) -> (..., H)."""
@@ -172,9 +178,13 @@ class S4D(Mixer):
         check_step_dt(dt_t, batch, "S4D")
         with torch.autocast(x_t.device.type, enabled=False):
             x_t, dt_t, out_dtype = working_precision(self.D, x_t, None if dt_t is None else dt_t.reshape(batch))
-            log_decay, scale = self._discretize(dt_t)
+            if dt_t is None:  # time-invariant: shared across a chunk (see derived.py)
+                decay, scale = derived(self, "step", self._unit_step_coefficients)
+            else:
+                log_decay, scale = self._discretize(dt_t)
+                decay = torch.exp(log_decay)
             x_col = x_t.unsqueeze(-1)
-            h_re, h_im = complex_decay_add_(state["h_re"], state["h_im"], torch.exp(log_decay),
+            h_re, h_im = complex_decay_add_(state["h_re"], state["h_im"], decay,
                                             x_col * scale.real, x_col * scale.imag)
             return self._readout(h_re, h_im, x_t).to(out_dtype)
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lrnn_lightning.models.derived import shared_derivations
 from lrnn_lightning.rollout.checks import check_model_output
 from lrnn_lightning.rollout.state import State, load_state
 
@@ -18,7 +19,7 @@ StepFunction = Callable[[Tensor, State, Tensor | None], Tensor]
 
 
 def run_steps(model: nn.Module, x0: Tensor, state: State, num_steps: int, dt_steps: Tensor | None = None,
-              step: StepFunction | None = None, out: Tensor | None = None) -> Tensor:
+              step: StepFunction | None = None, out: Tensor | None = None, share_derived: bool = True) -> Tensor:
     """Feed each output back as the next input: y_1 = step(x0), y_{k+1} = step(y_k).
 
     Args:
@@ -29,18 +30,21 @@ def run_steps(model: nn.Module, x0: Tensor, state: State, num_steps: int, dt_ste
         dt_steps: timesteps (B, num_steps), column k for step k; None without event timesteps.
         step: the function to call instead of `model.step` (e.g. a compiled one), same signature.
         out: optional (B, num_steps, H) tensor to write the outputs into (no extra copy).
+        share_derived: derive weight-dependent tensors once for all these steps rather than
+            once per step (`lrnn_lightning.models.derived`); the weights cannot change meanwhile.
 
     Returns:
         The outputs y_1..y_num_steps, shape (B, num_steps, H), in x0's dtype.
     """
-    step = model.step if step is None else step
     outputs = []
     x = x0
-    for k in range(num_steps):
-        # the cast is a no-op in full precision; under autocast it keeps the fed-back input
-        # in x0's dtype, exactly as the graph path's static input buffer does
-        x = step(x, state, None if dt_steps is None else dt_steps[:, k]).to(x0.dtype)
-        outputs.append(x)
+    step = model.step if step is None else step
+    with shared_derivations(enabled=share_derived):
+        for k in range(num_steps):
+            # the cast is a no-op in full precision; under autocast it keeps the fed-back input
+            # in x0's dtype, exactly as the graph path's static input buffer does
+            x = step(x, state, None if dt_steps is None else dt_steps[:, k]).to(x0.dtype)
+            outputs.append(x)
     if not outputs:
         return x0.new_empty(x0.shape[0], 0, x0.shape[1]) if out is None else out
     return torch.stack(outputs, dim=1, out=out)

@@ -101,8 +101,10 @@ class StepGraph:
         self.capture_ms = 1000.0 * (time.perf_counter() - start)
 
     def _body(self) -> None:
+        # weight-derived tensors: once per replay, still from the live weights (a compiled
+        # step fuses its own derivation, and inductor would not trace the shared cache)
         run_steps(self.model, self.static_input, self.static_state, self.chunk, self.static_dt, self._step,
-                  out=self.static_output)
+                  out=self.static_output, share_derived=not self.compiled)
         self.static_input.copy_(self.static_output[:, -1])
 
     def _capture(self, n_warmups: int) -> None:
