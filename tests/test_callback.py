@@ -159,7 +159,7 @@ def test_engine_is_made_once_and_reused_across_validations(tmp_path, monkeypatch
     trainer.fit(tiny_module(), datamodule=tiny_data())
     assert len(made) == 1
     assert made[0]["batch_size"] == 3 and made[0]["cuda_graph"] == "auto"
-    assert made[0]["on_capture_error"] == "fallback"  # auto may fall back to the loop; true must not
+    assert made[0]["on_capture_error"] == "fallback"  # a failed capture falls back to the loop (test_faults.py)
     assert callback.last_result.epoch == 2
 
 
@@ -231,6 +231,7 @@ def test_media_only_on_global_rank_zero(tmp_path, monkeypatch):
         trainer.validate(tiny_module(), datamodule=tiny_data())
         assert len(calls) == expected_calls
         assert "rollout/nrmse" in trainer.callback_metrics  # scalars on every rank
+    logger.experiment.finish()  # a run left open would be reused by the next WandbLogger of this process
 
 
 def test_more_sequences_than_windows_warns_and_uses_all(tmp_path):
@@ -286,3 +287,33 @@ def test_true_precision_trainers_roll_out_in_the_weights_dtype(tmp_path, monkeyp
     trainer.fit(tiny_module(), datamodule=tiny_data())
     assert seen == [dtype]
     assert np.isfinite(float(trainer.callback_metrics["rollout/nrmse"]))
+
+
+def test_one_process_result_covers_the_whole_subset_per_sequence(tmp_path):
+    callback = RolloutCallback(num_sequences=5, batch_size=2)
+    module, data = tiny_module(), tiny_data()
+    tiny_trainer(tmp_path, [callback], logger=False).validate(module, datamodule=data)
+    result = callback.last_result
+    assert result.rows == list(range(5)) and len(result.ranks) == 1
+    assert result.ranks[0].describe() == "rank 0 on cpu: 5 sequences, loop path"
+    windows = [data.val_dataset[i] for i in result.indices]
+    context, future = (torch.stack([w[k] for w in windows]) for k in ("context", "future"))
+    scale = channel_scale(torch.cat([context, future], 1))
+    curves = ((result.prediction.double() - future.double()) / scale).pow(2).mean(dim=2).sqrt()
+    torch.testing.assert_close(result.sequences.nrmse, curves.mean(dim=1))
+    assert result.sequences.diverged_at.tolist() == [24] * 5 and result.diverged == 0
+
+
+def test_sample_plots_of_a_diverged_rollout_keep_the_truth_in_view():
+    from lrnn_lightning.callbacks.plotting import _y_limits, plot_rollout
+
+    low, high = _y_limits(np.array([-1.0, 2.0]), np.array([0.5, np.nan, 1e30]))
+    assert low == pytest.approx(-1.0 - 0.05 * 9) and high == pytest.approx(8.0 + 0.05 * 9)  # 2 truth ranges above
+    assert _y_limits(np.array([-1.0, 2.0]), np.array([2.5])) == pytest.approx((-1.175, 2.675))  # a sane one fits
+
+    context, future = torch.randn(16, 2), torch.randn(8, 2)
+    prediction = future.clone()
+    prediction[3:, 0] = float("nan")
+    prediction[5:, 1] = 1e30
+    image = plot_rollout(context, future, prediction, channels=2)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.std() > 0

@@ -90,7 +90,8 @@ def test_every_logger_config_instantiates(make_cfg, logger):
         pytest.skip("needs tensorboard or tensorboardX")
     loggers = build(make_cfg(f"logger={logger}"))["loggers"]
     expected = {"wandb": [WandbLogger], "csv": [CSVLogger], "tensorboard": [TensorBoardLogger], "none": []}[logger]
-    assert [type(lg) for lg in loggers] == expected
+    assert len(loggers) == len(expected) and all(isinstance(lg, kind) for lg, kind in zip(loggers, expected,
+                                                                                          strict=True))
 
 
 def test_wandb_logger_config_is_offline_by_default(make_cfg, monkeypatch):

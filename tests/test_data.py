@@ -163,3 +163,24 @@ def test_csv_errors_for_missing_path_and_event_without_timestamps(tmp_path):
         CsvDataModule(path=tmp_path / "x.csv", columns=["a"], event=True)
     with pytest.raises(ValueError, match=r"data.path is required"):
         CsvDataModule(path=None)
+
+
+def test_training_order_depends_only_on_the_seed_and_the_epoch():
+    from lrnn_lightning.data import EpochShuffle
+
+    dm = OscillatorsDataModule(shuffle_seed=3, batch_size=4, **SMALL)
+    dm.setup()
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, EpochShuffle)  # a RandomSampler: DDP swaps in a DistributedSampler (seeded by epoch)
+    orders = {}
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(epoch + 100)  # the global random state plays no part
+        orders.setdefault(epoch, []).append(list(sampler))
+    assert orders[0][0] == orders[0][1] and orders[0][0] != orders[1][0]
+    assert sorted(orders[1][0]) == list(range(len(dm.train_dataset)))
+    fresh = OscillatorsDataModule(shuffle_seed=3, batch_size=4, **SMALL)
+    fresh.setup()
+    fresh_sampler = fresh.train_dataloader().sampler
+    fresh_sampler.set_epoch(1)
+    assert list(fresh_sampler) == orders[1][0]  # a resumed run sees the same order at the same epoch

@@ -55,10 +55,11 @@ def test_train_py_logs_rollout_metrics_chart_images_and_table_to_an_offline_wand
     assert run.values("rollout/samples/count") == [2, 2]
     (table_file, *_) = [p for p in run.files if "rollout/samples_table" in p.as_posix()]
     table = json.loads(table_file.read_text())
-    assert table["columns"] == ["window", "plot", "nrmse", "persistence_nrmse", "valid_steps"]
+    assert table["columns"] == ["window", "plot", "nrmse", "persistence_nrmse", "valid_steps", "diverged"]
     assert len(table["data"]) == 4  # experiment=smoke rolls out 4 windows
     # timing: capture time, rollout speed, graph or loop
-    assert run.values("rollout/path") == ["loop", "loop"]
+    assert run.values("rollout/path") == ["loop", "loop"] and run.values("rollout/processes") == [1, 1]
+    assert run.values("rollout/diverged_fraction") == [0.0, 0.0]
     assert all(v > 0 for v in run.values("rollout/steps_per_second"))
     assert "Rollout: normalised RMSE" in done.stdout + done.stderr
 
@@ -110,3 +111,19 @@ def test_train_py_with_cuda_graph_true_on_a_gpu(tmp_path):
     run = read_offline_run(run_dir)
     assert run.values("rollout/path") == ["graph", "graph"]
     assert run.values("rollout/num_captures") == [1, 1]  # captured once, replayed at the second validation
+
+
+@pytest.mark.slow
+def test_a_resubmitted_run_resumes_from_its_last_checkpoint(tmp_path):
+    """What a SLURM job resubmitted after a time-out does (experiments/sweeps/SLURM.md): ckpt_path=last."""
+    import csv
+
+    common = ("experiment=smoke", "logger=csv", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'run'}")
+    first = run_train(*common, "trainer.max_epochs=1", cwd=tmp_path)
+    assert "there is no last checkpoint available" in first.stdout + first.stderr  # the first starts from scratch
+    run_train(*common, "trainer.max_epochs=2", cwd=tmp_path)
+    epochs = []
+    for version in ("version_0", "version_1"):
+        with open(tmp_path / "run" / "csv" / version / "metrics.csv") as handle:
+            epochs.append(sorted({int(row["epoch"]) for row in csv.DictReader(handle) if row["rollout/nrmse"]}))
+    assert epochs == [[0], [1]]  # the second submission went on with epoch 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,20 +13,21 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lrnn_lightning.callbacks.wandb_media import log_rollout_media
-from lrnn_lightning.rollout import RolloutEngine, RolloutStats
-from lrnn_lightning.rollout.metrics import (
-    HorizonErrors,
-    channel_scale,
-    horizon_errors,
-    per_sequence_nrmse,
-    persistence_forecast,
-    valid_prediction_steps,
+from lrnn_lightning.callbacks.distributed import Shard, gather_rows, shard, sum_over_processes
+from lrnn_lightning.callbacks.result import (
+    RankReport,
+    RolloutResult,
+    SequenceScores,
+    score_rows,
+    split_sums,
 )
+from lrnn_lightning.callbacks.wandb_media import log_rollout_media
+from lrnn_lightning.rollout import RolloutEngine
+from lrnn_lightning.rollout.metrics import channel_scale, valid_prediction_steps
 
 OWNER = "RolloutCallback"
 AUTOCAST_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -33,46 +35,22 @@ AUTOCAST_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16":
 
 
 @dataclass
-class RolloutResult:
-    """One validation's rollout: the data, the forecast and its errors (tensors on the CPU)."""
-
-    epoch: int
-    indices: list[int]
-    context: Tensor                 # (N, C, H)
-    future: Tensor                  # (N, T, H), the truth
-    prediction: Tensor              # (N, T, H), the rollout
-    dt: Tensor | None               # (N, C + T) in event mode
-    model: HorizonErrors            # curves (T,)
-    persistence: HorizonErrors      # curves (T,) of the last-context-value baseline
-    sequence_nrmse: Tensor          # (N, T)
-    persistence_sequence_nrmse: Tensor
-    sequence_valid_steps: Tensor    # (N,)
-    valid_steps: int                # of the mean curve
-    persistence_valid_steps: int
-    stats: RolloutStats
-    seconds: float
-
-    def scalars(self, prefix: str) -> dict[str, float]:
-        """The monitorable numbers, keyed `<prefix>/<name>`."""
-        out = {f"{prefix}/{name}": value for name, value in self.model.mean().items()}
-        out.update({f"{prefix}/persistence_{name}": value for name, value in self.persistence.mean().items()})
-        out[f"{prefix}/nrmse_final"] = float(self.model.nrmse[-1])
-        out[f"{prefix}/skill"] = 1.0 - out[f"{prefix}/mse"] / max(out[f"{prefix}/persistence_mse"], 1e-12)
-        out[f"{prefix}/valid_steps"] = float(self.valid_steps)
-        out[f"{prefix}/persistence_valid_steps"] = float(self.persistence_valid_steps)
-        out[f"{prefix}/steps_per_second"] = float(self.stats.steps_per_second)
-        out[f"{prefix}/capture_ms"] = float(self.stats.capture_ms)
-        out[f"{prefix}/uses_graph"] = float(self.stats.path == "graph")
-        return out
-
-
-@dataclass
 class _Windows:
-    """The fixed rollout subset, stacked and on the model's device."""
+    """This process's share of the fixed rollout subset.
 
-    context: Tensor
-    future: Tensor
-    dt: Tensor | None
+    `context`, `future` and `dt` are the shard's rows on the CPU in the data's dtype (for
+    scoring and plots); `engine_context` and `engine_dt` the same on the model's device in
+    its dtype (for the engine). `scale` is the per-channel scale of the WHOLE subset, so
+    that every process normalises alike.
+    """
+
+    shard: Shard
+    context: Tensor                 # (S, C, H)
+    future: Tensor                  # (S, T, H)
+    dt: Tensor | None               # (S, C + T)
+    scale: Tensor                   # (H,) float64
+    engine_context: Tensor
+    engine_dt: Tensor | None
 
 
 def _positive_int(name: str, value: Any, hint: str = "", allow_none: bool = False) -> int | None:
@@ -114,14 +92,27 @@ class RolloutCallback(Callback):
     compares with the window's true future and with the persistence baseline (the last
     context value repeated), which a useful model must beat.
 
+    Under DDP every process rolls out its own block of the subset on its own device (and
+    captures its own graph); the error sums are added over processes before dividing, so
+    the logged numbers equal a one-process run's on the same subset. Global rank zero logs
+    the media and a line saying which process rolled out how many sequences where.
+
+    Faults do not stop training: a graph capture that fails (an uncapturable op, out of
+    memory) warns once with the reason and the rollout continues on the step loop
+    (`uses_graph` = 0); a rollout that diverges (NaN/Inf, or an error above
+    `divergence_threshold` channel scales) is counted, and from its diverged step on its
+    error counts as `divergence_threshold` scales on every channel, so every metric stays
+    finite.
+
     Logged through `pl_module.log` (so ModelCheckpoint, EarlyStopping and Optuna can monitor
     them), under `<prefix>/`: `mse`, `mae`, `nrmse` (averaged over the horizon), `nrmse_final`
     (at the last step), the same with `persistence_`, `skill` (1 - mse / persistence mse:
     above 0 beats doing nothing), `valid_steps` (steps before the normalised RMSE first
     exceeds `threshold`, the "valid prediction time"), `persistence_valid_steps`,
-    `steps_per_second`, `capture_ms` and `uses_graph`. With a `WandbLogger`, global rank zero
-    also logs the error-vs-horizon chart, sample plots, a table of the samples and the
-    timing (graph or loop path).
+    `diverged_fraction`, `first_diverged_step` (0-based; the horizon when none diverged),
+    `steps_per_second` (all processes together), `capture_ms` and `uses_graph` (1 when every
+    process replayed a graph). With a `WandbLogger`, global rank zero also logs the
+    error-vs-horizon chart, sample plots, a table of the samples and the timing.
 
     The rollout runs in the weights' dtype outside the trainer's autocast (a mixed-precision
     trainer does not change it), or under the engine's own `autocast_dtype`.
@@ -135,10 +126,13 @@ class RolloutCallback(Callback):
         chunk: steps per graph replay.
         compile: fuse the step body with torch.compile before capture.
         cuda_graph: "auto" (a graph when the model is on a GPU, else the step loop), True
-            (require one: a configuration error without CUDA) or False (always the loop).
+            (a configuration error without CUDA) or False (always the loop).
+        on_capture_error: "fallback" (warn once, continue on the step loop) or "raise".
         event_mode: roll out with the windows' dt; None: whenever the data provides dt.
         autocast_dtype: None, "bfloat16" or "float16" for the engine's autocast.
         threshold: normalised RMSE that ends the valid prediction time.
+        divergence_threshold: normalised error (in channel standard deviations) beyond
+            which a rollout counts as diverged; above `threshold`.
         seed: seeds the choice of windows.
         num_plots: sample plots per validation (W&B).
         plot_channels: channels drawn per sample plot.
@@ -154,9 +148,10 @@ class RolloutCallback(Callback):
 
     def __init__(self, num_sequences: int = 16, context: int | None = None, horizon: int | None = None,
                  batch_size: int = 16, every_n_epochs: int = 1, chunk: int = 16, compile: bool = False,
-                 cuda_graph: bool | str = "auto", event_mode: bool | None = None,
-                 autocast_dtype: str | torch.dtype | None = None, threshold: float = 0.5, seed: int = 0,
-                 num_plots: int = 4, plot_channels: int = 3, sanity_check: bool = False, prefix: str = "rollout"):
+                 cuda_graph: bool | str = "auto", on_capture_error: str = "fallback",
+                 event_mode: bool | None = None, autocast_dtype: str | torch.dtype | None = None,
+                 threshold: float = 0.5, divergence_threshold: float = 100.0, seed: int = 0, num_plots: int = 4,
+                 plot_channels: int = 3, sanity_check: bool = False, prefix: str = "rollout"):
         self.num_sequences = _positive_int("num_sequences", num_sequences, "e.g. generation.num_sequences=16.")
         self.context = _positive_int("context", context, "e.g. generation.context=64.", allow_none=True)
         self.horizon = _positive_int("horizon", horizon, "e.g. generation.horizon=128.", allow_none=True)
@@ -167,8 +162,17 @@ class RolloutCallback(Callback):
         _positive_int("plot_channels", plot_channels)
         if isinstance(num_plots, bool) or not isinstance(num_plots, int) or num_plots < 0:
             raise ValueError(f"{OWNER}: num_plots must be a non-negative integer, got {num_plots!r}.")
-        if not float(threshold) > 0:
-            raise ValueError(f"{OWNER}: threshold must be positive, got {threshold!r}. HINT: 0.5 is customary.")
+        if not _finite_number(threshold) or not float(threshold) > 0:
+            raise ValueError(f"{OWNER}: threshold must be a positive number, got {threshold!r}. HINT: 0.5 is "
+                             "customary.")
+        if not _finite_number(divergence_threshold) or not float(divergence_threshold) > float(threshold):
+            raise ValueError(f"{OWNER}: divergence_threshold must be a finite number above threshold={threshold!r}, "
+                             f"got {divergence_threshold!r}. HINT: it is in channel standard deviations; 100 "
+                             "catches rollouts that blow up without flagging merely poor ones.")
+        if on_capture_error not in ("fallback", "raise"):
+            raise ValueError(f"{OWNER}: on_capture_error must be 'fallback' or 'raise', got {on_capture_error!r}. "
+                             "HINT: 'fallback' keeps training going on the step loop when a graph cannot be "
+                             "captured.")
         if event_mode not in (None, True, False):
             raise ValueError(f"{OWNER}: event_mode must be true, false or null (follow the data), got {event_mode!r}.")
         self.cuda_graph = _cuda_graph_option(cuda_graph)
@@ -176,9 +180,10 @@ class RolloutCallback(Callback):
             raise ValueError(f"{OWNER}: cuda_graph=true needs a CUDA GPU, but torch.cuda.is_available() is False "
                              "on this machine. HINT: set generation.cuda_graph=auto (a graph on a GPU, the step "
                              "loop on the CPU) or generation.cuda_graph=false.")
-        self.compile, self.event_mode = bool(compile), event_mode
+        self.compile, self.event_mode, self.on_capture_error = bool(compile), event_mode, on_capture_error
         self.autocast_dtype = _autocast_option(autocast_dtype)
-        self.threshold, self.seed, self.prefix = float(threshold), int(seed), str(prefix)
+        self.threshold, self.divergence_threshold = float(threshold), float(divergence_threshold)
+        self.seed, self.prefix = int(seed), str(prefix)
         self.num_plots, self.plot_channels, self.sanity_check = num_plots, plot_channels, bool(sanity_check)
         self.indices: list[int] | None = None
         self.last_result: RolloutResult | None = None
@@ -186,6 +191,7 @@ class RolloutCallback(Callback):
         self._engine: RolloutEngine | None = None
         self._windows: _Windows | None = None
         self._windows_key: tuple | None = None
+        self._warned: set[str] = set()
 
     @property
     @override
@@ -214,13 +220,13 @@ class RolloutCallback(Callback):
         model = _rollout_model(pl_module)
         device, dtype = _device_dtype(model)
         self._windows = self._subset(trainer, device, dtype)
-        rows = min(self.batch_size, self._windows.context.shape[0])
+        rows = min(self.batch_size, len(self._windows.shard.positions))
         key = (rows, dtype, device)
         if key not in self._engines:
             self._engines[key] = RolloutEngine(
                 model, batch_size=rows, chunk=self.chunk, cuda_graph=self.cuda_graph, compile=self.compile,
                 event_mode=self._windows.dt is not None, autocast_dtype=self.autocast_dtype,
-                on_capture_error="raise" if self.cuda_graph is True else "fallback")
+                on_capture_error=self.on_capture_error)
         self._engine = self._engines[key]
         if device.type == "cuda" and self.cuda_graph is not False:
             self._warm_up()
@@ -231,12 +237,19 @@ class RolloutCallback(Callback):
             return
         self.last_result = result = self._rollout(trainer)
         for name, value in result.scalars(self.prefix).items():
+            # already the same on every process; sync_dist only keeps Lightning's bookkeeping of epoch metrics
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
+        rank_zero_info(f"{OWNER}: epoch {result.epoch}, {len(result.indices)} sequences: "
+                       + "; ".join(report.describe() for report in result.ranks) + ".")
+        if result.diverged:
+            self._warn_once("diverged", f"{OWNER}: {result.diverged} of {len(result.indices)} rolled-out sequences "
+                            f"diverged at epoch {result.epoch} (the first at horizon step {result.first_diverged_step}"
+                            f"): NaN/Inf or more than divergence_threshold={self.divergence_threshold:g} channel "
+                            "scales off. From that step on they count as divergence_threshold scales off; see "
+                            f"{self.prefix}/diverged_fraction. HINT: a lower learning rate, gradient clipping, or "
+                            "a model whose recurrence is kept stable (|eigenvalues| < 1).")
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    log_rollout_media(logger, result, step=trainer.global_step, prefix=self.prefix,
-                                      num_plots=self.num_plots, plot_channels=self.plot_channels)
+            self._log_media(trainer, result)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -258,6 +271,7 @@ class RolloutCallback(Callback):
     # -- work --------------------------------------------------------------------------------
 
     def _due(self, trainer: pl.Trainer) -> bool:
+        # depends only on the trainer's progress, so every process takes the same decision (collectives follow)
         if trainer.sanity_checking:
             return self.sanity_check
         if trainer.state.fn != TrainerFn.FITTING:
@@ -265,7 +279,7 @@ class RolloutCallback(Callback):
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _subset(self, trainer: pl.Trainer, device: torch.device, dtype: torch.dtype) -> _Windows:
-        """The fixed rollout windows, chosen once (or restored from a checkpoint) and cached on the device."""
+        """This process's share of the fixed rollout windows, chosen once (or restored from a checkpoint)."""
         dataset = _validation_windows(trainer)
         if self.indices is None:
             count = min(self.num_sequences, len(dataset))
@@ -278,7 +292,8 @@ class RolloutCallback(Callback):
             raise ValueError(f"{OWNER}: the rollout windows restored from the checkpoint go up to index "
                              f"{max(self.indices)}, but the validation set now has {len(dataset)} windows. HINT: "
                              "resume with the same data settings, or start a fresh run.")
-        key = (tuple(self.indices), device, dtype, self.context, self.horizon, self.event_mode)
+        key = (tuple(self.indices), trainer.world_size, trainer.global_rank, device, dtype, self.context,
+               self.horizon, self.event_mode)
         if self._windows_key == key and self._windows is not None:
             return self._windows
         items = [dataset[i] for i in self.indices]
@@ -288,11 +303,18 @@ class RolloutCallback(Callback):
         has_dt = "dt" in items[0]
         self._check_windows(window_context, window_future, has_dt)
         use_dt = has_dt if self.event_mode is None else self.event_mode
-        stack = lambda name: torch.stack([item[name] for item in items]).to(device=device, dtype=dtype)
+        stack = lambda name: torch.stack([item[name] for item in items])
+        contexts, futures = stack("context")[:, window_context - context:], stack("future")[:, :horizon]
+        dts = stack("dt")[:, window_context - context:window_context + horizon] if use_dt else None
+        if dts is not None:
+            _check_dt_values(dts, self.indices)
+        part = shard(len(self.indices), trainer.world_size, trainer.global_rank)
+        rows = torch.tensor(part.positions)
         windows = _Windows(
-            context=stack("context")[:, window_context - context:],
-            future=stack("future")[:, :horizon],
-            dt=stack("dt")[:, window_context - context:window_context + horizon] if use_dt else None,
+            shard=part, context=contexts[rows], future=futures[rows], dt=None if dts is None else dts[rows],
+            scale=channel_scale(torch.cat([contexts, futures], dim=1)),
+            engine_context=contexts[rows].to(device=device, dtype=dtype),
+            engine_dt=None if dts is None else dts[rows].to(device=device, dtype=dtype),
         )
         self._windows, self._windows_key = windows, key
         return windows
@@ -318,37 +340,80 @@ class RolloutCallback(Callback):
     def _warm_up(self) -> None:
         """Capture now (or re-capture, if the weights' storage was replaced), so validation end only replays."""
         windows, rows = self._windows, self._engine.batch_size
-        context_length = windows.context.shape[1]
-        self._run_engine(windows.context[:rows], 1, None if windows.dt is None else
-                         windows.dt[:rows, :context_length + 1])
+        context_length = windows.engine_context.shape[1]
+        self._run_engine(windows.engine_context[:rows], 1, None if windows.engine_dt is None else
+                         windows.engine_dt[:rows, :context_length + 1])
 
     def _rollout(self, trainer: pl.Trainer) -> RolloutResult:
+        """Roll out this process's rows, score them, and combine the scores of all processes."""
         windows, engine = self._windows, self._engine
-        horizon = windows.future.shape[1]
+        part, horizon = windows.shard, windows.future.shape[1]
         start = time.perf_counter()
-        prediction = self._run_engine(windows.context, horizon, windows.dt)
+        prediction = self._run_engine(windows.engine_context, horizon, windows.engine_dt)
         seconds = time.perf_counter() - start
-        context, future, prediction = (t.detach().float().cpu() for t in (windows.context, windows.future,
-                                                                          prediction))
-        scale = channel_scale(torch.cat([context, future], dim=1))
-        persistence = persistence_forecast(context, horizon)
-        model_errors = horizon_errors(prediction, future, scale)
-        persistence_errors = horizon_errors(persistence, future, scale)
-        sequence_nrmse = per_sequence_nrmse(prediction, future, scale)
+        prediction = prediction.detach().float().cpu()
+        sums, per_sequence = score_rows(windows.context, windows.future, prediction, windows.scale, part.weight,
+                                        threshold=self.threshold, divergence_limit=self.divergence_threshold)
+        model_sums, persistence_sums = split_sums(sum_over_processes(trainer, sums), windows.future.shape[2])
+        count = len(self.indices)
+        sequences = SequenceScores.from_rows(gather_rows(trainer, per_sequence)[:count])
+        # the engine's speed counts the padding rows too; only this process's own sequences count here
+        speed = engine.stats.steps_per_second * part.real / len(part.positions)
+        device = windows.engine_context.device
+        reports = gather_rows(trainer, RankReport.vector(device, part.real, engine.stats, speed)[None])
+        model_errors, persistence_errors = model_sums.errors(), persistence_sums.errors()
+        own = part.positions[:part.real]
         return RolloutResult(
             epoch=trainer.current_epoch,
             indices=list(self.indices),
-            context=context, future=future, prediction=prediction,
-            dt=None if windows.dt is None else windows.dt.detach().float().cpu(),
+            rows=own,
+            context=windows.context[:part.real], future=windows.future[:part.real],
+            prediction=prediction[:part.real], dt=None if windows.dt is None else windows.dt[:part.real],
             model=model_errors, persistence=persistence_errors,
-            sequence_nrmse=sequence_nrmse,
-            persistence_sequence_nrmse=per_sequence_nrmse(persistence, future, scale),
-            sequence_valid_steps=valid_prediction_steps(sequence_nrmse, self.threshold),
+            sequences=sequences,
             valid_steps=int(valid_prediction_steps(model_errors.nrmse, self.threshold)),
             persistence_valid_steps=int(valid_prediction_steps(persistence_errors.nrmse, self.threshold)),
+            diverged=model_sums.diverged,
+            first_diverged_step=model_sums.first_diverged_step,
+            ranks=[RankReport.from_vector(rank, row, device.type) for rank, row in enumerate(reports)],
             stats=copy.copy(engine.stats),
             seconds=seconds,
         )
+
+    def _log_media(self, trainer: pl.Trainer, result: RolloutResult) -> None:
+        """W&B media on global rank zero; a W&B failure is reported once and never stops training."""
+        for logger in trainer.loggers:
+            if not isinstance(logger, WandbLogger):
+                continue
+            try:
+                log_rollout_media(logger, result, step=trainer.global_step, prefix=self.prefix,
+                                  num_plots=self.num_plots, plot_channels=self.plot_channels)
+            except Exception as error:  # media are a convenience; the scalars already went to every logger
+                self._warn_once("media", f"{OWNER}: logging the rollout media to W&B failed "
+                                f"({type(error).__name__}: {error}); the scalars still reach every logger. "
+                                "HINT: check the W&B run's directory and disk space.")
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            rank_zero_warn(message)
+
+
+def _finite_number(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value)) and not isinstance(value, bool)
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_dt_values(dt: Tensor, indices: list[int]) -> None:
+    """Event timesteps of the rollout windows (N, C + T) must be finite and positive; name the first bad one."""
+    bad = ~torch.isfinite(dt) | (dt <= 0)
+    if bool(bad.any()):
+        row, step = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"{OWNER}: validation window {indices[row]} has dt={float(dt[row, step])!r} at step {step}; "
+                         "event timesteps must be finite and positive. HINT: dt is the gap between consecutive "
+                         "timestamps, so the data's timestamps must be finite and strictly increasing.")
 
 
 def _rollout_model(pl_module: pl.LightningModule) -> nn.Module:

@@ -34,27 +34,33 @@ def log_rollout_media(logger: WandbLogger, result: RolloutResult, *, step: int, 
         title=f"Normalised RMSE vs horizon (epoch {result.epoch})",
         xname="horizon step",
     )
-    rows, images = [], []
+    images = []
     context_length = result.context.shape[1]
-    for k, window in enumerate(result.indices):
-        image = None
-        if k < num_plots:
-            times = None if result.dt is None else sample_times(result.dt[k], context_length)
-            pixels = plot_rollout(result.context[k], result.future[k], result.prediction[k], plot_channels,
-                                  title=f"validation window {window}, epoch {result.epoch}", times=times)
-            image = wandb.Image(pixels, caption=f"window {window}")
-            images.append(image)
-        rows.append([window, image, float(result.sequence_nrmse[k].mean()),
-                     float(result.persistence_sequence_nrmse[k].mean()), int(result.sequence_valid_steps[k])])
-    table = wandb.Table(columns=["window", "plot", "nrmse", "persistence_nrmse", "valid_steps"], data=rows)
+    # plots of this process's own windows (on rank zero: the first of the subset), table rows for all
+    plotted = {}
+    for k, position in enumerate(result.rows[:num_plots]):
+        window = result.indices[position]
+        times = None if result.dt is None else sample_times(result.dt[k], context_length)
+        pixels = plot_rollout(result.context[k], result.future[k], result.prediction[k], plot_channels,
+                              title=f"validation window {window}, epoch {result.epoch}", times=times)
+        plotted[position] = wandb.Image(pixels, caption=f"window {window}")
+        images.append(plotted[position])
+    scores, horizon_length = result.sequences, result.future.shape[1]
+    rows = [[window, plotted.get(position), float(scores.nrmse[position]), float(scores.persistence_nrmse[position]),
+             int(scores.valid_steps[position]), int(scores.diverged_at[position]) < horizon_length]
+            for position, window in enumerate(result.indices)]
+    table = wandb.Table(columns=["window", "plot", "nrmse", "persistence_nrmse", "valid_steps", "diverged"],
+                        data=rows)
     logger.experiment.log({
         f"{prefix}/error_vs_horizon": chart,
         f"{prefix}/samples": images,
         f"{prefix}/samples_table": table,
         f"{prefix}/path": result.stats.path,
+        f"{prefix}/fallback_reason": result.stats.fallback_reason or "",
         f"{prefix}/compiled": result.stats.compiled,
         f"{prefix}/capture_ms": result.stats.capture_ms,
         f"{prefix}/num_captures": result.stats.num_captures,
-        f"{prefix}/steps_per_second": result.stats.steps_per_second,
+        f"{prefix}/steps_per_second": sum(report.steps_per_second for report in result.ranks),
+        f"{prefix}/processes": len(result.ranks),
         "trainer/global_step": step,
     })

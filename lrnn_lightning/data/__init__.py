@@ -7,6 +7,7 @@ from lrnn_lightning.data.base import RawSeries, WindowDataModule
 from lrnn_lightning.data.csv_file import CsvDataModule
 from lrnn_lightning.data.lorenz import LorenzDataModule
 from lrnn_lightning.data.oscillators import OscillatorsDataModule
+from lrnn_lightning.data.sampling import EpochShuffle
 from lrnn_lightning.data.sunspots import SunspotsDataModule
 from lrnn_lightning.data.windows import SeriesWindows
 
@@ -17,5 +18,5 @@ DATAMODULES: dict[str, type[WindowDataModule]] = {
     "csv": CsvDataModule,
 }
 
-__all__ = ["DATAMODULES", "CsvDataModule", "LorenzDataModule", "OscillatorsDataModule", "RawSeries",
+__all__ = ["DATAMODULES", "CsvDataModule", "EpochShuffle", "LorenzDataModule", "OscillatorsDataModule", "RawSeries",
            "SeriesWindows", "SunspotsDataModule", "WindowDataModule"]

@@ -11,10 +11,12 @@ import abc
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lrnn_lightning.data.sampling import EpochShuffle
 from lrnn_lightning.data.windows import SeriesWindows, gaps_from_times, split_by_time
 
 
@@ -35,6 +37,22 @@ def check_positive_int(owner: str, name: str, value, hint: str = "") -> int:
     return int(value)
 
 
+def check_times(owner: str, times: list[np.ndarray]) -> None:
+    """Raise unless every series' timestamps are finite and strictly increasing (so every dt is positive)."""
+    for series, stamps in enumerate(times):
+        stamps = np.asarray(stamps, dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(stamps))
+        if bad.size:
+            raise ValueError(f"{owner}: timestamp {float(stamps[bad[0]])!r} of series {series} at sample {bad[0]} is "
+                             "not finite. HINT: event mode derives dt from the timestamps; drop or fill such samples.")
+        bad = np.flatnonzero(np.diff(stamps) <= 0)
+        if bad.size:
+            k = int(bad[0]) + 1
+            raise ValueError(f"{owner}: timestamps of series {series} must be strictly increasing, but sample {k} "
+                             f"has {float(stamps[k])!r} after {float(stamps[k - 1])!r}, which would give dt <= 0. "
+                             "HINT: sort the samples by time and drop duplicate timestamps.")
+
+
 class WindowDataModule(LightningDataModule, abc.ABC):
     """Windows (context, future[, dt]) over series split by time into train and validation.
 
@@ -49,13 +67,17 @@ class WindowDataModule(LightningDataModule, abc.ABC):
         dt_unit: the time unit `dt` is expressed in; None uses the median gap of the training
             data, so a regularly sampled series has dt == 1 and irregular gaps scatter around 1.
         num_workers: DataLoader workers.
+        shuffle_seed: seeds the order of the training windows, a new order every epoch that
+            depends only on (seed, epoch), so a run resumed from a checkpoint trains on the
+            same batches as an uninterrupted one; None follows the global seed
+            (`seed_everything`).
     """
 
     name = "series"
 
     def __init__(self, context_length: int = 64, horizon: int = 128, batch_size: int = 32, stride: int = 1,
                  val_stride: int | None = None, val_fraction: float = 0.2, event: bool = False,
-                 dt_unit: float | None = None, num_workers: int = 0):
+                 dt_unit: float | None = None, num_workers: int = 0, shuffle_seed: int | None = None):
         super().__init__()
         owner = type(self).__name__
         self.context_length = check_positive_int(owner, "context_length", context_length)
@@ -65,12 +87,16 @@ class WindowDataModule(LightningDataModule, abc.ABC):
         self.val_stride = self.stride if val_stride is None else check_positive_int(owner, "val_stride", val_stride)
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"{owner}: val_fraction must lie in (0, 1), got {val_fraction!r}.")
-        if dt_unit is not None and not float(dt_unit) > 0:
-            raise ValueError(f"{owner}: dt_unit must be positive (or None for the median gap), got {dt_unit!r}.")
+        if dt_unit is not None and not (isinstance(dt_unit, (int, float)) and np.isfinite(dt_unit) and dt_unit > 0):
+            raise ValueError(f"{owner}: dt_unit must be a positive, finite number (or None for the median gap), got "
+                             f"{dt_unit!r}. HINT: it is the time unit dt is expressed in, e.g. 3600.0 for hours "
+                             "when the timestamps are in seconds.")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"{owner}: num_workers must be a non-negative integer, got {num_workers!r}.")
         self.val_fraction, self.event, self.dt_unit = float(val_fraction), bool(event), dt_unit
-        self.num_workers = num_workers
+        if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
+            raise ValueError(f"{owner}: shuffle_seed must be an integer or None, got {shuffle_seed!r}.")
+        self.num_workers, self.shuffle_seed = num_workers, shuffle_seed
         self.train_dataset: SeriesWindows | None = None
         self.val_dataset: SeriesWindows | None = None
         self.mean: np.ndarray | None = None
@@ -93,6 +119,8 @@ class WindowDataModule(LightningDataModule, abc.ABC):
         if self.event and raw.times is None:
             raise ValueError(f"{type(self).__name__}: event mode (event=true) needs timestamps, and this data has "
                              "none. HINT: set data.event=false, or give the data its timestamps.")
+        if self.event:
+            check_times(type(self).__name__, raw.times)
         train_values, val_values = zip(*(split_by_time(v, self.val_fraction) for v in raw.values), strict=True)
         stacked = np.concatenate(train_values, axis=0)
         self.mean = stacked.mean(axis=0)
@@ -120,8 +148,10 @@ class WindowDataModule(LightningDataModule, abc.ABC):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True, drop_last=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        seed = torch.initial_seed() if self.shuffle_seed is None else self.shuffle_seed
+        sampler = EpochShuffle(self.train_dataset, seed)
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, drop_last=False,
+                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     @override
     def val_dataloader(self) -> DataLoader:

@@ -116,7 +116,13 @@ class CsvDataModule(WindowDataModule):
             if nans.size:
                 raise ValueError(f"CsvDataModule: column {column!r} has {nans.size} missing value(s) (NaN) at "
                                  f"{_rows(nans)} of {self.path}. HINT: fill or drop them before training.")
-        return frame[self.columns].apply(pd.to_numeric).to_numpy(dtype=np.float64)
+        values = frame[self.columns].apply(pd.to_numeric).to_numpy(dtype=np.float64)
+        rows, columns = np.nonzero(~np.isfinite(values))
+        if rows.size:
+            column = self.columns[int(columns[0])]
+            raise ValueError(f"CsvDataModule: column {column!r} has an infinite value at {_rows(rows[:1])} of "
+                             f"{self.path}. HINT: fix or drop the row before training.")
+        return values
 
     def _times(self, frame) -> np.ndarray:
         import pandas as pd
@@ -131,10 +137,11 @@ class CsvDataModule(WindowDataModule):
                 raise ValueError(f"CsvDataModule: timestamp column {self.timestamp_column!r} has values that are "
                                  f"neither numbers nor dates at {_rows(bad)}, e.g. {_show(raw.iloc[bad[0]])}.")
             times = (parsed - parsed.iloc[0]).dt.total_seconds().to_numpy(dtype=np.float64)
-        nans = np.flatnonzero(np.isnan(times))
-        if nans.size:
-            raise ValueError(f"CsvDataModule: timestamp column {self.timestamp_column!r} has missing values at "
-                             f"{_rows(nans)}.")
+        bad = np.flatnonzero(~np.isfinite(times))
+        if bad.size:
+            raise ValueError(f"CsvDataModule: timestamp column {self.timestamp_column!r} has missing or infinite "
+                             f"values at {_rows(bad)}, e.g. {_show(raw.iloc[bad[0]])}. HINT: fill or drop those rows; "
+                             "event mode derives dt from the gaps between timestamps.")
         bad = np.flatnonzero(np.diff(times) <= 0) + 1
         if bad.size:
             first = int(bad[0])

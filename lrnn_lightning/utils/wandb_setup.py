@@ -3,8 +3,12 @@
 Mode, first match wins: the logger config's `mode`; the WANDB_MODE environment variable;
 "online" inside a W&B sweep agent (WANDB_SWEEP_ID set); otherwise "offline". An online
 run with no credentials configured falls back to offline with a warning instead of
-prompting. At the end `finish_wandb` prints each offline run's directory and the
-`wandb sync` command that uploads it later.
+prompting. An online run whose start fails (no network, server down, rejected key)
+starts offline instead, and if even that fails W&B is switched off while the other
+loggers carry on: the run is never lost to W&B. Every wait is bounded: the start by
+WANDB_INIT_TIMEOUT (60 s), the final upload by WANDB_FINISH_TIMEOUT (300 s), after
+which the run's local files remain for `wandb sync`. At the end `finish_wandb` prints
+each offline run's directory and the `wandb sync` command that uploads it later.
 """
 
 from __future__ import annotations
@@ -15,9 +19,69 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from typing_extensions import override
 
 MODES = ("online", "offline", "disabled")
+FALLBACK = {"online": "offline", "offline": "disabled"}
+LOCAL_INIT_TIMEOUT = 90.0  # seconds for starting a run that needs no server
+
+
+class ResilientWandbLogger(WandbLogger):
+    """A `WandbLogger` that never takes the run down with it.
+
+    If the W&B run cannot be started online, it starts offline (upload it later with
+    `wandb sync`); if it cannot be started offline either, W&B is disabled for this run.
+    Each step down is announced once with the reason. A failure while logging scalars
+    is reported once and skipped, so the other loggers and the training go on.
+    """
+
+    _failed_logging = False
+
+    @property
+    @override
+    def experiment(self):
+        try:
+            return super().experiment
+        except Exception as error:
+            mode = self._wandb_init.get("mode", "online")
+            if self._experiment is not None or mode not in FALLBACK:
+                raise
+            fallback = FALLBACK[mode]
+            rank_zero_warn(_fallback_message(mode, fallback, error, self.save_dir))
+            self._wandb_init["mode"], self._log_model = fallback, False
+            settings = self._wandb_init.get("settings")
+            if settings is not None and hasattr(settings, "model_copy"):
+                # a short timeout meant for the server must not cut short the local start of the offline run
+                timeout = max(float(settings.init_timeout or 0), LOCAL_INIT_TIMEOUT)
+                self._wandb_init["settings"] = settings.model_copy(update={"init_timeout": timeout})
+            return self.experiment
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        try:
+            super().log_metrics(metrics, step)
+        except Exception as error:
+            if not self._failed_logging:
+                self._failed_logging = True
+                rank_zero_warn(f"W&B: logging metrics failed ({_reason(error)}); skipping W&B for those, the other "
+                               "loggers still get every metric. HINT: the run's local files stay in its directory "
+                               "for `wandb sync`.")
+
+
+def _reason(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _fallback_message(mode: str, fallback: str, error: Exception, save_dir: str | None) -> str:
+    if fallback == "offline":
+        return (f"W&B: could not start the online run ({_reason(error)}); logging to an offline run instead, so "
+                "nothing is lost. HINT: check the network and WANDB_BASE_URL (WANDB_INIT_TIMEOUT sets how long to "
+                "wait), then upload with the `wandb sync` command printed at the end of the run.")
+    return (f"W&B: could not start the {mode} run either ({_reason(error)}); W&B is off for this run, the other "
+            f"loggers (CSV, TensorBoard) carry on. HINT: check that {save_dir or 'the run directory'} is writable.")
 
 
 def resolve_mode(mode: str | None = None) -> str:
@@ -97,14 +161,15 @@ def wandb_logger(project: str = "lrnn_lightning", name: str | None = None, group
         log_model = False
     multirun_group, multirun_name = _hydra_multirun_names()
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    timeouts = {"init_timeout": float(os.environ.get("WANDB_INIT_TIMEOUT", 60))}
+    if "finish_timeout" in getattr(wandb.Settings, "model_fields", {}):  # recent wandb only
+        timeouts["finish_timeout"] = float(os.environ.get("WANDB_FINISH_TIMEOUT", 300))
     settings = kwargs.pop("settings", None) or wandb.Settings(
         silent=os.environ.get("WANDB_SILENT", "true").lower() == "true",
-        console=console or os.environ.get("WANDB_CONSOLE", "wrap"),
-        init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60)),
-    )
-    logger = WandbLogger(project=project, name=name or multirun_name, group=group or multirun_group,
-                         save_dir=str(save_dir), mode=mode, tags=list(tags) if tags else None, job_type=job_type,
-                         log_model=log_model, settings=settings, **kwargs)
+        console=console or os.environ.get("WANDB_CONSOLE", "wrap"), **timeouts)
+    logger = ResilientWandbLogger(project=project, name=name or multirun_name, group=group or multirun_group,
+                                  save_dir=str(save_dir), mode=mode, tags=list(tags) if tags else None,
+                                  job_type=job_type, log_model=log_model, settings=settings, **kwargs)
     # WandbLogger always passes `anonymous`, which recent wandb only warns about (it has no effect)
     getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     return logger
@@ -127,7 +192,12 @@ def finish_wandb(loggers: Iterable[Logger], exit_code: int = 0) -> list[Path]:
             continue
         run_dir = Path(run.settings.sync_dir) if getattr(run, "settings", None) is not None else None
         offline = bool(getattr(run.settings, "_offline", False))
-        run.finish(exit_code=exit_code)
+        try:
+            run.finish(exit_code=exit_code)
+        except Exception as error:  # the training is done and saved; W&B's local files remain for `wandb sync`
+            rank_zero_warn(f"W&B: finishing the run failed ({_reason(error)}). HINT: its files are in {run_dir}; "
+                           f"upload them with `wandb sync {run_dir}`.")
+            continue
         if offline and run_dir is not None:
             offline_dirs.append(run_dir)
             rank_zero_info(f"W&B offline run saved in {run_dir}\n    upload it with:  wandb sync {run_dir}")
