@@ -120,7 +120,8 @@ class StepGraph:
         self.graph = torch.cuda.CUDAGraph()
         body_error: BaseException | None = None
         try:
-            with torch.cuda.graph(self.graph, pool=self.pool, stream=side):
+            # thread_local: a DDP process's NCCL watchdog thread must not invalidate the capture
+            with torch.cuda.graph(self.graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
                 try:
                     self._body()
                 except BaseException as error:
