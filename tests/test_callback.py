@@ -108,6 +108,7 @@ def test_cuda_graph_true_without_cuda_is_a_configuration_error(value):
     (dict(batch_size=2.5), r"batch_size must be a positive integer, got 2.5"),
     (dict(horizon=-1), r"horizon must be a positive integer or None, got -1"),
     (dict(autocast_dtype="int8"), r"autocast_dtype must be null, 'bfloat16' or 'float16', got 'int8'"),
+    (dict(tf32="yes"), r"tf32 must be true, false or null \(keep the global setting\), got 'yes'"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -154,11 +155,11 @@ def test_engine_is_made_once_and_reused_across_validations(tmp_path, monkeypatch
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(rollout_module, "RolloutEngine", CountingEngine)
-    callback = RolloutCallback(num_sequences=4, batch_size=3)
+    callback = RolloutCallback(num_sequences=4, batch_size=3, tf32=True)
     trainer = tiny_trainer(tmp_path, [callback], logger=False, max_epochs=3)
     trainer.fit(tiny_module(), datamodule=tiny_data())
     assert len(made) == 1
-    assert made[0]["batch_size"] == 3 and made[0]["cuda_graph"] == "auto"
+    assert made[0]["batch_size"] == 3 and made[0]["cuda_graph"] == "auto" and made[0]["tf32"] is True
     assert made[0]["on_capture_error"] == "fallback"  # a failed capture falls back to the loop (test_faults.py)
     assert callback.last_result.epoch == 2
 

@@ -130,6 +130,8 @@ class RolloutCallback(Callback):
         on_capture_error: "fallback" (warn once, continue on the step loop) or "raise".
         event_mode: roll out with the windows' dt; None: whenever the data provides dt.
         autocast_dtype: None, "bfloat16" or "float16" for the engine's autocast.
+        tf32: float32 matmuls of the rollout on TF32 tensor cores (faster small-batch steps,
+            ~1e-3 relative error per matmul); False by default; None keeps the global setting.
         threshold: normalised RMSE that ends the valid prediction time.
         divergence_threshold: normalised error (in channel standard deviations) beyond
             which a rollout counts as diverged; above `threshold`.
@@ -150,7 +152,8 @@ class RolloutCallback(Callback):
                  batch_size: int = 16, every_n_epochs: int = 1, chunk: int = 16, compile: bool = False,
                  cuda_graph: bool | str = "auto", on_capture_error: str = "fallback",
                  event_mode: bool | None = None, autocast_dtype: str | torch.dtype | None = None,
-                 threshold: float = 0.5, divergence_threshold: float = 100.0, seed: int = 0, num_plots: int = 4,
+                 tf32: bool | None = False, threshold: float = 0.5, divergence_threshold: float = 100.0,
+                 seed: int = 0, num_plots: int = 4,
                  plot_channels: int = 3, sanity_check: bool = False, prefix: str = "rollout"):
         self.num_sequences = _positive_int("num_sequences", num_sequences, "e.g. generation.num_sequences=16.")
         self.context = _positive_int("context", context, "e.g. generation.context=64.", allow_none=True)
@@ -182,6 +185,9 @@ class RolloutCallback(Callback):
                              "loop on the CPU) or generation.cuda_graph=false.")
         self.compile, self.event_mode, self.on_capture_error = bool(compile), event_mode, on_capture_error
         self.autocast_dtype = _autocast_option(autocast_dtype)
+        if tf32 not in (None, True, False):
+            raise ValueError(f"{OWNER}: tf32 must be true, false or null (keep the global setting), got {tf32!r}.")
+        self.tf32 = tf32
         self.threshold, self.divergence_threshold = float(threshold), float(divergence_threshold)
         self.seed, self.prefix = int(seed), str(prefix)
         self.num_plots, self.plot_channels, self.sanity_check = num_plots, plot_channels, bool(sanity_check)
@@ -226,7 +232,7 @@ class RolloutCallback(Callback):
             self._engines[key] = RolloutEngine(
                 model, batch_size=rows, chunk=self.chunk, cuda_graph=self.cuda_graph, compile=self.compile,
                 event_mode=self._windows.dt is not None, autocast_dtype=self.autocast_dtype,
-                on_capture_error=self.on_capture_error)
+                on_capture_error=self.on_capture_error, tf32=self.tf32)
         self._engine = self._engines[key]
         if device.type == "cuda" and self.cuda_graph is not False:
             self._warm_up()
