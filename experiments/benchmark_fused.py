@@ -1,0 +1,323 @@
+"""Microseconds per autoregressive rollout step: the fused Triton kernel vs the CUDA-graph engine vs the seed scheme.
+
+Variants, all on the same card in one run, each from a zeroed state and the same x0:
+    seed          the seed's scheme: a ONE-step CUDA graph replayed from Python per step, two copies per step
+    graph         the engine's StepGraph with chunk=16 steps per replay (RolloutEngine chunk=16)
+    fused         one launch of the fused kernel for the whole rollout, fp32 weights, exact fp32 dots ("ieee")
+    fused-tf32x3  the same with 3xTF32 tensor-core dots (about fp32 accuracy)
+    fused-bf16    bf16 matmul weights and operands, fp32 accumulation, state and activations
+The fused "µs/step" is a whole fused_steps call (packing the live weights, a few dozen small
+PyTorch ops, buffer set-up, launch) divided by the steps; "pre-packed" skips the packing;
+"kernel" times the launch alone. GB/s is the kernel's: weight bytes read per step / kernel time.
+For each fused variant a few launch shapes (KernelConfig) are timed briefly and the best is
+kept (--no-tune: the default shape only). Next to each time: the bytes of weights read per
+step (fused: every program streams every weight each step; graph and seed: each weight once)
+and the bandwidth that implies, and the relative deviation from the graph's outputs.
+
+    python experiments/benchmark_fused.py --out fused.json                    # the issue's configurations
+    python experiments/benchmark_fused.py --configs "32,32,16,1" --variants graph,fused --no-tune
+
+Rows are printed and written to --out as each configuration finishes, so a run cut short keeps
+what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lrnn_lightning.models import SequenceModel
+from lrnn_lightning.rollout import StepGraph
+from lrnn_lightning.rollout.fused import KernelConfig, fused_steps
+from lrnn_lightning.rollout.fused.launch import build_call, default_config, kernel_module
+from lrnn_lightning.rollout.fused.pack import pack_model
+from lrnn_lightning.rollout.inference import rollout_mode
+
+CONFIGS = [(32, 32, 16, 1), (32, 128, 64, 4), (256, 128, 64, 4), (1024, 512, 128, 8)]  # (B, d_model, d_state, L)
+VARIANTS = ("seed", "graph", "fused", "fused-tf32x3", "fused-bf16")
+FUSED = {"fused": (torch.float32, "ieee"), "fused-tf32x3": (torch.float32, "tf32x3"),
+         "fused-bf16": (torch.bfloat16, "ieee")}
+# issue #6: absolute µs/step for the two small configurations, speed-up over the graph for the two large ones
+TARGETS = {(32, 32, 16, 1): ("us", 2.0), (32, 128, 64, 4): ("us", 10.0),
+           (256, 128, 64, 4): ("vs_graph", 5.0), (1024, 512, 128, 8): ("vs_graph", 5.0)}
+CANDIDATES = {  # (block_b, block_n, block_k, num_warps)
+    "ieee": [(16, 64, 16, 4), (16, 64, 32, 4), (16, 64, 16, 8), (32, 64, 16, 8)],
+    "mma": [(16, 64, 32, 4), (32, 64, 32, 8), (64, 64, 32, 8)],
+}
+
+
+class SeedStyleGraph:
+    """The seed's generation scheme: one step per CUDA graph, replayed from Python with a copy in and a clone out."""
+
+    def __init__(self, model: nn.Module, batch: int, width: int, device: torch.device, n_warmups: int = 3):
+        self.static_x = torch.zeros(batch, width, device=device)
+        self.static_state = model.allocate_state(batch, device, torch.float32)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(n_warmups):
+                model.step(self.static_x, self.static_state)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_y = model.step(self.static_x, self.static_state)
+
+    def run(self, x0: Tensor, num_steps: int) -> Tensor:
+        for tensor in self.static_state.values():
+            tensor.zero_()
+        x, outputs = x0, []
+        for _ in range(num_steps):
+            self.static_x.copy_(x)
+            self.graph.replay()
+            x = self.static_y.clone()
+            outputs.append(x)
+        return torch.stack(outputs, 1)
+
+
+def build_baseline(variant: str, model: nn.Module, batch: int, width: int, chunk: int,
+                   device: torch.device) -> tuple[Callable[[Tensor, int], Tensor], Callable[[], None]]:
+    """(run(x0, num_steps) -> (B, num_steps, width) from a zeroed state, release()) for "seed" or "graph"."""
+    if variant == "seed":
+        return SeedStyleGraph(model, batch, width, device).run, lambda: None
+    graph = StepGraph(model, batch, width, chunk=chunk, device=device)
+
+    def replay(x0: Tensor, num_steps: int) -> Tensor:
+        out = torch.empty(batch, num_steps, width, device=device)
+        graph.run(x0, num_steps, out)
+        return out
+    return replay, graph.release
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median CUDA-event time of `fn()` over `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def parse_configs(text: str) -> list[tuple[int, int, int, int]]:
+    configs = []
+    for part in text.split(";"):
+        values = tuple(int(v) for v in part.split(","))
+        if len(values) != 4 or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"a config is B,d_model,d_state,layers (positive), got {part!r}")
+        configs.append(values)
+    return configs
+
+
+def weight_bytes(model: SequenceModel, weight_dtype: torch.dtype) -> int:
+    """Bytes of everything the fused kernel reads as weights per step (matrices in weight_dtype, vectors fp32)."""
+    packed = pack_model(model, weight_dtype, event=False)
+    tensors = list(packed.common.values()) + [t for t in packed.mixer if t.numel() > 1]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def candidate_configs(variant: str, batch: int, tune: bool) -> list[KernelConfig]:
+    if not tune:
+        return [default_config(batch, *FUSED[variant])]
+    key = "ieee" if FUSED[variant] == (torch.float32, "ieee") else "mma"
+    configs = [KernelConfig(block_b=b, block_n=n, block_k=k, num_warps=w) for b, n, k, w in CANDIDATES[key]]
+    return [c for c in configs if c.block_b <= max(16, batch)]
+
+
+def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
+    """Time the best of the candidate launch shapes (each gets a short timing first).
+
+    Returns seconds per step with the weights packed per launch ("seconds", what a rollout costs),
+    with them packed once ("prepacked"), and of the kernel launch alone ("kernel"); the shape
+    ("config"), every shape tried ("tried") and the outputs ("out").
+    """
+    weight_dtype, precision = FUSED[variant]
+    tried = []
+    best = None
+    for config in candidate_configs(variant, x0.shape[0], args.tune):
+        if best is not None and time.perf_counter() > deadline:
+            tried.append({"config": vars(config), "skipped": "time budget"})
+            continue
+
+        def run(config=config, steps=args.steps):
+            return fused_steps(model, x0, None, steps, weight_dtype=weight_dtype, precision=precision, config=config)
+        try:
+            start = time.perf_counter()
+            run(steps=2)  # compiles
+            compile_s = time.perf_counter() - start
+            short = min(args.steps, 64)
+            seconds = median_seconds(lambda config=config, short=short: run(config, short), 2) / short
+        except Exception as error:  # one shape may not fit this GPU; keep trying the others
+            tried.append({"config": vars(config), "error": f"{type(error).__name__}: {str(error)[:300]}"})
+            continue
+        tried.append({"config": vars(config), "us_per_step_short": 1e6 * seconds, "compile_s": compile_s})
+        if best is None or seconds < best[0]:
+            best = (seconds, config, run)
+    if best is None:
+        raise RuntimeError(f"every launch shape failed: {tried}")
+    seconds = median_seconds(best[2], args.repeats) / args.steps
+    packed = pack_model(model, weight_dtype, event=False)
+    prepacked = median_seconds(lambda: fused_steps(model, x0, None, args.steps, weight_dtype=weight_dtype,
+                                                   precision=precision, config=best[1], packed=packed),
+                               args.repeats) / args.steps
+    # the launch alone, on buffers built once (the state keeps evolving between runs: same cost)
+    call = build_call(packed, x0, None, args.steps, None, precision, best[1], interpreted=False)
+    kernel = kernel_module().fused_rollout_kernel
+    kernel_only = median_seconds(lambda: kernel[call.grid](*call.args, **call.constexprs, num_warps=call.num_warps,
+                                                           num_stages=1), args.repeats) / args.steps
+    return {"seconds": seconds, "prepacked": prepacked, "kernel": kernel_only, "config": best[1], "tried": tried,
+            "out": best[2]()}
+
+
+def bench_config(name: str, config: tuple[int, int, int, int], args, deadline: float) -> list[dict]:
+    batch, d_model, d_state, layers = config
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = SequenceModel(name, d_input=args.width, d_output=args.width, d_model=d_model, d_state=d_state,
+                          n_layers=layers).to(device)
+    x0 = torch.randn(batch, args.width, device=device)
+    rows, outputs = [], {}
+    with rollout_mode(model, device.type):
+        for variant in args.variants:
+            row = {"model": name, "B": batch, "d_model": d_model, "d_state": d_state, "layers": layers,
+                   "variant": variant}
+            try:
+                if variant in FUSED:
+                    timing = time_fused(model, x0, variant, args, deadline)
+                    seconds, best, out = timing["seconds"], timing["config"], timing["out"]
+                    row["us_per_step_prepacked"] = 1e6 * timing["prepacked"]
+                    row["us_per_step_kernel"] = 1e6 * timing["kernel"]
+                    n_programs = -(-batch // best.block_b)
+                    row.update(config=vars(best), tried=timing["tried"], programs=n_programs,
+                               weight_bytes=weight_bytes(model, FUSED[variant][0]))
+                    row["bytes_read_per_step"] = n_programs * row["weight_bytes"]
+                else:
+                    fn, release = build_baseline(variant, model, batch, args.width, args.chunk, device)
+                    out = fn(x0, args.steps)
+                    seconds = median_seconds(lambda fn=fn: fn(x0, args.steps), args.repeats) / args.steps
+                    release()
+                    row["weight_bytes"] = weight_bytes(model, torch.float32)
+                    row["bytes_read_per_step"] = row["weight_bytes"]
+                row["us_per_step"] = 1e6 * seconds
+                # the kernel's own bandwidth for fused rows; graph and seed read each weight once per step
+                row["GBps"] = row["bytes_read_per_step"] / (row.get("us_per_step_kernel", row["us_per_step"]) * 1e3)
+                outputs[variant] = out
+            except Exception as error:
+                row["error"] = f"{type(error).__name__}: {str(error)[:2000]}"
+                traceback.print_exc()
+            rows.append(row)
+    reference = outputs.get("graph")
+    times = {r["variant"]: r["us_per_step"] for r in rows if "us_per_step" in r}
+    for row in rows:
+        if row["variant"] in outputs and reference is not None:
+            out = outputs[row["variant"]].float()
+            row["rel_dev_vs_graph"] = float(((out - reference).norm() / reference.norm()).item())
+        if "us_per_step" in row:
+            for base in ("graph", "seed"):
+                if base in times:
+                    row[f"speedup_vs_{base}"] = times[base] / row["us_per_step"]
+        judge_target(row, config)
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def judge_target(row: dict, config: tuple[int, int, int, int]) -> None:
+    """Attach the issue's target for this configuration, and whether a fused row meets it.
+
+    An absolute µs/step target is judged on the kernel's own time per step (the per-rollout
+    packing and launch cost is reported next to it); a speed-up target on the whole fused
+    rollout against the whole graph rollout.
+    """
+    if config not in TARGETS or not row["variant"].startswith("fused") or "us_per_step" not in row:
+        return
+    kind, value = TARGETS[config]
+    if kind == "us":
+        kernel = row.get("us_per_step_kernel", row["us_per_step"])
+        row["target"], row["meets_target"] = f"kernel <= {value:g} µs/step", kernel <= value
+    elif "speedup_vs_graph" in row:
+        row["target"], row["meets_target"] = f">= {value:g}x graph", row["speedup_vs_graph"] >= value
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| model | B | d_model | d_state | L | variant | µs/step | pre-packed | kernel | vs graph | vs seed "
+            "| weights MB | read MB/step | GB/s | rel. dev. vs graph | launch shape | target |")
+    lines = [head, "|" + "---|" * 17]
+    for r in rows:
+        shape = ""
+        if "config" in r:
+            c = r["config"]
+            shape = f"b{c['block_b']} n{c['block_n']} k{c['block_k']} w{c['num_warps']} ({r['programs']} prog.)"
+        target = f"{r['target']}: {'met' if r['meets_target'] else 'MISSED'}" if "target" in r else ""
+        if "error" in r:
+            cells = [r["model"], r["B"], r["d_model"], r["d_state"], r["layers"], r["variant"],
+                     "error: " + r["error"][:80]]
+            cells += [""] * 10
+        else:
+            cells = [r["model"], r["B"], r["d_model"], r["d_state"], r["layers"], r["variant"],
+                     f"{r['us_per_step']:.2f}",
+                     f"{r['us_per_step_prepacked']:.2f}" if "us_per_step_prepacked" in r else "",
+                     f"{r['us_per_step_kernel']:.2f}" if "us_per_step_kernel" in r else "",
+                     f"{r['speedup_vs_graph']:.2f}x" if "speedup_vs_graph" in r else "",
+                     f"{r['speedup_vs_seed']:.2f}x" if "speedup_vs_seed" in r else "",
+                     f"{r['weight_bytes'] / 1e6:.2f}", f"{r['bytes_read_per_step'] / 1e6:.2f}", f"{r['GBps']:.0f}",
+                     f"{r['rel_dev_vs_graph']:.1e}" if "rel_dev_vs_graph" in r else "", shape, target]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", type=parse_configs, default=CONFIGS,
+                        help="';'-separated B,d_model,d_state,layers (default: the four of issue #6)")
+    parser.add_argument("--models", default="lru", help="comma-separated mixer names")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--steps", type=int, default=256, help="rollout steps per timed run")
+    parser.add_argument("--chunk", type=int, default=16, help="steps per replay of the graph variant")
+    parser.add_argument("--width", type=int, default=8, help="input/output features per step")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    parser.add_argument("--no-tune", dest="tune", action="store_false", help="fused: the default launch shape only")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="stop trying further launch shapes after this many seconds (each shape compiles)")
+    parser.add_argument("--out", default=None, help="write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+    if not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA GPU (the fused kernel and the graphs run only there)")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    torch.backends.cuda.matmul.allow_tf32 = False  # graph and seed in true fp32, like the fused "ieee" dots
+
+    import triton
+    header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+              f"{args.steps} steps, median of {args.repeats}, chunk {args.chunk}")
+    print(header, flush=True)
+    deadline = time.perf_counter() + args.budget_s
+    rows: list[dict] = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        for config in args.configs:
+            rows += bench_config(name, config, args, deadline)
+            print(markdown_table([r for r in rows if (r["B"], r["d_model"], r["d_state"], r["layers"]) == config
+                                  and r["model"] == name]), flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump({"setup": header, "rows": rows}, f, indent=2)
+    print("\nAll configurations:\n" + markdown_table(rows), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

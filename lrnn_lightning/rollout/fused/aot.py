@@ -1,0 +1,113 @@
+"""Compile the fused kernel for a GPU architecture without a GPU: catches compile errors and resource overruns early.
+
+Triton lowers to PTX and runs its bundled ptxas on the host, so a CPU machine can check
+that a configuration compiles for sm_90 (H100) and how much shared memory it needs.
+
+    info = compile_for_target(model, event=True, weight_dtype=torch.float32)
+    info.shared_bytes, info.compile_s
+
+    python -m lrnn_lightning.rollout.fused.aot     # the configurations of the GPU tests and the benchmark
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lrnn_lightning.rollout.fused.launch import KernelConfig, build_call
+from lrnn_lightning.rollout.fused.pack import pack_model
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one program may use (A100, H100)
+
+
+@dataclass
+class CompileInfo:
+    """What compiling one configuration gave.
+
+    Attributes:
+        constexprs: the kernel's specialisation.
+        shared_bytes: shared memory per program.
+        compile_s: wall time of the compilation.
+        fits: shared memory within the architecture's per-block limit.
+    """
+
+    constexprs: dict
+    shared_bytes: int
+    compile_s: float
+    fits: bool
+
+
+def _specialize(fn, call) -> tuple[dict, dict, dict]:
+    """Signature, constexprs and attributes as Triton's JIT would derive them from these arguments
+    (ints equal to 1 become constexprs, 16-divisible ints and pointers get divisibility hints)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    values = dict(zip(fn.arg_names[:len(call.args)], call.args, strict=True))  # the constexprs come last
+    signature, constexprs, attrs = {}, dict(call.constexprs), {}
+    for index, param in enumerate(fn.params):
+        if param.name in call.constexprs:
+            signature[param.name] = "constexpr"
+            continue
+        kind, attr = native_specialize_impl(BaseBackend, values[param.name], False, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[param.name] = attr
+        elif isinstance(attr, str) and attr:
+            attrs[(index,)] = BaseBackend.parse_attr(attr)
+    return signature, constexprs, attrs
+
+
+def compile_for_target(model: nn.Module, *, event: bool = False, weight_dtype: torch.dtype = torch.float32,
+                       precision: str = "ieee", config: KernelConfig | None = None, batch: int = 16,
+                       arch: int = 90) -> CompileInfo:
+    """Compile the fused kernel for `model` (on the CPU) for CUDA compute capability `arch` (90: H100).
+
+    Raises whatever Triton raises on a compile error (CompilationError with the offending line).
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("compile_for_target: TRITON_INTERPRET=1 is set, so Triton would not compile. "
+                           "HINT: run in a process without TRITON_INTERPRET.")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lrnn_lightning.rollout.fused.kernels.rollout import fused_rollout_kernel
+
+    config = config or KernelConfig()
+    width = model.d_input
+    with torch.no_grad():
+        packed = pack_model(model, weight_dtype, event)
+        x0 = torch.zeros(batch, width, device=packed.common["enc_b"].device)
+        dt = torch.ones(batch, 2, device=x0.device) if event else None
+        call = build_call(packed, x0, None, 2, dt, precision, config, interpreted=False)
+    signature, constexprs, attrs = _specialize(fused_rollout_kernel, call)
+    start = time.perf_counter()
+    kernel = triton.compile(ASTSource(fused_rollout_kernel, signature, constexprs, attrs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": call.num_warps, "num_stages": 1})
+    shared = int(kernel.metadata.shared)
+    return CompileInfo(call.constexprs, shared, time.perf_counter() - start,
+                       shared <= SHARED_LIMIT.get(arch, 48 * 1024))
+
+
+def _main() -> None:
+    from lrnn_lightning.models import SequenceModel
+
+    cases = [("lru", {}, False), ("lru", {}, True), ("s5", {"discretization": "zoh"}, True),
+             ("s5", {"discretization": "bilinear"}, False), ("s5", {"discretization": "dirac"}, True),
+             ("s4d", {}, True), ("s4d", {}, False), ("mamba", {}, True), ("rglru", {}, True)]
+    for name, kwargs, event in cases:
+        model = SequenceModel(name, d_input=3, d_output=3, d_model=128, d_state=64, n_layers=2, mixer_kwargs=kwargs)
+        for weight_dtype, precision in ((torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.bfloat16, "ieee")):
+            info = compile_for_target(model, event=event, weight_dtype=weight_dtype, precision=precision)
+            print(f"{name:6s} {kwargs!s:28s} event={event!s:5s} {str(weight_dtype):15s} {precision:6s} "
+                  f"shared={info.shared_bytes:6d} B fits={info.fits} {info.compile_s:.1f} s")
+
+
+if __name__ == "__main__":
+    _main()

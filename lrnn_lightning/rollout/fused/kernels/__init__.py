@@ -1,0 +1,1 @@
+"""Triton source of the fused rollout; importing it needs Triton (see `lrnn_lightning.rollout.fused.launch`)."""

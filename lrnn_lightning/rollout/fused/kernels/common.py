@@ -1,0 +1,212 @@
+"""Triton building blocks of the fused rollout: tiled linear maps, LayerNorm and scalar math.
+
+Every helper works on one program's tile of BB batch rows. Activations travel between
+stages through a per-program fp32 scratch area (rows of a fixed stride, L1/L2-resident),
+so a stage can loop over blocks of any width; the caller puts a `tl.debug_barrier()`
+between a stage that writes scratch and the next one that reads it. `row_ok` (BB,) masks
+the rows beyond the batch: they are neither loaded (zeros instead) nor stored.
+
+Weight matrices are row-major (N, K), as in `nn.Linear`, in fp32 or bf16; everything
+else is fp32. `PREC` is tl.dot's input_precision for fp32 weights ("ieee", "tf32x3",
+"tf32"); `EMULATE_BF16` computes a bf16 dot as an fp32 dot of bf16-rounded operands (the
+same numbers; for the Triton interpreter, whose dot does not take bf16).
+
+Nothing here calls Triton's standard library of jit functions (tl.sum, tl.zeros,
+tl.sigmoid): those are defined when Triton is imported, so a process that imported Triton
+compiled could not run them in the interpreter; `row_sum`, `sigmoid` and tl.full stand in.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot_block(x, w, PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """x (M, K) fp32 times w (K, N) in the weights' dtype -> (M, N) fp32."""
+    if W_BF16:
+        if EMULATE_BF16:
+            return tl.dot(x.to(tl.bfloat16).to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(x.to(tl.bfloat16), w)
+    else:
+        return tl.dot(x, w, input_precision=PREC)
+
+
+@triton.jit
+def linear(x_ptr, x_stride, w_ptr, b_ptr, K, N, out_ptr, out_stride, row_ok,
+           res_ptr, res_stride, skip_ptr, skip_stride, skip_scale_ptr,
+           HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SKIP: tl.constexpr, ACT: tl.constexpr,
+           BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+           PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """out = act(x @ W^T + b) + res + skip_scale * skip, blocked over N and K.
+
+    Shapes: x (BB, K), W (N, K), b (N,), res and skip (BB, N), skip_scale (N,), out (BB, N),
+    each with its own row stride and unit column stride. ACT: 0 none, 1 softplus, 2 sigmoid
+    (applied before res and skip).
+    """
+    rows = tl.arange(0, BB)
+    for n0 in range(0, N, BN):
+        ns = n0 + tl.arange(0, BN)
+        n_ok = ns < N
+        acc = tl.full((BB, BN), 0.0, tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < K
+            x = tl.load(x_ptr + rows[:, None] * x_stride + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + ns[:, None] * K + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += dot_block(x, tl.trans(w), PREC, W_BF16, EMULATE_BF16)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + ns, mask=n_ok, other=0.0)[None, :]
+        if ACT == 1:
+            acc = softplus(acc)
+        if ACT == 2:
+            acc = sigmoid(acc)
+        mask = row_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            acc += tl.load(res_ptr + rows[:, None] * res_stride + ns[None, :], mask=mask, other=0.0)
+        if HAS_SKIP:
+            scale = tl.load(skip_scale_ptr + ns, mask=n_ok, other=0.0)
+            acc += scale[None, :] * tl.load(skip_ptr + rows[:, None] * skip_stride + ns[None, :], mask=mask,
+                                            other=0.0)
+        tl.store(out_ptr + rows[:, None] * out_stride + ns[None, :], acc, mask=mask)
+
+
+@triton.jit
+def gated_up(x_ptr, x_stride, w_ptr, b_ptr, K, F, out_ptr, out_stride, row_ok,
+             BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """The GeGLU up-projection: out = (x @ Wv^T + bv) * gelu(x @ Wg^T + bg).
+
+    W (2F, K) holds Wv in rows [0, F) and Wg in rows [F, 2F), b (2F,) likewise; out (BB, F).
+    """
+    rows = tl.arange(0, BB)
+    for n0 in range(0, F, BN):
+        ns = n0 + tl.arange(0, BN)
+        n_ok = ns < F
+        value = tl.full((BB, BN), 0.0, tl.float32)
+        gate = tl.full((BB, BN), 0.0, tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < K
+            x = tl.load(x_ptr + rows[:, None] * x_stride + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            w_value = tl.load(w_ptr + ns[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+            w_gate = tl.load(w_ptr + (F + ns)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+            value += dot_block(x, tl.trans(w_value), PREC, W_BF16, EMULATE_BF16)
+            gate += dot_block(x, tl.trans(w_gate), PREC, W_BF16, EMULATE_BF16)
+        value += tl.load(b_ptr + ns, mask=n_ok, other=0.0)[None, :]
+        gate += tl.load(b_ptr + F + ns, mask=n_ok, other=0.0)[None, :]
+        out = value * gelu(gate)
+        tl.store(out_ptr + rows[:, None] * out_stride + ns[None, :], out, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def layer_norm(x_ptr, out_ptr, stride, g_ptr, b_ptr, D, eps, row_ok, BB: tl.constexpr, BD: tl.constexpr):
+    """out = (x - mean) / sqrt(var + eps) * g + b over the D features of each row; x, out (BB, D).
+
+    Three passes (mean, variance of the centred rows, normalise) as in nn.LayerNorm: a
+    one-pass E[x^2] - mean^2 would cancel for rows with a large mean.
+    """
+    rows = tl.arange(0, BB)
+    total = tl.full((BB,), 0.0, tl.float32)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        x = tl.load(x_ptr + rows[:, None] * stride + ds[None, :], mask=row_ok[:, None] & (ds < D)[None, :], other=0.0)
+        total += row_sum(x, axis=1)
+    mean = total / D
+    sq = tl.full((BB,), 0.0, tl.float32)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        mask = row_ok[:, None] & (ds < D)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride + ds[None, :], mask=mask, other=0.0)
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        sq += row_sum(centred * centred, axis=1)
+    rstd = 1.0 / tl.sqrt_rn(sq / D + eps)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        d_ok = ds < D
+        mask = row_ok[:, None] & d_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride + ds[None, :], mask=mask, other=0.0)
+        g = tl.load(g_ptr + ds, mask=d_ok, other=0.0)
+        b = tl.load(b_ptr + ds, mask=d_ok, other=0.0)
+        y = (x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
+        tl.store(out_ptr + rows[:, None] * stride + ds[None, :], y, mask=mask)
+
+
+@triton.jit
+def row_sum(x, axis: tl.constexpr):
+    """Sum over `axis`: tl.sum's own reduction, which the interpreter also runs as one NumPy sum."""
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def gelu(x):
+    """The exact (erf) GELU of F.gelu."""
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def silu(x):
+    return x * sigmoid(x)
+
+
+@triton.jit
+def softplus(x):
+    """F.softplus with beta=1, threshold=20: log(1 + e^x), and x itself above 20."""
+    return tl.where(x > 20.0, x, log1p(tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) accurate for small x (Goldberg's trick: log(u) * x / (u - 1) with u = 1 + x)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def expm1(x):
+    """e^x - 1 accurate for small |x|: a Taylor polynomial on |x| < 0.5, e^x - 1 (no cancellation) outside."""
+    # x^11 / 11! < 2^-39 on |x| < 0.5: far below fp32 rounding
+    poly = 1.0 / 39916800.0
+    poly = poly * x + 1.0 / 3628800.0
+    poly = poly * x + 1.0 / 362880.0
+    poly = poly * x + 1.0 / 40320.0
+    poly = poly * x + 1.0 / 5040.0
+    poly = poly * x + 1.0 / 720.0
+    poly = poly * x + 1.0 / 120.0
+    poly = poly * x + 1.0 / 24.0
+    poly = poly * x + 1.0 / 6.0
+    poly = poly * x + 0.5
+    poly = (poly * x + 1.0) * x
+    return tl.where(tl.abs(x) < 0.5, poly, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def complex_div(a_re, a_im, b_re, b_im):
+    """(a_re + i a_im) / (b_re + i b_im)."""
+    denom = b_re * b_re + b_im * b_im
+    return (a_re * b_re + a_im * b_im) / denom, (a_im * b_re - a_re * b_im) / denom
+
+
+@triton.jit
+def complex_exp(z_re, z_im):
+    """exp(z) as (re, im)."""
+    magnitude = tl.exp(z_re)
+    return magnitude * tl.cos(z_im), magnitude * tl.sin(z_im)
+
+
+@triton.jit
+def complex_expm1(z_re, z_im):
+    """exp(z) - 1 without cancellation for small |z|: Re = expm1(x) cos y - 2 sin^2(y / 2)."""
+    half_sin = tl.sin(0.5 * z_im)
+    re = expm1(z_re) * tl.cos(z_im) - 2.0 * half_sin * half_sin
+    return re, tl.exp(z_re) * tl.sin(z_im)

@@ -1,0 +1,293 @@
+"""`fused_steps` and `fused_rollout`: the whole autoregressive rollout of a SequenceModel as one Triton launch.
+
+    out = fused_rollout(model, context, horizon=200, dt=dt)   # (B, 200, H), same numbers as rollout_loop
+    ys = fused_steps(model, x0, state, num_steps=199)         # the step part only, from any state
+
+Per launch: the live weights are packed (`pack.py`, PyTorch), the prefilled state is laid
+out per program, and one kernel runs every step of every layer with the state and the
+activations in per-program scratch. The Triton kernel module is imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lrnn_lightning.rollout.checks import (
+    check_context,
+    check_horizon,
+    check_model_output,
+    check_rollout_dt,
+    check_step_model,
+    feature_size,
+)
+from lrnn_lightning.rollout.fused.pack import (
+    MAMBA,
+    MODAL,
+    RGLRU_ID,
+    S4D_ID,
+    PackedModel,
+    pack_model,
+    rows_to_state,
+    state_to_rows,
+)
+from lrnn_lightning.rollout.fused.support import KERNEL_MODULE, fused_support
+from lrnn_lightning.rollout.inference import rollout_mode
+from lrnn_lightning.rollout.state import State
+
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+BLOCK_BS = (16, 32, 64)
+TILE_3D = 2048  # elements of the S4D / Mamba state tiles per program
+
+
+class FusedKernelError(RuntimeError):
+    """The fused kernel failed to compile or launch (a bug, or a GPU without the resources it needs)."""
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch shape of the fused kernel.
+
+    Attributes:
+        block_b: batch rows per program (16, 32 or 64; tl.dot needs >= 16).
+        block_n: largest output-feature block of a tiled matmul (a power of two >= 16).
+        block_k: reduction block of every tiled matmul (a power of two >= 16); Triton's fp32
+            FMA dot keeps whole K-slices in registers, so small is better there.
+        num_warps: warps per program.
+    """
+
+    block_b: int = 16
+    block_n: int = 64
+    block_k: int = 16
+    num_warps: int = 4
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _block(n: int, cap: int) -> int:
+    return max(16, min(cap, _pow2(n)))
+
+
+def kernel_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
+    """The kernel's block-size constexprs for `packed` under `config`."""
+    cap, bb = config.block_n, config.block_b
+    blocks = {"BK": config.block_k, "BD": _block(packed.d_model, cap), "BW": _block(packed.width, cap),
+              "BF": _block(packed.d_ff, cap)}
+    mixer = dict.fromkeys(("BM0", "BM1", "BM2", "BM3", "BM4"), 16)
+    md = packed.sizes
+    if packed.mixer_id == MODAL:
+        mixer.update(BM0=_block(2 * md[0], cap), BM1=_block(md[0], cap))
+    elif packed.mixer_id == S4D_ID:
+        modes = max(2, min(64, _pow2(md[0])))
+        mixer.update(BM0=max(2, min(_pow2(packed.d_model), TILE_3D // (bb * modes))), BM1=modes)
+    elif packed.mixer_id == MAMBA:
+        inner, n_state, rank, taps = md
+        modes = max(2, _pow2(n_state))
+        mixer.update(BM0=_block(inner, cap), BM1=_block(rank + 2 * n_state, cap),
+                     BM2=max(2, min(_pow2(inner), TILE_3D // (bb * modes))), BM3=modes, BM4=max(2, _pow2(taps)))
+    elif packed.mixer_id == RGLRU_ID:
+        mixer.update(BM0=_block(md[0], cap), BM4=max(2, _pow2(md[1])))
+    return {**blocks, **mixer}
+
+
+def kernel_module():
+    """The Triton kernel module, imported on first use (compiled or interpreted, as Triton decides then)."""
+    try:
+        return importlib.import_module(KERNEL_MODULE)
+    except ImportError as error:
+        raise FusedKernelError(f"fused rollout: cannot import the Triton kernel ({error}). "
+                               "HINT: pip install triton, or use the graph or loop backend.") from error
+
+
+def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precision: str = "ieee") -> KernelConfig:
+    """A launch shape for `batch` rows: the one the benchmark's tuning is expected to pick.
+
+    Exact fp32 dots run on the FMA units, so they want many programs (16 rows each) and a short
+    K block; tensor-core dots are cheap, so large batches share each weight read over 32 rows.
+    """
+    if weight_dtype == torch.float32 and precision == "ieee":
+        return KernelConfig(block_b=16, block_n=64, block_k=16, num_warps=4)
+    return KernelConfig(block_b=16 if batch < 512 else 32, block_n=64, block_k=32, num_warps=4 if batch < 512 else 8)
+
+
+def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None = None,
+                *, weight_dtype: torch.dtype | None = None, precision: str = "ieee",
+                config: KernelConfig | None = None, return_state: bool = False,
+                packed: PackedModel | None = None) -> Tensor | tuple[Tensor, State]:
+    """`num_steps` fed-back steps of `model` from `x0` and `state` in one kernel launch (like `run_steps`).
+
+    Args:
+        model: a SequenceModel the kernel covers (see `fused_support`), in eval semantics.
+        x0: input of the first step, (B, W).
+        state: the model's state (keys of `allocate_state`, e.g. from `prefill`); None for zeros. Not modified.
+        num_steps: steps to run, >= 0.
+        dt_steps: (B, num_steps) event timesteps, column k for step k, or None.
+        weight_dtype: dtype of the matmul weights in the kernel: torch.float32 or torch.bfloat16
+            (None: the model's). Activations, state and accumulation stay float32.
+        precision: tl.dot input precision for float32 weights: "ieee" (exact fp32 FMA), "tf32x3"
+            (tensor cores, about fp32 accuracy) or "tf32" (tensor cores, ~1e-3).
+        config: launch shape; None picks one from the batch size.
+        return_state: also return the state after the last step.
+        packed: weights already packed by `pack_model(model, weight_dtype, event)`, used as they
+            are: the caller answers for their freshness (benchmarks; None packs the live weights).
+
+    Returns:
+        (B, num_steps, W) outputs in x0's dtype, and the final state if asked.
+    """
+    ok, why = fused_support(model, weight_dtype)
+    if not ok:
+        raise ValueError(f"fused_steps: the fused kernel cannot run this model: {why}. "
+                         "HINT: use RolloutEngine's graph or loop backend (generation.fused=auto falls back).")
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    weight_dtype = weight_dtype or param.dtype
+    if precision not in PRECISIONS:
+        raise ValueError(f"fused_steps: precision must be one of {PRECISIONS}, got {precision!r}. "
+                         "HINT: 'ieee' matches the step loop to fp32 rounding.")
+    batch, width = x0.shape if x0.dim() == 2 else (None, None)
+    if batch is None or width != model.d_input or x0.device != param.device:
+        raise ValueError(f"fused_steps: expected x0 of shape (B, {model.d_input}) on {param.device}, got "
+                         f"{tuple(x0.shape)} on {x0.device}.")
+    event = dt_steps is not None
+    if event and tuple(dt_steps.shape) != (batch, num_steps):
+        raise ValueError(f"fused_steps: expected dt_steps of shape ({batch}, {num_steps}), "
+                         f"got {tuple(dt_steps.shape)}.")
+    config = config or default_config(batch, weight_dtype, precision)
+    if config.block_b not in BLOCK_BS:
+        raise ValueError(f"fused_steps: block_b must be one of {BLOCK_BS}, got {config.block_b}.")
+    for name in ("block_n", "block_k"):
+        value = getattr(config, name)
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"fused_steps: {name} must be a power of two >= 16 (tl.dot tiles), got {value}.")
+
+    if num_steps == 0:
+        empty = x0.new_empty(batch, 0, width)
+        return (empty, _copy_state(state, model, batch, x0)) if return_state else empty
+
+    with torch.no_grad():
+        packed = packed or pack_model(model, weight_dtype, event)
+        out, final_rows = _launch(packed, x0, state, num_steps, dt_steps, precision, config)
+    result = out[:, 1:].to(x0.dtype)
+    if not return_state:
+        return result
+    template = model.allocate_state(1, x0.device, torch.float32)
+    final: State = {}
+    for layer, rows in enumerate(final_rows):
+        like = {key[len(f"{layer}."):]: value for key, value in template.items() if key.startswith(f"{layer}.")}
+        for key, value in rows_to_state(packed.mixer_id, rows, like).items():
+            final[f"{layer}.{key}"] = value.to(x0.dtype)
+    return result, final
+
+
+def _copy_state(state: State | None, model: nn.Module, batch: int, x0: Tensor) -> State:
+    fresh = model.allocate_state(batch, x0.device, x0.dtype)
+    if state is not None:
+        for key, value in state.items():
+            fresh[key].copy_(value)
+    return fresh
+
+
+@dataclass
+class KernelCall:
+    """One launch of the fused kernel, ready to go: grid, arguments, constexprs and the buffers to read back."""
+
+    grid: tuple[int]
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    out: Tensor
+    states: Tensor
+
+
+def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
+               precision: str, config: KernelConfig, interpreted: bool) -> KernelCall:
+    """Allocate the output, scratch and state buffers of one launch and assemble its arguments."""
+    device, f32 = x0.device, torch.float32
+    batch, width = x0.shape
+    bb = config.block_b
+    n_prog = -(-batch // bb)
+    n_layers, d_model, d_ff = packed.n_layers, packed.d_model, packed.d_ff
+
+    out = torch.empty(batch, num_steps + 1, width, device=device, dtype=f32)
+    out[:, 0] = x0
+    dt = dt_steps.to(f32).contiguous() if dt_steps is not None else torch.ones(1, device=device, dtype=f32)
+    per_program = bb * (3 * d_model + d_ff + packed.scratch_width)
+    scratch = torch.zeros(n_prog, per_program, device=device, dtype=f32)
+    # state layout (L, programs * BB, state_width): program p owns rows [p BB, (p + 1) BB) of every layer
+    states = torch.zeros(n_layers, n_prog * bb, packed.state_width, device=device, dtype=f32)
+    if state is not None:
+        for layer in range(n_layers):
+            prefix = f"{layer}."
+            layer_state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+            states[layer, :batch] = state_to_rows(packed.mixer_id, layer_state)
+
+    c = packed.common
+    args = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0,
+            scratch, scratch.stride(0), states, bb * packed.state_width, states.stride(0), packed.state_width,
+            c["enc_w"], c["enc_b"], c["dec_w"], c["dec_b"], c["final_g"], c["final_b"],
+            c["norm1_g"], c["norm1_b"], c["norm2_g"], c["norm2_b"], c["up_w"], c["up_b"], c["down_w"], c["down_b"],
+            *packed.mixer, batch, num_steps, width, d_model, d_ff, n_layers, *packed.sizes, packed.eps)
+    constexprs = dict(MIXER=packed.mixer_id, RULE=packed.rule, EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale,
+                      BB=bb, PREC=precision, W_BF16=c["up_w"].dtype == torch.bfloat16, EMULATE_BF16=interpreted,
+                      **kernel_blocks(packed, config))
+    return KernelCall((n_prog,), args, constexprs, config.num_warps, out, states)
+
+
+def _launch(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
+            precision: str, config: KernelConfig) -> tuple[Tensor, list[Tensor]]:
+    kernels = kernel_module()
+    if x0.device.type != "cuda" and not kernels.INTERPRETED:
+        raise ValueError(f"fused_steps: tensors on {x0.device}; the compiled kernel needs a CUDA GPU. "
+                         "HINT: set TRITON_INTERPRET=1 before importing the kernel to interpret it on the CPU.")
+    call = build_call(packed, x0, state, num_steps, dt_steps, precision, config, kernels.INTERPRETED)
+    try:
+        kernels.fused_rollout_kernel[call.grid](*call.args, **call.constexprs, num_warps=call.num_warps,
+                                                num_stages=1)
+    except Exception as error:
+        raise FusedKernelError(
+            f"fused rollout kernel failed ({type(error).__name__}: {str(error).strip()[:2000]}) with "
+            f"{call.constexprs}, num_warps={call.num_warps}, {call.grid[0]} programs. HINT: a smaller "
+            "KernelConfig(block_b=16, block_n=32, block_k=16) needs fewer resources; or use the graph backend."
+        ) from error
+    batch = x0.shape[0]
+    return call.out, [call.states[layer, :batch] for layer in range(packed.n_layers)]
+
+
+def fused_rollout(model: nn.Module, context: Tensor, horizon: int, dt: Tensor | None = None, *,
+                  weight_dtype: torch.dtype | None = None, precision: str = "ieee",
+                  config: KernelConfig | None = None) -> Tensor:
+    """Prefill `context` in PyTorch, then roll out `horizon` steps in one fused kernel.
+
+    Same contract as `RolloutEngine.rollout`: out[:, 0] is the prefill's last output and
+    out[:, k] the model's step on out[:, k - 1] with timestep dt[:, C + k - 1].
+
+    Args:
+        model: a covered SequenceModel (see `fused_support`).
+        context: (B, C, W) on the model's device and dtype.
+        horizon: outputs to produce, >= 1.
+        dt: event timesteps (B, C + horizon) or None; the last column is not consumed.
+        weight_dtype, precision, config: see `fused_steps`.
+
+    Returns:
+        (B, horizon, W) in the context's dtype.
+
+    Example:
+        >>> out = fused_rollout(model.cuda(), context.cuda(), horizon=200)
+    """
+    owner = "fused_rollout"
+    check_step_model(model, owner)
+    batch, context_len, width = check_context(context, feature_size(model, owner), model, owner)
+    horizon = check_horizon(horizon, owner)
+    check_rollout_dt(dt, batch, context_len + horizon, dt is not None, context.device, owner)
+    with rollout_mode(model, context.device.type):
+        y_context, state = model.prefill(context, None if dt is None else dt[:, :context_len])
+        check_model_output(y_context, batch, context_len, width, type(model).__name__)
+        first = y_context[:, -1].to(context.dtype)
+        dt_steps = None if dt is None else dt[:, context_len:context_len + horizon - 1]
+        rest = fused_steps(model, first, state, horizon - 1, dt_steps, weight_dtype=weight_dtype,
+                           precision=precision, config=config)
+    return torch.cat([first.unsqueeze(1), rest], dim=1)

@@ -1,0 +1,241 @@
+"""Live weights -> the flat tensors the fused kernel reads, rebuilt at every launch.
+
+Per-layer tensors are stacked over layers (leading dim L). Weight matrices that feed
+tl.dot are cast to the kernel's weight dtype (float32 or bfloat16); everything else
+(biases, norms, discretised coefficients, conv taps) stays float32. Every derived tensor
+(discretised decays, folded input gains, -exp(A_log), ...) is computed here from the
+live parameters through the mixer's own methods, so an optimizer step between two
+launches is always seen.
+
+Mixer slots (m0..m8) and sizes (md0..md3), per kernel MIXER id:
+
+    0 LRU / S5   m0 B (2P, D), m1 readout c[C_re, -C_im] (D, 2P), m2 D_skip (D,),
+                 m3 decay (2, P) or, in event mode, zeta (2, P), m4 scale (2, P) or lam (2, P),
+                 m5 Delta (P,);                                           md0 = P
+    1 S4D        m0 decay or zeta (2, D, N), m1 scale or A (2, D, N), m2 C (2, D, N),
+                 m3 D_skip (D,);                                          md0 = N
+    2 Mamba      m0 in_proj (2E, D), m1 conv w (E, K), m2 conv b (E,), m3 x_proj (R+2N, E),
+                 m4 dt_proj w (E, R), m5 dt_proj b (E,), m6 -exp(A_log) (E, N), m7 D (E,),
+                 m8 out_proj (D, E);                                      md = E, N, R, K
+    3 RG-LRU     m0 in_proj w (2W, D), m1 in_proj b, m2 conv w (W, K), m3 conv b, m4 gates w (2W, W),
+                 m5 gates b, m6 c * logsigmoid(Lambda) (W,), m7 out_proj w (D, W), m8 out_proj b;
+                                                                          md = W, K
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lrnn_lightning.models.backbone import SequenceModel
+from lrnn_lightning.models.lru import LRU
+from lrnn_lightning.models.mamba import Mamba
+from lrnn_lightning.models.rglru import RGLRU
+from lrnn_lightning.models.s4d import S4D
+from lrnn_lightning.models.s5 import S5
+
+MODAL, S4D_ID, MAMBA, RGLRU_ID = 0, 1, 2, 3
+MIXER_IDS: dict[type, int] = {LRU: MODAL, S5: MODAL, S4D: S4D_ID, Mamba: MAMBA, RGLRU: RGLRU_ID}
+RULES = {"dirac": 0, "zoh": 1, "bilinear": 2}
+N_SLOTS = 9
+
+
+@dataclass
+class PackedModel:
+    """What one launch of the fused kernel reads, plus the sizes that shape it.
+
+    Attributes:
+        common: encoder/decoder, norms and MLP tensors, by kernel argument name.
+        mixer: the nine mixer slots m0..m8 (unused ones hold a 1-element dummy).
+        sizes: md0..md3.
+        mixer_id, rule, has_scale: the kernel's MIXER, RULE and HAS_SCALE constexprs.
+        width, d_model, d_ff, n_layers, eps: W, D, F (MLP hidden), L and the LayerNorm epsilon.
+        state_width: floats per batch row per layer in the kernel's state layout.
+        scratch_width: floats per batch row of the mixer's scratch.
+        blocks: block sizes per feature dim, filled in by the launcher.
+    """
+
+    common: dict[str, Tensor]
+    mixer: list[Tensor]
+    sizes: tuple[int, int, int, int]
+    mixer_id: int
+    rule: int
+    has_scale: bool
+    width: int
+    d_model: int
+    d_ff: int
+    n_layers: int
+    eps: float
+    state_width: int
+    scratch_width: int
+    blocks: dict[str, int] = field(default_factory=dict)
+
+
+def _stack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.stack([t.detach() for t in tensors]).to(dtype).contiguous()
+
+
+def _complex_planes(z: Tensor) -> Tensor:
+    """Complex (...,) -> real (2, ...) holding the real then the imaginary part."""
+    return torch.stack([z.real, z.imag]).float()
+
+
+def pack_model(model: SequenceModel, weight_dtype: torch.dtype, event: bool) -> PackedModel:
+    """Everything the kernel reads, from the live parameters of `model` (assumed covered; see `fused_support`).
+
+    Args:
+        model: a covered SequenceModel.
+        weight_dtype: torch.float32 or torch.bfloat16, the dtype of the tl.dot weights.
+        event: whether the rollout has per-step timesteps (discretisation then happens in the kernel).
+    """
+    f32 = torch.float32
+    with torch.no_grad():
+        layers = list(model.layers)
+        norms = [model.final_norm] + [n for layer in layers for n in (layer.mixer_norm, layer.mlp_norm)]
+        common = {
+            "enc_w": model.encoder.weight.detach().to(weight_dtype).contiguous(),
+            "enc_b": model.encoder.bias.detach().float().contiguous(),
+            "dec_w": model.decoder.weight.detach().to(weight_dtype).contiguous(),
+            "dec_b": model.decoder.bias.detach().float().contiguous(),
+            "final_g": model.final_norm.weight.detach().float().contiguous(),
+            "final_b": model.final_norm.bias.detach().float().contiguous(),
+            "norm1_g": _stack([la.mixer_norm.weight for la in layers], f32),
+            "norm1_b": _stack([la.mixer_norm.bias for la in layers], f32),
+            "norm2_g": _stack([la.mlp_norm.weight for la in layers], f32),
+            "norm2_b": _stack([la.mlp_norm.bias for la in layers], f32),
+            "up_w": _stack([la.mlp.up.weight for la in layers], weight_dtype),
+            "up_b": _stack([la.mlp.up.bias for la in layers], f32),
+            "down_w": _stack([la.mlp.down.weight for la in layers], weight_dtype),
+            "down_b": _stack([la.mlp.down.bias for la in layers], f32),
+        }
+        mixers = [la.mixer for la in layers]
+        mixer_id = MIXER_IDS[type(mixers[0])]
+        packer = {MODAL: _pack_modal, S4D_ID: _pack_s4d, MAMBA: _pack_mamba, RGLRU_ID: _pack_rglru}[mixer_id]
+        slots, sizes, rule, has_scale, state_width, scratch_width = packer(mixers, weight_dtype, event)
+    device = common["enc_b"].device
+    dummy = torch.zeros(1, device=device, dtype=f32)
+    slots = slots + [dummy] * (N_SLOTS - len(slots))
+    return PackedModel(common=common, mixer=slots, sizes=tuple(sizes) + (0,) * (4 - len(sizes)), mixer_id=mixer_id,
+                       rule=rule, has_scale=has_scale, width=model.d_input, d_model=model.d_model,
+                       d_ff=layers[0].mlp.down.in_features, n_layers=len(layers), eps=float(norms[0].eps),
+                       state_width=state_width, scratch_width=max(scratch_width, 1))
+
+
+def _pack_modal(mixers: list, weight_dtype: torch.dtype, event: bool):
+    first = mixers[0]
+    n_modes = first.n_modes
+    win = _stack([m._input_weight() for m in mixers], weight_dtype)
+    readout = _stack([m.output_scale * torch.cat([m.C[0], -m.C[1]], dim=1) for m in mixers], weight_dtype)
+    skip = _stack([m.D for m in mixers], torch.float32)
+    if isinstance(first, LRU):
+        rule = RULES["dirac"]
+    else:
+        rule = RULES[first.discretization]
+    coef_a, coef_b, steps = [], [], []
+    for m in mixers:
+        if event:
+            if isinstance(m, LRU):
+                zeta, lam, step = m._log_lambda(), torch.zeros_like(m._log_lambda()), torch.zeros_like(m.nu_log)
+            else:
+                step = torch.exp(m.log_step)
+                lam = m.eigenvalues()
+                zeta = step * lam
+            coef_a.append(_complex_planes(zeta))
+            coef_b.append(_complex_planes(lam))
+            steps.append(step.float())
+        else:
+            log_decay, scale = m._discretize(None)
+            decay = _complex_planes(torch.exp(log_decay))
+            coef_a.append(decay)
+            coef_b.append(_complex_planes(scale) if scale is not None else torch.stack([torch.ones_like(decay[0]),
+                                                                                         torch.zeros_like(decay[0])]))
+            steps.append(torch.zeros_like(decay[0]))
+    slots = [win, readout, skip, _stack(coef_a, torch.float32), _stack(coef_b, torch.float32),
+             _stack(steps, torch.float32)]
+    return slots, (n_modes,), rule, rule != RULES["dirac"], 2 * n_modes, 2 * n_modes
+
+
+def _pack_s4d(mixers: list, weight_dtype: torch.dtype, event: bool):
+    first = mixers[0]
+    coef_a, coef_b = [], []
+    for m in mixers:
+        if event:
+            lam = m.eigenvalues()
+            coef_a.append(_complex_planes(torch.exp(m.log_dt).unsqueeze(-1) * lam))
+            coef_b.append(_complex_planes(lam))
+        else:
+            log_decay, scale = m._discretize(None)
+            coef_a.append(_complex_planes(torch.exp(log_decay)))
+            coef_b.append(_complex_planes(scale))
+    slots = [_stack(coef_a, torch.float32), _stack(coef_b, torch.float32), _stack([m.C for m in mixers], torch.float32),
+             _stack([m.D for m in mixers], torch.float32)]
+    return slots, (first.n_modes,), RULES["zoh"], True, 2 * first.d_model * first.n_modes, 0
+
+
+def _pack_mamba(mixers: list, weight_dtype: torch.dtype, event: bool):
+    f32 = torch.float32
+    first = mixers[0]
+    inner, n, rank, taps = first.d_inner, first.d_state, first.dt_rank, first.conv.kernel_size
+    slots = [
+        _stack([m.in_proj.weight for m in mixers], weight_dtype),
+        _stack([m.conv.weight for m in mixers], f32),
+        _stack([m.conv.bias for m in mixers], f32),
+        _stack([m.x_proj.weight for m in mixers], weight_dtype),
+        _stack([m.dt_proj.weight for m in mixers], weight_dtype),
+        _stack([m.dt_proj.bias for m in mixers], f32),
+        _stack([-torch.exp(m.A_log) for m in mixers], f32),
+        _stack([m.D for m in mixers], f32),
+        _stack([m.out_proj.weight for m in mixers], weight_dtype),
+    ]
+    state_width = inner * (taps - 1) + inner * n
+    scratch_width = 5 * inner + rank + 2 * n
+    return slots, (inner, n, rank, taps), 0, False, state_width, scratch_width
+
+
+def _pack_rglru(mixers: list, weight_dtype: torch.dtype, event: bool):
+    f32 = torch.float32
+    first = mixers[0]
+    width, taps = first.width, first.conv.kernel_size
+    slots = [
+        _stack([m.in_proj.weight for m in mixers], weight_dtype),
+        _stack([m.in_proj.bias for m in mixers], f32),
+        _stack([m.conv.weight for m in mixers], f32),
+        _stack([m.conv.bias for m in mixers], f32),
+        _stack([m.gates.weight for m in mixers], weight_dtype),
+        _stack([m.gates.bias for m in mixers], f32),
+        _stack([m.c * F.logsigmoid(m.Lambda) for m in mixers], f32),
+        _stack([m.out_proj.weight for m in mixers], weight_dtype),
+        _stack([m.out_proj.bias for m in mixers], f32),
+    ]
+    return slots, (width, taps), 0, False, width * (taps - 1) + width, 6 * width
+
+
+def state_to_rows(mixer_id: int, layer_state: dict[str, Tensor]) -> Tensor:
+    """One layer's step-protocol state -> (B, state_width) fp32 rows in the kernel's layout."""
+    if mixer_id == MODAL:
+        parts = [layer_state["h_re"], layer_state["h_im"]]
+    elif mixer_id == S4D_ID:
+        parts = [layer_state["h_re"].flatten(1), layer_state["h_im"].flatten(1)]
+    else:
+        parts = [layer_state["conv"].flatten(1), layer_state["h"].flatten(1)]
+    return torch.cat([p.float() for p in parts], dim=1)
+
+
+def rows_to_state(mixer_id: int, rows: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of `state_to_rows`: (B, state_width) -> a state shaped like `like` (any batch size) with B rows."""
+    if mixer_id == MODAL:
+        keys = ["h_re", "h_im"]
+    elif mixer_id == S4D_ID:
+        keys = ["h_re", "h_im"]
+    else:
+        keys = ["conv", "h"]
+    out, start = {}, 0
+    for key in keys:
+        template = like[key]
+        size = template[0].numel()
+        out[key] = rows[:, start:start + size].reshape(rows.shape[0], *template.shape[1:]).to(template.dtype)
+        start += size
+    return out

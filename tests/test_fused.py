@@ -1,0 +1,285 @@
+"""The fused rollout backend on the CPU: backend selection and fallbacks (no Triton needed), and the
+kernel itself under the Triton interpreter against the plain step loop.
+
+Semantics under test (lrnn_lightning/rollout/fused/launch.py): fused_rollout(model, context, T, dt)
+== rollout_loop(model, context, T, dt) for every covered mixer and discretisation, with and
+without event dt, from a real prefilled state, and again after an optimizer step.
+
+Interpreter tests need Triton and run only where no GPU is present (on a GPU the compiled
+kernel is tested by test_fused_cuda.py); they are tiny because the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lrnn_lightning.models import SequenceModel
+from lrnn_lightning.rollout import rollout_loop, run_steps
+from lrnn_lightning.rollout.fused import (
+    KernelConfig,
+    choose_backend,
+    fused_rollout,
+    fused_steps,
+    fused_support,
+    model_coverage,
+    support,
+)
+from lrnn_lightning.rollout.inference import rollout_mode
+from tests.conftest import relative_error
+from tests.helpers import perturb_parameters, random_dt
+from tests.test_rollout import TinyMixer
+
+FUSED_TOL = 1e-5  # fused vs loop, fp32 ("ieee" dots): same math, different summation order
+BF16_TOL = 5e-2  # bf16 matmul weights and operands (fp32 accumulation) vs the fp32 loop
+W, B, C, HORIZON = 3, 5, 4, 5
+
+LTI_CASES = [("lru", {}), ("s4d", {}), ("s5", {"discretization": "zoh"}), ("s5", {"discretization": "bilinear"}),
+             ("s5", {"discretization": "dirac"}), ("s5", {"conj_sym": False})]
+LTV_CASES = [("mamba", {}), ("rglru", {})]
+CASES = LTI_CASES + LTV_CASES
+
+
+def case_id(case) -> str:
+    name, kwargs = case
+    return name + "".join(f"-{value}" for value in kwargs.values())
+
+
+def make_model(name: str, kwargs: dict | None = None, d_model: int = 8, d_state: int = 4, n_layers: int = 2,
+               width: int = W, seed: int = 0) -> SequenceModel:
+    torch.manual_seed(seed)
+    model = SequenceModel(name, d_input=width, d_output=width, d_model=d_model, d_state=d_state, n_layers=n_layers,
+                          mixer_kwargs=kwargs)
+    perturb_parameters(model, scale=0.1, seed=seed + 1)
+    return model.eval()
+
+
+def make_data(batch: int = B, n_ctx: int = C, horizon: int = HORIZON, event: bool = False, device=None):
+    context = torch.randn(batch, n_ctx, W, device=device)
+    dt = random_dt(batch, n_ctx + horizon, device=device) if event else None
+    return context, dt
+
+
+def loop_rollout(model, context, horizon, dt=None):
+    with rollout_mode(model, context.device.type):
+        return rollout_loop(model, context, horizon, dt)
+
+
+def clone_state(state):
+    return {key: value.clone() for key, value in state.items()}
+
+
+# -- backend selection and coverage: no Triton needed ------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_zoo_mixer_is_covered(case):
+    covered, why = model_coverage(make_model(*case))
+    assert covered, why
+
+
+def test_uncovered_models_say_why():
+    covered, why = model_coverage(make_model(TinyMixer))
+    assert not covered and "TinyMixer is not covered" in why
+    assert "is not a SequenceModel" in model_coverage(torch.nn.Linear(3, 3))[1]
+    model = make_model("lru")
+    model.layers[1].mlp_norm.eps = 1e-3
+    assert model_coverage(model) == (False, "LayerNorms with different eps")
+    odd = SequenceModel("lru", d_input=3, d_output=2, d_model=8, d_state=4, n_layers=1)
+    assert "d_input=3 != d_output=2" in model_coverage(odd)[1]
+
+
+def test_choose_backend_on_the_cpu_falls_back_to_the_loop(monkeypatch):
+    monkeypatch.setattr(support, "interpreter_active", lambda: False)
+    model = make_model("lru")
+    backend, reason = choose_backend(model, fused="auto", cuda_graph="auto")
+    assert backend == "loop" and "not a CUDA GPU" in reason and "no CUDA GPU" in reason
+    assert choose_backend(model, fused=False, cuda_graph=False) == ("loop", "fused=false; plain step loop "
+                                                                             "(cuda_graph=false)")
+    with pytest.raises(ValueError, match="fused=True, but .* not a CUDA GPU.*HINT: set generation.fused=auto"):
+        choose_backend(model, fused=True)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA GPU"):
+        choose_backend(model, fused="auto", cuda_graph=True)
+
+
+def test_choose_backend_without_triton(monkeypatch):
+    monkeypatch.setattr(support, "triton_version", lambda: None)
+    model = make_model("s5")
+    assert fused_support(model) == (False, "Triton is not importable (pip install triton)")
+    with pytest.raises(ValueError, match="Triton is not importable"):
+        choose_backend(model, fused=True)
+    backend, reason = choose_backend(model, fused="auto")
+    assert backend == "loop" and "Triton is not importable" in reason
+
+
+def test_choose_backend_rejects_uncovered_models_and_bad_values():
+    with pytest.raises(ValueError, match="TinyMixer is not covered"):
+        choose_backend(make_model(TinyMixer), fused=True)
+    backend, reason = choose_backend(make_model(TinyMixer), fused="auto", cuda_graph=False)
+    assert backend == "loop" and "TinyMixer is not covered" in reason
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="fused must be True, False or 'auto'"):
+            choose_backend(make_model("lru"), fused=bad)
+    with pytest.raises(ValueError, match="cuda_graph must be True, False or 'auto'"):
+        choose_backend(make_model("lru"), cuda_graph="always")
+
+
+def test_fused_support_rejects_unsupported_weights(monkeypatch):
+    monkeypatch.setattr(support, "interpreter_active", lambda: True)
+    model = make_model("lru").double()
+    covered, why = fused_support(model)
+    assert not covered and "torch.float64" in why
+
+
+# -- the kernel under the Triton interpreter ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """Import the kernel module interpreted (TRITON_INTERPRET=1 while it is defined), CPU only."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the compiled kernel is tested by test_fused_cuda.py")
+    module = sys.modules.get(support.KERNEL_MODULE)
+    if module is None:
+        previous = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            module = importlib.import_module(support.KERNEL_MODULE)
+        finally:
+            if previous is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+    if not module.INTERPRETED:
+        pytest.skip("the kernel module was already imported compiled in this process")
+    return module
+
+
+@pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fused_rollout_equals_the_loop(interpreter, case, event):
+    model = make_model(*case)
+    context, dt = make_data(event=event)
+    out = fused_rollout(model, context, HORIZON, dt)
+    ref = loop_rollout(model, context, HORIZON, dt)
+    assert out.shape == (B, HORIZON, W)
+    assert relative_error(out[:, 1:], ref[:, 1:]) < FUSED_TOL
+    assert relative_error(ref[:, -1], ref[:, 1]) > 1e-2  # the rollout moves: the comparison has teeth
+
+
+@pytest.mark.parametrize("case", [("s5", {"discretization": "zoh"}), ("mamba", {}), ("rglru", {})], ids=case_id)
+def test_fused_steps_leave_the_loops_final_state(interpreter, case):
+    model = make_model(*case)
+    context, dt = make_data(event=True)
+    with rollout_mode(model, "cpu"):
+        y, state = model.prefill(context, dt[:, :C])
+        dt_steps = dt[:, C:C + HORIZON - 1]
+        ys, final = fused_steps(model, y[:, -1], state, HORIZON - 1, dt_steps, return_state=True)
+        loop_state = clone_state(state)
+        ref = run_steps(model, y[:, -1], loop_state, HORIZON - 1, dt_steps)
+    assert relative_error(ys, ref) < FUSED_TOL
+    assert set(final) == set(loop_state)
+    for key, value in loop_state.items():
+        assert relative_error(final[key], value) < FUSED_TOL, key
+        assert relative_error(final[key], state[key]) > 1e-3, key  # the state did advance
+    zero_start = fused_steps(model, y[:, -1], None, 3)
+    with rollout_mode(model, "cpu"):
+        ref_zero = run_steps(model, y[:, -1], model.allocate_state(B, "cpu"), 3)
+    assert relative_error(zero_start, ref_zero) < FUSED_TOL
+
+
+def test_fused_rollout_follows_an_optimizer_step(interpreter):
+    # S5 bilinear in event mode: the discretisation from the live Lambda and log_step happens in the kernel
+    model = make_model("s5", {"discretization": "bilinear"})
+    context, dt = make_data(event=True)
+    before = fused_rollout(model, context, HORIZON, dt)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    model(context, dt[:, :C]).square().mean().backward()
+    optimizer.step()
+    after = fused_rollout(model, context, HORIZON, dt)
+    assert relative_error(after[:, 1:], loop_rollout(model, context, HORIZON, dt)[:, 1:]) < FUSED_TOL
+    assert relative_error(after[:, 1:], before[:, 1:]) > 1e-3
+
+
+def test_several_programs_and_padded_rows(interpreter):
+    # 18 rows = two programs of 16, the second padded with 14 rows that must not leak
+    model = make_model("lru", n_layers=1)
+    context, dt = make_data(batch=18, event=True)
+    out = fused_rollout(model, context, HORIZON, dt)
+    assert relative_error(out[:, 1:], loop_rollout(model, context, HORIZON, dt)[:, 1:]) < FUSED_TOL
+    alone = fused_rollout(model, context[16:], HORIZON, dt[16:])
+    assert relative_error(alone, out[16:]) < FUSED_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_multi_block_features(interpreter, case):
+    # widths above the 16-wide blocks exercise every N and K loop, with ragged tails
+    model = make_model(*case, d_model=40, d_state=20)
+    context, dt = make_data(batch=20, event=True)
+    out = fused_rollout(model, context, HORIZON, dt, config=KernelConfig(block_n=16, block_k=16))
+    assert relative_error(out[:, 1:], loop_rollout(model, context, HORIZON, dt)[:, 1:]) < FUSED_TOL
+
+
+def test_bf16_weights_stay_close_to_the_fp32_loop(interpreter):
+    model = make_model("s5")
+    context, _ = make_data()
+    out = fused_rollout(model, context, HORIZON, weight_dtype=torch.bfloat16)
+    ref = loop_rollout(model, context, HORIZON)
+    error = relative_error(out[:, 1:], ref[:, 1:])
+    assert 1e-5 < error < BF16_TOL  # rounded, but close
+
+
+def test_horizon_one_needs_no_kernel(interpreter):
+    model = make_model("lru")
+    context, _ = make_data()
+    out = fused_rollout(model, context, 1)
+    with rollout_mode(model, "cpu"):
+        assert torch.equal(out[:, 0], model(context)[:, -1])
+    assert fused_steps(model, context[:, -1], None, 0).shape == (B, 0, W)
+
+
+def test_fused_argument_errors(interpreter):
+    model = make_model("lru")
+    context, dt = make_data(event=True)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        fused_rollout(model, context, HORIZON, precision="fp64")
+    with pytest.raises(ValueError, match="block_b must be one of"):
+        fused_rollout(model, context, HORIZON, config=KernelConfig(block_b=8))
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        fused_rollout(model, context, HORIZON, config=KernelConfig(block_k=24))
+    with pytest.raises(ValueError, match="expected dt of shape"):
+        fused_rollout(model, context, HORIZON, dt[:, :-1])
+    with pytest.raises(ValueError, match="TinyMixer is not covered.*HINT"):
+        fused_steps(make_model(TinyMixer), context[:, -1], None, 2)
+
+
+# -- compiling for an H100 on the host ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_kernel_compiles_for_sm90():
+    """Triton's front end and ptxas run on the host: every mixer's kernel must compile for sm_90 and fit."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from lrnn_lightning.rollout.fused.aot import compile_for_target
+        from tests.test_fused import CASES, make_model
+        for name, kwargs in CASES:
+            for event, weight_dtype, precision in ((True, torch.float32, "ieee"), (False, torch.bfloat16, "ieee")):
+                info = compile_for_target(make_model(name, kwargs, d_model=96, d_state=24), event=event,
+                                          weight_dtype=weight_dtype, precision=precision)
+                assert info.fits, (name, kwargs, info)
+        print("compiled", len(CASES) * 2)
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"compiled {len(CASES) * 2}" in result.stdout

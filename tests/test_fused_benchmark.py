@@ -1,0 +1,69 @@
+"""Smoke test of experiments/benchmark_fused.py on the CPU: its bookkeeping (weight bytes, targets,
+table, launch shapes) and its refusal to run without a GPU; the timings themselves need a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrnn_lightning.models import SequenceModel
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmark_fused.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_fused", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_weight_bytes_counts_every_weight_once(bench):
+    model = SequenceModel("lru", d_input=8, d_output=8, d_model=32, d_state=16, n_layers=1)
+    n_params = sum(p.numel() for p in model.parameters())
+    fp32 = bench.weight_bytes(model, torch.float32)
+    # LRU's packed form: B with gamma folded in, the readout, D, decay and scale planes instead of nu/theta/gamma
+    assert 4 * n_params <= fp32 <= 4 * (n_params + 4 * 16)
+    bf16 = bench.weight_bytes(model, torch.bfloat16)
+    matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and "mixer" not in name)
+    assert bf16 < fp32 - 2 * matrices + 1  # matrices shrink to 2 bytes
+
+
+def test_targets_and_table(bench):
+    rows = [{"model": "lru", "B": 32, "d_model": 32, "d_state": 16, "layers": 1, "variant": "graph",
+             "us_per_step": 40.0, "weight_bytes": 1e5, "bytes_read_per_step": 1e5, "GBps": 2.5},
+            {"model": "lru", "B": 32, "d_model": 32, "d_state": 16, "layers": 1, "variant": "fused",
+             "us_per_step": 2.5, "us_per_step_kernel": 1.5, "weight_bytes": 1e5, "bytes_read_per_step": 2e5,
+             "GBps": 133.0, "programs": 2,
+             "config": {"block_b": 16, "block_n": 64, "block_k": 16, "num_warps": 4}, "speedup_vs_graph": 26.7,
+             "rel_dev_vs_graph": 3e-7},
+            {"model": "lru", "B": 32, "d_model": 32, "d_state": 16, "layers": 1, "variant": "fused-bf16",
+             "error": "OutOfResources: shared memory"}]
+    for row in rows:
+        bench.judge_target(row, (32, 32, 16, 1))
+    assert rows[1]["meets_target"] is True and rows[1]["target"] == "kernel <= 2 µs/step"
+    assert "target" not in rows[0] and "target" not in rows[2]
+    big = {"variant": "fused", "us_per_step": 100.0, "speedup_vs_graph": 3.0}
+    bench.judge_target(big, (1024, 512, 128, 8))
+    assert big["meets_target"] is False and big["target"] == ">= 5x graph"
+    table = bench.markdown_table(rows)
+    assert "| lru | 32 | 32 | 16 | 1 | fused | 2.50 |  | 1.50 | 26.70x |" in table
+    assert "kernel <= 2 µs/step: met" in table and "error: OutOfResources" in table
+    assert "b16 n64 k16 w4 (2 prog.)" in table
+
+
+def test_launch_shapes_to_try(bench):
+    assert [c.block_b for c in bench.candidate_configs("fused", 32, tune=True)] == [16, 16, 16, 32]
+    assert [c.block_b for c in bench.candidate_configs("fused-bf16", 16, tune=True)] == [16]
+    assert len(bench.candidate_configs("fused-tf32x3", 1024, tune=False)) == 1
+
+
+def test_needs_a_gpu(bench):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        bench.main(["--configs", "2,8,4,1"])
