@@ -18,13 +18,13 @@ run() {  # run NAME SECONDS CMD...: time-limited, logged to $OUT/NAME.log
 for step in $steps; do case $step in
   env) run env 60 bash -c 'nvidia-smi -L; date -u; python3 -c "import torch, lightning, hydra, wandb, triton; \
 print(torch.__version__, lightning.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
-  tests) TAIL=40 run tests 170 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
+  tests) TAIL=40 run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
       --ignore=tests/test_fused_cuda.py ;;
-  models) run models 50 python3 experiments/benchmark_models.py --out "$OUT/models.json" ;;
-  rollout) TAIL=45 run rollout 150 python3 experiments/benchmark_rollout.py --steps 64 --repeats 3 \
+  models) run models 45 python3 experiments/benchmark_models.py --out "$OUT/models.json" ;;
+  rollout) TAIL=45 run rollout 130 python3 experiments/benchmark_rollout.py --steps 64 --repeats 3 \
       --out "$OUT/rollout.json" ;;
   callback) run callback 60 python3 experiments/benchmark_callback.py --repeats 3 --out "$OUT/callback.json" ;;
-  train) run train 60 bash -c 'python3 train.py model=lru generation.cuda_graph=true trainer=gpu \
+  train) run train 55 bash -c 'python3 train.py model=lru generation.cuda_graph=true trainer=gpu \
       trainer.max_epochs=3 paths.output_dir=/tmp/gpu_train && python3 -c "
 import glob; from lrnn_lightning.utils.wandb_offline import read_offline_run
 run = read_offline_run(sorted(glob.glob(\"/tmp/gpu_train/wandb/offline-run-*\"))[-1])
@@ -32,7 +32,8 @@ keys = sorted({k for row in run.history for k in row})
 print(\"W&B offline run:\", run.run_dir, len(run.history), \"rows\")
 print(\"uses_graph:\", run.values(\"rollout/uses_graph\"), \"steps/s:\", run.values(\"rollout/steps_per_second\"))
 print(\"media keys:\", [k for k in keys if k.endswith(\"_type\")])"' ;;
-  fused) TAIL=30 run fused_tests 50 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
+  fused) TAIL=30 run fused_tests 90 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
       tests/test_fused_cuda.py
-      run fused 50 python3 experiments/benchmark_fused.py --out "$OUT/fused.json" ;;
+      TAIL=40 run fused 55 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 --budget-s 40 \
+      --out "$OUT/fused.json" ;;
 esac; done
