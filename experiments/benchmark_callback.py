@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
-    base = [f"trainer={device}", "trainer.max_epochs=1", "trainer.limit_train_batches=20",
-            "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "logger=none",
-            "trainer.enable_model_summary=false", *args.overrides]
+    base = [f"trainer={device}", "trainer.max_epochs=1", "++trainer.limit_train_batches=20",
+            "trainer.num_sanity_val_steps=0", "++trainer.enable_progress_bar=false", "logger=none",
+            "++trainer.enable_model_summary=false", *args.overrides]
     variants = {"no rollouts": base + ["callbacks=none"],
                 "loop": base + ["generation.cuda_graph=false"]}
     if device == "gpu":

@@ -52,3 +52,13 @@ def forbid_host_sync():
             setattr(torch.Tensor, name, fn)
         for name, fn in fn_originals.items():
             setattr(torch, name, fn)
+
+
+def has_module(name: str) -> bool:
+    """Whether `name` (possibly dotted) can be imported; False also when a parent package is missing."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False

@@ -20,6 +20,7 @@ from lrnn_lightning.data import WindowDataModule
 from lrnn_lightning.models import SequenceModel
 from lrnn_lightning.module import NextStepModule
 from lrnn_lightning.utils.training import build
+from tests.helpers import has_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -189,7 +190,7 @@ def test_event_mode_on_csv_without_timestamps_is_an_error(make_cfg):
         build(make_cfg("data=csv", "data.event=true", "logger=none"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+@pytest.mark.skipif(not has_module("hydra_plugins.hydra_optuna_sweeper"),
                     reason="needs the optuna extra (hydra-optuna-sweeper)")
 def test_optuna_search_config_composes(make_cfg):
     cfg = make_cfg("hparams_search=optuna", hydra=True)
@@ -199,7 +200,7 @@ def test_optuna_search_config_composes(make_cfg):
     assert "model" in params and any(key.startswith("generation.") for key in params)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+@pytest.mark.skipif(not has_module("hydra_plugins.hydra_submitit_launcher"),
                     reason="needs the slurm extra (hydra-submitit-launcher)")
 def test_slurm_launcher_config_composes(make_cfg):
     cfg = make_cfg("hydra/launcher=slurm", hydra=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import re
 import shlex
@@ -14,10 +13,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from tests.helpers import has_module
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "experiments" / "sweeps" / "SLURM.md"
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+pytestmark = pytest.mark.skipif(not has_module("hydra_plugins.hydra_submitit_launcher"),
                                 reason="needs the slurm extra (hydra-submitit-launcher)")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from lrnn_lightning.utils.wandb_offline import read_offline_run
+from tests.helpers import has_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_multirun_makes_one_grouped_wandb_run_per_job(tmp_path):
         assert len(run.values("rollout/nrmse")) == 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+@pytest.mark.skipif(not has_module("hydra_plugins.hydra_optuna_sweeper"),
                     reason="needs the optuna extra (hydra-optuna-sweeper)")
 def test_optuna_search_minimises_the_rollout_error(tmp_path):
     sweep = tmp_path / "optuna"
