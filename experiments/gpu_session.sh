@@ -23,6 +23,8 @@ print(torch.__version__, lightning.__version__, triton.__version__, torch.cuda.g
   models) run models 45 python3 experiments/benchmark_models.py --out "$OUT/models.json" ;;
   rollout) TAIL=45 run rollout 130 python3 experiments/benchmark_rollout.py --steps 64 --repeats 3 \
       --out "$OUT/rollout.json" ;;
+  rollout_large_mamba) TAIL=20 run rollout_large_mamba 80 python3 experiments/benchmark_rollout.py \
+      --configs 1024,512,128,8 --models mamba --steps 32 --repeats 3 --out "$OUT/rollout_large_mamba.json" ;;
   callback) run callback 60 python3 experiments/benchmark_callback.py --repeats 3 --out "$OUT/callback.json" ;;
   train) run train 55 bash -c 'python3 train.py model=lru generation.cuda_graph=true trainer=gpu \
       trainer.max_epochs=3 paths.output_dir=/tmp/gpu_train && python3 -c "
@@ -32,6 +34,8 @@ keys = sorted({k for row in run.history for k in row})
 print(\"W&B offline run:\", run.run_dir, len(run.history), \"rows\")
 print(\"uses_graph:\", run.values(\"rollout/uses_graph\"), \"steps/s:\", run.values(\"rollout/steps_per_second\"))
 print(\"media keys:\", [k for k in keys if k.endswith(\"_type\")])"' ;;
+  fused_tests) TAIL=30 run fused_tests 200 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
+      tests/test_fused_cuda.py ;;
   fused) TAIL=30 run fused_tests 90 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
       tests/test_fused_cuda.py
       TAIL=40 run fused 55 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 --budget-s 40 \
