@@ -62,3 +62,10 @@ def has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+def subprocess_pythonpath(root) -> str:
+    """PYTHONPATH for a subprocess: the checkout first, then whatever this process was given."""
+    import os
+
+    return os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))

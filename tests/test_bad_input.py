@@ -26,8 +26,10 @@ from lrnn_lightning.callbacks import RolloutCallback
 from lrnn_lightning.data import CsvDataModule, OscillatorsDataModule, RawSeries, WindowDataModule
 from lrnn_lightning.models import build_model
 from lrnn_lightning.module import NextStepModule
+from tests.helpers import subprocess_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
+
 
 
 class Given(WindowDataModule):
@@ -163,7 +165,7 @@ def test_bad_callback_arguments_are_named(kwargs, message):
 # -- the command line ------------------------------------------------------------------------------
 
 def test_train_py_with_an_unknown_model_lists_the_valid_ones(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": subprocess_pythonpath(ROOT)}
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=transformer"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0

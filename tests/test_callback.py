@@ -255,7 +255,7 @@ def test_graph_path_captures_once_and_follows_training(tmp_path):
     assert float(trainer.callback_metrics["rollout/uses_graph"]) == 1.0
     windows = [data.val_dataset[i] for i in result.indices]
     context = torch.stack([w["context"] for w in windows]).cuda()
-    module.model.eval()
+    module.model.cuda().eval()  # Lightning moves the module back to the CPU when fit ends
     with torch.no_grad():
         expected = rollout_loop(module.model, context, 24).cpu()
     torch.testing.assert_close(result.prediction, expected, rtol=1e-4, atol=1e-4)
@@ -271,7 +271,7 @@ def test_graph_path_in_event_mode_under_a_bf16_trainer(tmp_path):
     windows = [data.val_dataset[i] for i in result.indices]
     context = torch.stack([w["context"] for w in windows]).cuda()
     dt = torch.stack([w["dt"] for w in windows]).cuda()
-    module.model.eval()
+    module.model.cuda().eval()  # Lightning moves the module back to the CPU when fit ends
     with torch.no_grad():
         expected = rollout_loop(module.model, context, 24, dt).cpu()
     torch.testing.assert_close(result.prediction, expected, rtol=1e-4, atol=1e-4)

@@ -23,8 +23,10 @@ from omegaconf import open_dict
 from lrnn_lightning.callbacks.distributed import shard
 from lrnn_lightning.utils.training import build
 from lrnn_lightning.utils.wandb_offline import read_offline_run
+from tests.helpers import subprocess_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
+
 # rollout numbers that must agree; timing (steps_per_second, capture_ms) may not
 COMPARED = ("mse", "mae", "nrmse", "nrmse_final", "persistence_mse", "persistence_mae", "persistence_nrmse", "skill",
             "valid_steps", "persistence_valid_steps", "diverged_fraction", "first_diverged_step", "uses_graph")
@@ -32,7 +34,7 @@ COMPARED = ("mse", "mae", "nrmse", "nrmse_final", "persistence_mse", "persistenc
 
 def run_train(*args: str, cwd: Path, timeout: int = 300) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(MPLBACKEND="Agg", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="offline",
+    env.update(MPLBACKEND="Agg", PYTHONPATH=subprocess_pythonpath(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="offline",
                WANDB_CACHE_DIR=str(cwd / "wandb-cache"), WANDB_CONFIG_DIR=str(cwd / "wandb-config"),
                WANDB_DATA_DIR=str(cwd / "wandb-data"))
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,

@@ -36,8 +36,10 @@ from lrnn_lightning.rollout import CaptureError, RolloutEngine, StepGraph, rollo
 from lrnn_lightning.rollout.metrics import channel_scale
 from lrnn_lightning.utils.wandb_offline import read_offline_run
 from lrnn_lightning.utils.wandb_setup import wandb_logger
+from tests.helpers import subprocess_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
+
 TIMING = ("rollout/steps_per_second", "rollout/capture_ms")
 
 
@@ -421,7 +423,7 @@ def test_media_that_fail_to_log_are_reported_once_and_the_scalars_go_on(tmp_path
 def test_train_py_with_wandb_online_but_unreachable_keeps_the_run(tmp_path):
     """No network: online mode with a key, a server that refuses connections, and a short init timeout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(MPLBACKEND="Agg", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_API_KEY="0" * 40,
+    env.update(MPLBACKEND="Agg", PYTHONPATH=subprocess_pythonpath(ROOT), OMP_NUM_THREADS="1", WANDB_API_KEY="0" * 40,
                WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="2",
                WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
                WANDB_DATA_DIR=str(tmp_path / "wandb-data"))
@@ -482,7 +484,7 @@ def test_an_uncapturable_step_falls_back_to_the_loop_on_a_gpu(tmp_path):
     assert [row["rollout/uses_graph"] for row in rollout_rows(trainer.logger)] == [0.0, 0.0]
     windows = [data.val_dataset[i] for i in callback.last_result.indices]
     context = torch.stack([w["context"] for w in windows]).cuda()
-    module.model.eval()
+    module.model.cuda().eval()  # Lightning moves the module back to the CPU when fit ends
     with torch.no_grad():
         expected = rollout_loop(module.model, context, 24).cpu()
     torch.testing.assert_close(callback.last_result.prediction, expected)

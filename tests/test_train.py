@@ -12,14 +12,15 @@ import pytest
 import yaml
 
 from lrnn_lightning.utils.wandb_offline import read_offline_run
-from tests.helpers import has_module
+from tests.helpers import has_module, subprocess_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
 def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # the defaults must be offline
-    env.update(MPLBACKEND="Agg", PYTHONPATH=str(ROOT), WANDB_CACHE_DIR=str(cwd / "wandb-cache"),
+    env.update(MPLBACKEND="Agg", PYTHONPATH=subprocess_pythonpath(ROOT), WANDB_CACHE_DIR=str(cwd / "wandb-cache"),
                WANDB_CONFIG_DIR=str(cwd / "wandb-config"), WANDB_DATA_DIR=str(cwd / "wandb-data"))
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
