@@ -26,10 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,9 @@ from lrnn_lightning.rollout.fused import KernelConfig, fused_steps
 from lrnn_lightning.rollout.fused.launch import build_call, default_config, kernel_module
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.inference import rollout_mode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the seed baseline and timing: benchmark_rollout.py
+from benchmark_rollout import SeedStyleGraph, median_seconds  # noqa: E402
 
 CONFIGS = [(32, 32, 16, 1), (32, 128, 64, 4), (256, 128, 64, 4), (1024, 512, 128, 8)]  # (B, d_model, d_state, L)
 VARIANTS = ("seed", "graph", "fused", "fused-tf32x3", "fused-bf16")
@@ -52,34 +56,6 @@ CANDIDATES = {  # (block_b, block_n, block_k, num_warps)
     "ieee": [(16, 64, 16, 4), (16, 64, 32, 4), (16, 64, 16, 8), (32, 64, 16, 8)],
     "mma": [(16, 64, 32, 4), (32, 64, 32, 8), (64, 64, 32, 8)],
 }
-
-
-class SeedStyleGraph:
-    """The seed's generation scheme: one step per CUDA graph, replayed from Python with a copy in and a clone out."""
-
-    def __init__(self, model: nn.Module, batch: int, width: int, device: torch.device, n_warmups: int = 3):
-        self.static_x = torch.zeros(batch, width, device=device)
-        self.static_state = model.allocate_state(batch, device, torch.float32)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(n_warmups):
-                model.step(self.static_x, self.static_state)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_y = model.step(self.static_x, self.static_state)
-
-    def run(self, x0: Tensor, num_steps: int) -> Tensor:
-        for tensor in self.static_state.values():
-            tensor.zero_()
-        x, outputs = x0, []
-        for _ in range(num_steps):
-            self.static_x.copy_(x)
-            self.graph.replay()
-            x = self.static_y.clone()
-            outputs.append(x)
-        return torch.stack(outputs, 1)
 
 
 def build_baseline(variant: str, model: nn.Module, batch: int, width: int, chunk: int,
@@ -96,18 +72,9 @@ def build_baseline(variant: str, model: nn.Module, batch: int, width: int, chunk
     return replay, graph.release
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+def cuda_median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median CUDA-event time of `fn()` over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return median_seconds(fn, torch.device("cuda"), repeats)
 
 
 def parse_configs(text: str) -> list[tuple[int, int, int, int]]:
@@ -157,7 +124,7 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
             run(steps=2)  # compiles
             compile_s = time.perf_counter() - start
             short = min(args.steps, 64)
-            seconds = median_seconds(lambda config=config, short=short: run(config, short), 2) / short
+            seconds = cuda_median_seconds(lambda config=config, short=short: run(config, short), 2) / short
         except Exception as error:  # one shape may not fit this GPU; keep trying the others
             tried.append({"config": vars(config), "error": f"{type(error).__name__}: {str(error)[:300]}"})
             continue
@@ -166,15 +133,15 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
             best = (seconds, config, run)
     if best is None:
         raise RuntimeError(f"every launch shape failed: {tried}")
-    seconds = median_seconds(best[2], args.repeats) / args.steps
+    seconds = cuda_median_seconds(best[2], args.repeats) / args.steps
     packed = pack_model(model, weight_dtype, event=False)
-    prepacked = median_seconds(lambda: fused_steps(model, x0, None, args.steps, weight_dtype=weight_dtype,
+    prepacked = cuda_median_seconds(lambda: fused_steps(model, x0, None, args.steps, weight_dtype=weight_dtype,
                                                    precision=precision, config=best[1], packed=packed),
                                args.repeats) / args.steps
     # the launch alone, on buffers built once (the state keeps evolving between runs: same cost)
     call = build_call(packed, x0, None, args.steps, None, precision, best[1], interpreted=False)
     kernel = kernel_module().fused_rollout_kernel
-    kernel_only = median_seconds(lambda: kernel[call.grid](*call.args, **call.constexprs, num_warps=call.num_warps,
+    kernel_only = cuda_median_seconds(lambda: kernel[call.grid](*call.args, **call.constexprs, num_warps=call.num_warps,
                                                            num_stages=1), args.repeats) / args.steps
     return {"seconds": seconds, "prepacked": prepacked, "kernel": kernel_only, "config": best[1], "tried": tried,
             "out": best[2]()}
@@ -205,7 +172,7 @@ def bench_config(name: str, config: tuple[int, int, int, int], args, deadline: f
                 else:
                     fn, release = build_baseline(variant, model, batch, args.width, args.chunk, device)
                     out = fn(x0, args.steps)
-                    seconds = median_seconds(lambda fn=fn: fn(x0, args.steps), args.repeats) / args.steps
+                    seconds = cuda_median_seconds(lambda fn=fn: fn(x0, args.steps), args.repeats) / args.steps
                     release()
                     row["weight_bytes"] = weight_bytes(model, torch.float32)
                     row["bytes_read_per_step"] = row["weight_bytes"]

@@ -13,33 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from lrnn_lightning.models import MIXERS, build_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_rollout import median_seconds  # noqa: E402  (puts the checkout on sys.path too)
+
+from lrnn_lightning.models import MIXERS, build_model  # noqa: E402
 
 D_STATE = {"lru": 64, "s4d": 64, "s5": 64, "mamba": 16, "rglru": 64}
-
-
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_mixer(name: str, args, device: torch.device) -> dict:
@@ -65,10 +49,10 @@ def bench_mixer(name: str, args, device: torch.device) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t_fb = _timed(fwd_bwd, device, args.repeats)
+    t_fb = median_seconds(fwd_bwd, device, args.repeats)
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    t_f = _timed(fwd, device, args.repeats)
-    t_loop = _timed(loop, device, max(1, args.repeats // 2))
+    t_f = median_seconds(fwd, device, args.repeats)
+    t_loop = median_seconds(loop, device, max(1, args.repeats // 2))
     loop_tok_s = args.batch * args.loop_steps / t_loop
     return {
         "mixer": name, "fwd_bwd_tok_s": tokens / t_fb, "fwd_tok_s": tokens / t_f, "loop_tok_s": loop_tok_s,

@@ -18,6 +18,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def exact_fp32():
+    """Forbid TF32 in matmuls and convolutions for the test, so fp32 comparisons test the code, not TF32."""
+    from lrnn_lightning.rollout.inference import matmul_tf32
+
+    with matmul_tf32(False):
+        yield
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.detach(), b.detach()

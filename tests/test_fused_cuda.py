@@ -26,22 +26,13 @@ from tests.conftest import relative_error
 from tests.test_fused import CASES, case_id, loop_rollout, make_model
 from tests.test_rollout import TinyMixer
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_fp32")]
 
 ACCURACY_RATIO, ACCURACY_FLOOR = 3.0, 2e-6
 WELL_CONDITIONED = 1e-3  # the fp32 loop's own error vs float64 must stay below this for a meaningful check
 TF32X3_TOL = 1e-4  # three TF32 products per fp32 product: about fp32 accuracy (vs the fp32 loop, 11 steps)
 BF16_TOL = 5e-2  # bf16 weights and matmul operands, fp32 accumulation and state, vs the fp32 loop
 W, B, C, HORIZON = 5, 37, 9, 12  # 37 rows: three programs of 16, the last one mostly padding
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # TF32 in the reference loop would break fp32 comparisons for reasons unrelated to the kernel
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.fixture(autouse=True)

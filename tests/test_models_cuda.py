@@ -10,7 +10,7 @@ from tests.conftest import relative_error
 from tests.helpers import random_dt
 from tests.test_models_protocol import BATCH, CASES, LENGTH, make_mixer, make_model, step_loop
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_fp32")]
 TOL = 2e-5
 
 
@@ -21,15 +21,6 @@ def _cuda_modules(name, kwargs):
 def _input(module, length=LENGTH):
     width = getattr(module, "d_input", None) or module.d_model
     return torch.randn(BATCH, length, width, device="cuda")
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # TF32 matmuls would make fp32 comparisons fail for reasons unrelated to the models
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.parametrize("name,kwargs", CASES)

@@ -34,22 +34,13 @@ from tests.test_rollout import (
     toy_lrnnx,
 )
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_fp32")]
 
 SAME = 1e-6  # graph vs loop: the same kernels, launched differently
 TOL = 2e-5  # step recurrence vs parallel forward, fp32
 COMPILE_TOL = 1e-5  # inductor may fuse and reorder fp32 arithmetic
 BF16_TOL = 5e-2  # bf16 autocast vs fp32 over the whole horizon (8 mantissa bits, fed back 37 times)
 D, B, C, HORIZON = 5, 6, 9, 37  # 37 outputs = 36 steps: two full chunks of 16 and a partial one
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # TF32 matmuls would break fp32 comparisons for reasons unrelated to the engine
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def zoo_model(name: str, d_model: int = 16, d_state: int = 8) -> SequenceModel:
