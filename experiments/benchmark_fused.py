@@ -43,7 +43,7 @@ from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.inference import rollout_mode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the seed baseline and timing: benchmark_rollout.py
-from benchmark_rollout import SeedStyleGraph, median_seconds  # noqa: E402
+from benchmark_rollout import SeedStyleGraph, median_seconds, parse_configs  # noqa: E402
 
 CONFIGS = [(32, 32, 16, 1), (32, 128, 64, 4), (256, 128, 64, 4), (1024, 512, 128, 8)]  # (B, d_model, d_state, L)
 VARIANTS = ("seed", "graph", "fused", "fused-tf32x3", "fused-bf16")
@@ -75,16 +75,6 @@ def build_baseline(variant: str, model: nn.Module, batch: int, width: int, chunk
 def cuda_median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median CUDA-event time of `fn()` over `repeats` runs after one warm-up."""
     return median_seconds(fn, torch.device("cuda"), repeats)
-
-
-def parse_configs(text: str) -> list[tuple[int, int, int, int]]:
-    configs = []
-    for part in text.split(";"):
-        values = tuple(int(v) for v in part.split(","))
-        if len(values) != 4 or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"a config is B,d_model,d_state,layers (positive), got {part!r}")
-        configs.append(values)
-    return configs
 
 
 def weight_bytes(model: SequenceModel, weight_dtype: torch.dtype) -> int:
