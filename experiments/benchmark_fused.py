@@ -35,15 +35,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the seed baseline and timing: benchmark_rollout.py
+from benchmark_rollout import SeedStyleGraph, median_seconds, parse_configs  # noqa: E402 (also puts the checkout first)
+
 from lrnn_lightning.models import SequenceModel
 from lrnn_lightning.rollout import StepGraph
 from lrnn_lightning.rollout.fused import KernelConfig, fused_steps
 from lrnn_lightning.rollout.fused.launch import build_call, default_config, kernel_module
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.inference import rollout_mode
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the seed baseline and timing: benchmark_rollout.py
-from benchmark_rollout import SeedStyleGraph, median_seconds, parse_configs  # noqa: E402
 
 CONFIGS = [(32, 32, 16, 1), (32, 128, 64, 4), (256, 128, 64, 4), (1024, 512, 128, 8)]  # (B, d_model, d_state, L)
 VARIANTS = ("seed", "graph", "fused", "fused-tf32x3", "fused-bf16")
