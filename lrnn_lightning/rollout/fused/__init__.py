@@ -8,6 +8,14 @@ Modules: `support` (coverage, Triton and device checks; imports no Triton), `sel
 (backend choice), `pack` (live weights -> kernel tensors), `launch` (prefill, state
 layout, launch), `aot` (compile for a GPU on the host), `kernels/` (the Triton source,
 imported on first launch).
+
+Not wired into `RolloutEngine` or the callback yet (issue #6). The plan: the engine takes
+`fused=False|True|"auto"` (and a precision); inside `rollout` and its `rollout_mode` block it
+calls `choose_backend(model, fused, cuda_graph, weight_dtype)`, runs `fused_rollout` when
+that says "fused" (no padding or batch splitting needed), re-raises `FusedKernelError` when
+fused=True was asked for and otherwise warns once and keeps the graph path, and reports
+`stats.path = backend` with the reason; the callback passes `generation.fused` through and
+logs the path and reason on rank zero.
 """
 
 from lrnn_lightning.rollout.fused.launch import (
