@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the seed baseline and timing: benchmark_rollout.py
-from benchmark_rollout import SeedStyleGraph, median_seconds, parse_configs  # noqa: E402 (also puts the checkout first)
+from benchmark_rollout import SeedStyleGraph, add_rollout_arguments, median_seconds  # noqa: E402 (puts the checkout first)
 
 from lrnn_lightning.models import SequenceModel
 from lrnn_lightning.rollout import StepGraph
@@ -236,14 +236,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", type=parse_configs, default=CONFIGS,
-                        help="';'-separated B,d_model,d_state,layers (default: the four of issue #6)")
-    parser.add_argument("--models", default="lru", help="comma-separated mixer names")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
-    parser.add_argument("--steps", type=int, default=256, help="rollout steps per timed run")
-    parser.add_argument("--chunk", type=int, default=16, help="steps per replay of the graph variant")
-    parser.add_argument("--width", type=int, default=8, help="input/output features per step")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    add_rollout_arguments(parser, CONFIGS, "lru", VARIANTS, "issue #6")
     parser.add_argument("--no-tune", dest="tune", action="store_false", help="fused: the default launch shape only")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop trying further launch shapes after this many seconds (each shape compiles)")

@@ -189,16 +189,22 @@ def parse_configs(text: str) -> list[tuple[int, int, int, int]]:
     return configs
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", type=parse_configs, default=CONFIGS,
-                        help="';'-separated B,d_model,d_state,layers (default: the four of issue #3)")
-    parser.add_argument("--models", default="lru,mamba", help="comma-separated mixer names")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+def add_rollout_arguments(parser: argparse.ArgumentParser, configs: list, models: str, variants: tuple[str, ...],
+                          source: str) -> None:
+    """The options every rollout benchmark shares (this one and benchmark_fused.py)."""
+    parser.add_argument("--configs", type=parse_configs, default=configs,
+                        help=f"';'-separated B,d_model,d_state,layers (default: the four of {source})")
+    parser.add_argument("--models", default=models, help="comma-separated mixer names")
+    parser.add_argument("--variants", default=",".join(variants), help=f"comma-separated subset of {variants}")
     parser.add_argument("--steps", type=int, default=256, help="rollout steps per timed run")
-    parser.add_argument("--chunk", type=int, default=16, help="K, steps per replay of our graph")
+    parser.add_argument("--chunk", type=int, default=16, help="K, steps per replay of the graph")
     parser.add_argument("--width", type=int, default=8, help="input/output features per step")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_rollout_arguments(parser, CONFIGS, "lru,mamba", VARIANTS, "issue #3")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip kernel counting")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write the rows as JSON to this path")

@@ -13,24 +13,16 @@ import copy
 import pytest
 import torch
 
-from lrnn_lightning.models.lru import LRU
 from lrnn_lightning.models.mamba import Mamba
 from lrnn_lightning.models.rglru import RGLRU
 from lrnn_lightning.models.s4d import S4D
 from lrnn_lightning.models.s5 import S5
 from tests.conftest import relative_error
 from tests.helpers import perturb_parameters, random_dt
+from tests.test_models_lti import LTI_CASES
 
 BATCH, LENGTH, D_MODEL, D_STATE = 3, 37, 8, 8
 
-LTI_CASES = [
-    pytest.param(LRU, {}, id="lru"),
-    pytest.param(S4D, {}, id="s4d"),
-    pytest.param(S5, {}, id="s5-zoh"),
-    pytest.param(S5, {"discretization": "bilinear"}, id="s5-bilinear"),
-    pytest.param(S5, {"discretization": "dirac"}, id="s5-dirac"),
-    pytest.param(S5, {"conj_sym": False}, id="s5-full"),
-]
 
 # (vs the float32 model holding the same rounded weights, vs the original float32 model);
 # the first is the rounding of x, y and the state (2^-8 for bf16, 2^-11 for fp16), the second

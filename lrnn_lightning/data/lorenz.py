@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from typing_extensions import override
 
-from lrnn_lightning.data.base import RawSeries, WindowDataModule, check_positive_int
-from lrnn_lightning.data.ode import integrate_sampled, sample_gaps
+from lrnn_lightning.data.base import RawSeries, WindowDataModule
+from lrnn_lightning.data.ode import check_sampling, integrate_sampled, sample_gaps
 
 
 class LorenzDataModule(WindowDataModule):
@@ -46,16 +46,11 @@ class LorenzDataModule(WindowDataModule):
                  rho: float = 28.0, beta: float = 8.0 / 3.0, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         owner = type(self).__name__
-        self.num_series = check_positive_int(owner, "num_series", num_series)
-        self.num_samples = check_positive_int(owner, "num_samples", num_samples)
-        self.substeps = check_positive_int(owner, "substeps", substeps)
-        if not float(sample_dt) > 0:
-            raise ValueError(f"{owner}: sample_dt must be positive, got {sample_dt!r}.")
-        if not 0.0 <= float(dt_jitter) < 1.0:
-            raise ValueError(f"{owner}: dt_jitter must lie in [0, 1), got {dt_jitter!r}.")
+        self.num_series, self.num_samples, self.substeps, self.sample_dt, self.dt_jitter = check_sampling(
+            owner, num_series, num_samples, substeps, sample_dt, dt_jitter)
         if float(burn_in) < 0:
             raise ValueError(f"{owner}: burn_in must be non-negative, got {burn_in!r}.")
-        self.sample_dt, self.dt_jitter, self.burn_in = float(sample_dt), float(dt_jitter), float(burn_in)
+        self.burn_in = float(burn_in)
         self.sigma, self.rho, self.beta, self.seed = float(sigma), float(rho), float(beta), int(seed)
 
     @property

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from lrnn_lightning.data.base import check_positive_int
+
 Rhs = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (t (S, 1), y (S, D)) -> dy/dt (S, D)
 
 
@@ -55,3 +57,20 @@ def sample_gaps(rng: np.random.Generator, num_series: int, num_samples: int, sam
     if not irregular:
         return np.full((num_series, num_samples - 1), float(sample_dt))
     return sample_dt * rng.uniform(1.0 - jitter, 1.0 + jitter, size=(num_series, num_samples - 1))
+
+
+def check_sampling(owner: str, num_series, num_samples, substeps, sample_dt,
+                   dt_jitter) -> tuple[int, int, int, float, float]:
+    """Validate the sampling settings shared by the simulated datamodules.
+
+    Returns:
+        (num_series, num_samples, substeps, sample_dt, dt_jitter), converted.
+    """
+    num_series = check_positive_int(owner, "num_series", num_series)
+    num_samples = check_positive_int(owner, "num_samples", num_samples)
+    substeps = check_positive_int(owner, "substeps", substeps)
+    if not float(sample_dt) > 0:
+        raise ValueError(f"{owner}: sample_dt must be positive, got {sample_dt!r}.")
+    if not 0.0 <= float(dt_jitter) < 1.0:
+        raise ValueError(f"{owner}: dt_jitter must lie in [0, 1), got {dt_jitter!r}.")
+    return num_series, num_samples, substeps, float(sample_dt), float(dt_jitter)

@@ -6,7 +6,7 @@ import numpy as np
 from typing_extensions import override
 
 from lrnn_lightning.data.base import RawSeries, WindowDataModule, check_positive_int
-from lrnn_lightning.data.ode import integrate_sampled, sample_gaps
+from lrnn_lightning.data.ode import check_sampling, integrate_sampled, sample_gaps
 
 
 class OscillatorsDataModule(WindowDataModule):
@@ -47,15 +47,9 @@ class OscillatorsDataModule(WindowDataModule):
         super().__init__(**kwargs)
         owner = type(self).__name__
         self.num_oscillators = check_positive_int(owner, "num_oscillators", num_oscillators)
-        self.num_series = check_positive_int(owner, "num_series", num_series)
-        self.num_samples = check_positive_int(owner, "num_samples", num_samples)
-        self.substeps = check_positive_int(owner, "substeps", substeps)
-        if not float(sample_dt) > 0:
-            raise ValueError(f"{owner}: sample_dt must be positive, got {sample_dt!r}.")
-        if not 0.0 <= float(dt_jitter) < 1.0:
-            raise ValueError(f"{owner}: dt_jitter must lie in [0, 1), got {dt_jitter!r}.")
-        self.sample_dt, self.coupling, self.dt_jitter, self.seed = float(sample_dt), float(coupling), \
-            float(dt_jitter), int(seed)
+        self.num_series, self.num_samples, self.substeps, self.sample_dt, self.dt_jitter = check_sampling(
+            owner, num_series, num_samples, substeps, sample_dt, dt_jitter)
+        self.coupling, self.seed = float(coupling), int(seed)
 
     @property
     @override
