@@ -8,6 +8,10 @@ Variants, all on the same card in one run:
     graph     ours: StepGraph with K = --chunk steps per replay, feedback and output writes inside
     compiled  ours with compile=True (torch.compile'd step, then K steps captured)
     tf32      ours (K-step graph) captured with TF32 matmuls allowed (RolloutEngine(tf32=True))
+    cublas    ours (K-step graph) without the fused step kernel (models/step_ops.py): every matmul
+              through cuBLAS, as before that kernel existed (LRNN_STEP_KERNELS=0)
+Every variant but cublas runs the model's step with the fused step kernel where it applies (the
+seed's scheme too: it replays the same `step`).
 Each time is the median of --repeats timed runs (CUDA events) after a warm-up run; next to
 it, GPU kernels and copies (memcpy/memset) per step counted with torch.profiler, and the
 relative deviation of the outputs from the first variant (eager by default).
@@ -32,12 +36,13 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 from lrnn_lightning.models import SequenceModel  # noqa: E402
+from lrnn_lightning.models.step_ops import use_step_kernels  # noqa: E402
 from lrnn_lightning.rollout import StepGraph, run_steps  # noqa: E402
 from lrnn_lightning.rollout.inference import matmul_tf32, rollout_mode  # noqa: E402
 
 CONFIGS = [(32, 32, 16, 1), (32, 128, 64, 4), (256, 256, 64, 6), (1024, 512, 128, 8)]  # (B, d_model, d_state, layers)
-VARIANTS = ("eager", "seed", "graph", "compiled", "tf32")
-GPU_ONLY = {"seed", "graph", "compiled", "tf32"}
+VARIANTS = ("eager", "seed", "graph", "compiled", "tf32", "cublas")
+GPU_ONLY = {"seed", "graph", "compiled", "tf32", "cublas"}
 
 
 class SeedStyleGraph:
@@ -77,7 +82,7 @@ def build_variant(variant: str, model: nn.Module, batch: int, width: int, chunk:
         return eager
     if variant == "seed":
         return SeedStyleGraph(model, batch, width, device).run
-    with matmul_tf32(variant == "tf32"):
+    with matmul_tf32(variant == "tf32"), use_step_kernels(variant != "cublas"):
         graph = StepGraph(model, batch, width, chunk=chunk, device=device, compile=variant == "compiled")
 
     def replay(x0: Tensor, num_steps: int) -> Tensor:
@@ -131,7 +136,7 @@ def bench_config(name: str, config: tuple[int, int, int, int], args, device: tor
     with rollout_mode(model, device.type):
         for variant in args.variants:
             row = {"model": name, "B": batch, "d_model": d_model, "d_state": d_state, "layers": layers,
-                   "variant": variant, "chunk": args.chunk if variant in ("graph", "compiled", "tf32") else 1}
+                   "variant": variant, "chunk": args.chunk if variant in ("graph", "compiled", "tf32", "cublas") else 1}
             if variant in GPU_ONLY and device.type != "cuda":
                 rows.append({**row, "skipped": "needs a CUDA GPU"})
                 continue

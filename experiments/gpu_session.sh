@@ -3,6 +3,7 @@
 # its own time limit so one hang cannot eat the others. Logs and JSON are kept in $OUT/session.tgz
 # (refreshed after every step, so a run cut short still returns what it did).
 #   bash experiments/gpu_session.sh [steps...]     steps: env tests models rollout callback train fused
+#       (also: rollout_large_mamba fused_tests profile ddp2 (needs 2 GPUs))
 set -uo pipefail
 DEST=${OUT:-gpu_out}; OUT=$(mktemp -d); mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
@@ -34,6 +35,11 @@ keys = sorted({k for row in run.history for k in row})
 print(\"W&B offline run:\", run.run_dir, len(run.history), \"rows\")
 print(\"uses_graph:\", run.values(\"rollout/uses_graph\"), \"steps/s:\", run.values(\"rollout/steps_per_second\"))
 print(\"media keys:\", [k for k in keys if k.endswith(\"_type\")])"' ;;
+  profile) TAIL=120 run profile 150 python3 experiments/profile_step.py --out "$OUT/profile.json" ;;
+  ddp2) TAIL=30 run ddp2_test 150 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE tests/test_ddp.py
+      TAIL=40 run ddp2_train 150 bash -c 'nvidia-smi -L; OMP_NUM_THREADS=4 python3 train.py trainer=ddp \
+      trainer.devices=2 generation.cuda_graph=true trainer.max_epochs=3 logger=csv hydra.run.dir=/tmp/ddp_2gpu \
+      2>&1 | grep -E "RolloutCallback|rank|Error|error|rollout/nrmse" | tail -n 40' ;;
   fused_tests) TAIL=30 run fused_tests 200 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
       tests/test_fused_cuda.py ;;
   fused) TAIL=30 run fused_tests 90 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \

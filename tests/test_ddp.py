@@ -51,11 +51,11 @@ def last_rollout_row(run_dir: Path) -> dict[str, float]:
     return {key: float(value) for key, value in rows[-1].items() if value}
 
 
-def validate_in_one_process(tmp_path: Path, checkpoint: Path, *overrides: str) -> dict[str, float]:
-    """`trainer.validate` of the checkpoint with the run's config, on one CPU process."""
+def validate_in_one_process(tmp_path: Path, checkpoint: Path, *overrides: str, trainer: str = "cpu") -> dict[str, float]:
+    """`trainer.validate` of the checkpoint with the run's config, in one process (`trainer=cpu` or `gpu`)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "trainer=cpu", "logger=none"], return_hydra_config=True)
+        cfg = compose("train", overrides=[*overrides, f"trainer={trainer}", "logger=none"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "one")
@@ -122,14 +122,15 @@ def test_two_gpus_roll_out_on_both_cards_with_graphs(tmp_path):
     """The GPU counterpart: `python train.py trainer=ddp trainer.devices=2` with CUDA graphs on both cards."""
     run_dir = tmp_path / "run"
     output = run_train("experiment=smoke", "trainer=ddp", "trainer.devices=2", "generation.cuda_graph=true",
-                       "generation.num_sequences=8", "generation.batch_size=4", "logger=csv",
+                       "generation.num_sequences=6", "generation.batch_size=3", "logger=csv",
                        f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert "rank 0 on cuda:0: 4 sequences, graph path" in output, output[-4000:]
-    assert "rank 1 on cuda:1: 4 sequences, graph path" in output, output[-4000:]
+    # experiment=smoke has 6 validation windows: 3 per rank
+    assert "rank 0 on cuda:0: 3 sequences, graph path" in output, output[-4000:]
+    assert "rank 1 on cuda:1: 3 sequences, graph path" in output, output[-4000:]
     ddp = last_rollout_row(run_dir)
     assert ddp["rollout/uses_graph"] == 1.0
     one = validate_in_one_process(tmp_path, run_dir / "checkpoints" / "last.ckpt", "experiment=smoke",
-                                  "generation.num_sequences=8", "generation.batch_size=4")
-    for name in COMPARED:
-        if name != "uses_graph":  # one process on the CPU takes the loop
-            assert one[f"rollout/{name}"] == pytest.approx(ddp[f"rollout/{name}"], rel=1e-3, abs=1e-6), name
+                                  "generation.num_sequences=6", "generation.batch_size=3",
+                                  "generation.cuda_graph=true", trainer="gpu")
+    for name in COMPARED:  # one process on one card, with a graph, as each rank had
+        assert one[f"rollout/{name}"] == pytest.approx(ddp[f"rollout/{name}"], rel=1e-3, abs=1e-6), name

@@ -24,6 +24,8 @@ from lrnn_lightning.rollout.metrics import (
     valid_prediction_steps,
 )
 
+PATHS = ("loop", "graph", "fused")  # RolloutStats.path, coded by position in a gathered report
+
 
 @dataclass(frozen=True)
 class RankReport:
@@ -39,16 +41,16 @@ class RankReport:
     @staticmethod
     def vector(device: torch.device, sequences: int, stats: RolloutStats, steps_per_second: float) -> Tensor:
         """This process's report as a float64 vector (for gathering): device index (-1: CPU), sequences,
-        uses graph, capture ms, steps per second."""
+        path (0 loop, 1 graph, 2 fused), capture ms, steps per second."""
         index = -1 if device.type == "cpu" else (device.index or 0)
-        return torch.tensor([index, sequences, float(stats.path == "graph"), stats.capture_ms, steps_per_second],
+        return torch.tensor([index, sequences, PATHS.index(stats.path), stats.capture_ms, steps_per_second],
                             dtype=torch.float64)
 
     @classmethod
     def from_vector(cls, rank: int, vector: Tensor, device_type: str) -> RankReport:
-        index, sequences, graph, capture_ms, speed = vector.tolist()
+        index, sequences, path, capture_ms, speed = vector.tolist()
         device = "cpu" if index < 0 else f"{device_type}:{int(index)}"
-        return cls(rank, device, int(sequences), "graph" if graph else "loop", capture_ms, speed)
+        return cls(rank, device, int(sequences), PATHS[int(path)], capture_ms, speed)
 
     def describe(self) -> str:
         capture = f", capture {self.capture_ms:.0f} ms" if self.path == "graph" else ""
@@ -115,6 +117,7 @@ class RolloutResult:
         out[f"{prefix}/steps_per_second"] = float(sum(r.steps_per_second for r in self.ranks))
         out[f"{prefix}/capture_ms"] = float(max(r.capture_ms for r in self.ranks))
         out[f"{prefix}/uses_graph"] = float(all(r.path == "graph" for r in self.ranks))
+        out[f"{prefix}/uses_fused"] = float(all(r.path == "fused" for r in self.ranks))
         return out
 
 

@@ -27,6 +27,7 @@ from lrnn_lightning.callbacks.result import (
 )
 from lrnn_lightning.callbacks.wandb_media import log_rollout_media
 from lrnn_lightning.rollout import RolloutEngine
+from lrnn_lightning.rollout.fused import support as fused_checks
 from lrnn_lightning.rollout.metrics import channel_scale, valid_prediction_steps
 
 OWNER = "RolloutCallback"
@@ -71,6 +72,16 @@ def _cuda_graph_option(value: Any) -> bool | str:
                      "CUDA graph when the model is on a GPU and runs the step loop otherwise.")
 
 
+def _fused_option(value: Any) -> bool | str:
+    if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[value.lower()]
+    if value in (True, False) and isinstance(value, bool):
+        return value
+    raise ValueError(f"{OWNER}: fused must be 'auto', true or false, got {value!r}. HINT: 'auto' runs the fused "
+                     "Triton kernel where it covers the model on a GPU, and the CUDA graph (or the step loop) "
+                     "otherwise; false never runs it.")
+
+
 def _autocast_option(value: Any) -> torch.dtype | None:
     if value is None or value in (torch.bfloat16, torch.float16):
         return value
@@ -110,9 +121,11 @@ class RolloutCallback(Callback):
     above 0 beats doing nothing), `valid_steps` (steps before the normalised RMSE first
     exceeds `threshold`, the "valid prediction time"), `persistence_valid_steps`,
     `diverged_fraction`, `first_diverged_step` (0-based; the horizon when none diverged),
-    `steps_per_second` (all processes together), `capture_ms` and `uses_graph` (1 when every
-    process replayed a graph). With a `WandbLogger`, global rank zero also logs the
-    error-vs-horizon chart, sample plots, a table of the samples and the timing.
+    `steps_per_second` (all processes together), `capture_ms`, `uses_graph` (1 when every
+    process replayed a graph) and `uses_fused` (1 when every process ran the fused kernel).
+    With a `WandbLogger`, global rank zero also logs the error-vs-horizon chart, sample plots,
+    a table of the samples and the timing (with the path and why it was taken); its text
+    line says which path each process took, and why on rank zero.
 
     The rollout runs in the weights' dtype outside the trainer's autocast (a mixed-precision
     trainer does not change it), or under the engine's own `autocast_dtype`.
@@ -127,6 +140,12 @@ class RolloutCallback(Callback):
         compile: fuse the step body with torch.compile before capture.
         cuda_graph: "auto" (a graph when the model is on a GPU, else the step loop), True
             (a configuration error without CUDA) or False (always the loop).
+        fused: run each rollout as one fused Triton kernel (`RolloutEngine(fused=...)`):
+            False, "auto" (where the kernel covers the model on a GPU, else as `cuda_graph`
+            says; a kernel failure warns once and the graph takes over) or True (a
+            configuration error for a model the kernel does not cover, or without a GPU).
+            `tf32` picks the kernel's "tf32" dots; chunk, compile and batch_size concern
+            the graph path only.
         on_capture_error: "fallback" (warn once, continue on the step loop) or "raise".
         event_mode: roll out with the windows' dt; None: whenever the data provides dt.
         autocast_dtype: None, "bfloat16" or "float16" for the engine's autocast.
@@ -154,7 +173,8 @@ class RolloutCallback(Callback):
                  event_mode: bool | None = None, autocast_dtype: str | torch.dtype | None = None,
                  tf32: bool | None = False, threshold: float = 0.5, divergence_threshold: float = 100.0,
                  seed: int = 0, num_plots: int = 4,
-                 plot_channels: int = 3, sanity_check: bool = False, prefix: str = "rollout"):
+                 plot_channels: int = 3, sanity_check: bool = False, prefix: str = "rollout",
+                 fused: bool | str = False):
         self.num_sequences = _positive_int("num_sequences", num_sequences, "e.g. generation.num_sequences=16.")
         self.context = _positive_int("context", context, "e.g. generation.context=64.", allow_none=True)
         self.horizon = _positive_int("horizon", horizon, "e.g. generation.horizon=128.", allow_none=True)
@@ -183,6 +203,14 @@ class RolloutCallback(Callback):
             raise ValueError(f"{OWNER}: cuda_graph=true needs a CUDA GPU, but torch.cuda.is_available() is False "
                              "on this machine. HINT: set generation.cuda_graph=auto (a graph on a GPU, the step "
                              "loop on the CPU) or generation.cuda_graph=false.")
+        self.fused = _fused_option(fused)
+        if self.fused is True and fused_checks.triton_version() is None:
+            raise ValueError(f"{OWNER}: fused=true needs Triton, which does not import here. HINT: pip install "
+                             "-e '.[fused]', or set generation.fused=auto or false.")
+        if self.fused is True and not torch.cuda.is_available() and not fused_checks.interpreter_active():
+            raise ValueError(f"{OWNER}: fused=true needs a CUDA GPU, but torch.cuda.is_available() is False on this "
+                             "machine. HINT: set generation.fused=auto (the fused kernel on a GPU, else the graph or "
+                             "the step loop) or generation.fused=false.")
         self.compile, self.event_mode, self.on_capture_error = bool(compile), event_mode, on_capture_error
         self.autocast_dtype = _autocast_option(autocast_dtype)
         if tf32 not in (None, True, False):
@@ -195,6 +223,7 @@ class RolloutCallback(Callback):
         self.last_result: RolloutResult | None = None
         self._engines: dict[tuple[int, torch.dtype, torch.device], RolloutEngine] = {}
         self._engine: RolloutEngine | None = None
+        self._fused_compiled: set[tuple[int, torch.dtype, torch.device]] = set()  # engines whose kernel ran once
         self._windows: _Windows | None = None
         self._windows_key: tuple | None = None
         self._warned: set[str] = set()
@@ -212,7 +241,15 @@ class RolloutCallback(Callback):
         if self.cuda_graph is True and device.type != "cuda":
             raise ValueError(f"{OWNER}: cuda_graph=true needs the model on a CUDA GPU, but the trainer runs it on "
                              f"{device}. HINT: use trainer=gpu, or generation.cuda_graph=auto.")
-        _rollout_model(pl_module)
+        model = _rollout_model(pl_module)
+        if self.fused is True:  # fail before training; the engine checks the weights' dtype where they live
+            covered, why = fused_checks.model_coverage(model)
+            if not covered:
+                raise ValueError(f"{OWNER}: fused=true, but the fused kernel does not cover this model: {why}. "
+                                 "HINT: set generation.fused=auto to fall back to the CUDA graph (or the step loop).")
+            if device.type != "cuda" and not fused_checks.interpreter_active():
+                raise ValueError(f"{OWNER}: fused=true needs the model on a CUDA GPU, but the trainer runs it on "
+                                 f"{device}. HINT: use trainer=gpu, or generation.fused=auto.")
         datamodule = trainer.datamodule
         if datamodule is not None:  # fail before training when the data's windows cannot serve the rollout
             self._check_windows(getattr(datamodule, "context_length", None), getattr(datamodule, "horizon", None),
@@ -232,10 +269,10 @@ class RolloutCallback(Callback):
             self._engines[key] = RolloutEngine(
                 model, batch_size=rows, chunk=self.chunk, cuda_graph=self.cuda_graph, compile=self.compile,
                 event_mode=self._windows.dt is not None, autocast_dtype=self.autocast_dtype,
-                on_capture_error=self.on_capture_error, tf32=self.tf32)
+                on_capture_error=self.on_capture_error, tf32=self.tf32, fused=self.fused)
         self._engine = self._engines[key]
-        if device.type == "cuda" and self.cuda_graph is not False:
-            self._warm_up()
+        if device.type == "cuda" and (self.cuda_graph is not False or self.fused is not False):
+            self._warm_up(key)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -246,7 +283,8 @@ class RolloutCallback(Callback):
             # already the same on every process; sync_dist only keeps Lightning's bookkeeping of epoch metrics
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
         rank_zero_info(f"{OWNER}: epoch {result.epoch}, {len(result.indices)} sequences: "
-                       + "; ".join(report.describe() for report in result.ranks) + ".")
+                       + "; ".join(report.describe() for report in result.ranks)
+                       + f". Path on rank 0: {result.stats.path} ({result.stats.backend_reason}).")
         if result.diverged:
             self._warn_once("diverged", f"{OWNER}: {result.diverged} of {len(result.indices)} rolled-out sequences "
                             f"diverged at epoch {result.epoch} (the first at horizon step {result.first_diverged_step}"
@@ -262,6 +300,7 @@ class RolloutCallback(Callback):
         for engine in self._engines.values():
             engine.release()
         self._engines.clear()
+        self._fused_compiled.clear()
         self._engine, self._windows, self._windows_key = None, None, None
 
     @override
@@ -343,12 +382,17 @@ class RolloutCallback(Callback):
         with torch.inference_mode(False), torch.autocast(context.device.type, enabled=False):
             return self._engine.rollout(context, horizon, dt=dt)
 
-    def _warm_up(self) -> None:
-        """Capture now (or re-capture, if the weights' storage was replaced), so validation end only replays."""
-        windows, rows = self._windows, self._engine.batch_size
+    def _warm_up(self, key: tuple[int, torch.dtype, torch.device]) -> None:
+        """Capture now (or re-capture, if the weights' storage was replaced), so validation end only replays;
+        on the fused path, compile the kernel for the real shapes once (Triton compiles on first launch)."""
+        windows, engine = self._windows, self._engine
+        rows = engine.batch_size
         context_length = windows.engine_context.shape[1]
         self._run_engine(windows.engine_context[:rows], 1, None if windows.engine_dt is None else
                          windows.engine_dt[:rows, :context_length + 1])
+        if engine.stats.path == "fused" and key not in self._fused_compiled:
+            self._run_engine(windows.engine_context, windows.future.shape[1], windows.engine_dt)
+            self._fused_compiled.add(key)
 
     def _rollout(self, trainer: pl.Trainer) -> RolloutResult:
         """Roll out this process's rows, score them, and combine the scores of all processes."""

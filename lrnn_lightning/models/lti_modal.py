@@ -13,9 +13,10 @@ parameters and the event timestep (`_discretize`), and may fold per-mode gains i
   with decay^l in mode space, O(B P L log L);
 - forward, dt given: time-varying, solved by the associative scan (`pairwise_scan`);
 - step: one real matmul for B x, six fused kernels for the complex update, three for
-  the readout, all on real tensors; the rest is the discretisation, recomputed from the
-  live parameters on every call (once per rollout chunk inside the engine's
-  `shared_derivations` scope, see derived.py).
+  the readout (one kernel each for B x and the readout on a GPU, see step_ops), all on
+  real tensors; the rest is the discretisation, recomputed from the live parameters on
+  every call (once per rollout chunk inside the engine's `shared_derivations` scope, see
+  derived.py).
 
 All paths run with autocast off, in the parameters' dtype promoted to at least float32
 (see `working_precision`): subclasses read their parameters through `upcast`.
@@ -43,6 +44,7 @@ from lrnn_lightning.models.lti_complex import (
 )
 from lrnn_lightning.models.mixer import Mixer, State
 from lrnn_lightning.models.scan import pairwise_scan
+from lrnn_lightning.models.step_ops import dual_readout_step, matmul_step
 from lrnn_lightning.models.validation import check_dt, check_sequence, check_step_dt, check_step_input
 
 
@@ -93,11 +95,11 @@ class ModalLTIMixer(Mixer):
         log_decay, scale = self._discretize(None)
         return torch.exp(log_decay), scale, self._input_weight()
 
-    def _readout(self, h_re: Tensor, h_im: Tensor, x: Tensor) -> Tensor:
-        """c Re(C h) + D x for 2-D h_re, h_im (N, P) and x (N, H) -> (N, H); three kernels."""
+    def _readout(self, h_re: Tensor, h_im: Tensor, x: Tensor, step: bool = False) -> Tensor:
+        """c Re(C h) + D x for 2-D h_re, h_im (N, P) and x (N, H) -> (N, H); three kernels, or one fused
+        step kernel when `step` (see step_ops)."""
         C = upcast(self.C)
-        y = torch.addmm(x * upcast(self.D), h_re, C[0].T, alpha=self.output_scale)
-        return y.addmm_(h_im, C[1].T, alpha=-self.output_scale)
+        return dual_readout_step(h_re, C[0], h_im, C[1], self.output_scale, x, upcast(self.D), allow_kernel=step)
 
     def _states(self, x: Tensor, dt: Tensor | None) -> Tensor:
         """All states h_t, complex (B, L, P), from a zero initial state."""
@@ -174,9 +176,9 @@ class ModalLTIMixer(Mixer):
             else:
                 log_decay, scale = self._discretize(dt_t)
                 decay, weight = torch.exp(log_decay), derived(self, "input_weight", self._input_weight)
-            u = x_t @ weight.T
+            u = matmul_step(x_t, weight)
             u_re, u_im = u[:, : self.n_modes], u[:, self.n_modes:]
             if scale is not None:
                 u_re, u_im = complex_mul(scale, u_re, u_im)
             h_re, h_im = complex_decay_add_(state["h_re"], state["h_im"], decay, u_re, u_im)
-            return self._readout(h_re, h_im, x_t).to(out_dtype)
+            return self._readout(h_re, h_im, x_t, step=True).to(out_dtype)

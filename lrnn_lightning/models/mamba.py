@@ -20,6 +20,7 @@ from lrnn_lightning.models.causal_conv import CausalConv1d
 from lrnn_lightning.models.derived import derived
 from lrnn_lightning.models.mixer import Mixer, State
 from lrnn_lightning.models.scan import pairwise_scan
+from lrnn_lightning.models.step_ops import linear_step, matmul_step
 from lrnn_lightning.models.validation import (
     check_dt,
     check_positive_int,
@@ -190,15 +191,16 @@ class Mamba(Mixer):
         """x_t (B, D), dt_t (B,) or None -> (B, D); `state` updated in place."""
         batch = check_step_input(x_t, self.d_model, "Mamba")
         check_step_dt(dt_t, batch, "Mamba")
-        x_in, z = self.in_proj(x_t).chunk(2, dim=-1)
+        x_in, z = linear_step(x_t, self.in_proj).chunk(2, dim=-1)
         u = F.silu(self.conv.step(x_in, state["conv"]))
-        delta, B, C = self._selection(u)
+        dt_low, B, C = matmul_step(u, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(linear_step(dt_low, self.dt_proj))  # as _selection, with the step's kernels
         A = derived(self, "A", self._continuous_A)  # shared across a rollout chunk, see derived.py
         decay = delta if dt_t is None else dt_t.reshape(batch, 1).to(_timestep_dtype(A))
         h = state["h"]
         h.mul_(torch.exp(decay.unsqueeze(-1) * A)).addcmul_((delta * u).unsqueeze(-1), B.unsqueeze(1))
         y = torch.baddbmm((self.D * u).unsqueeze(-1), h, C.unsqueeze(-1)).squeeze(-1)
-        return self.out_proj(y * F.silu(z))
+        return linear_step(y * F.silu(z), self.out_proj)
 
 
 def _timestep_dtype(A: Tensor) -> torch.dtype:

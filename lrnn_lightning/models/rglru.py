@@ -17,6 +17,7 @@ from lrnn_lightning.models.causal_conv import CausalConv1d
 from lrnn_lightning.models.derived import derived
 from lrnn_lightning.models.mixer import Mixer, State
 from lrnn_lightning.models.scan import pairwise_scan
+from lrnn_lightning.models.step_ops import linear_step
 from lrnn_lightning.models.validation import (
     check_dt,
     check_positive_int,
@@ -144,10 +145,10 @@ class RGLRU(Mixer):
         """x_t (B, D), dt_t (B,) or None -> (B, D); `state` updated in place."""
         batch = check_step_input(x_t, self.d_model, "RGLRU")
         check_step_dt(dt_t, batch, "RGLRU")
-        x_in, gate = self.in_proj(x_t).chunk(2, dim=-1)
+        x_in, gate = linear_step(x_t, self.in_proj).chunk(2, dim=-1)
         a, normaliser, gated_input = self._recurrence(self.conv.step(x_in, state["conv"]),
                                                       None if dt_t is None else dt_t.reshape(batch))
         h = state["h"]
         h.mul_(a).addcmul_(normaliser, gated_input)
-        return self.out_proj(h * F.gelu(gate))
+        return linear_step(h * F.gelu(gate), self.out_proj)
 

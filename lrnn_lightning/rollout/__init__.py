@@ -7,7 +7,8 @@
     y = generate(model, x0, num_steps=512, graph_cache=handle)
 
 Modules: `loop` (reference path), `step_graph` (K steps as one CUDA graph), `engine`
-(path choice, padding and splitting, staleness, stats), `seed_api`, `lrnnx_adapter`.
+(path choice, padding and splitting, staleness, stats), `fused` (the whole rollout as one
+Triton kernel: `RolloutEngine(model, fused="auto")`), `seed_api`, `lrnnx_adapter`.
 """
 
 from lrnn_lightning.rollout.engine import RolloutEngine, RolloutStats, rollout

@@ -1,6 +1,7 @@
-"""`RolloutEngine`: prefill a context, then roll a model out autoregressively, through a CUDA graph when it can.
+"""`RolloutEngine`: prefill a context, then roll a model out autoregressively, through a CUDA graph when it can
+(or the fused Triton kernel, when asked for).
 
-What one rollout computes (both paths, identical numbers):
+What one rollout computes (every path, the same numbers up to fp32 rounding):
 
     y_ctx, state = model.prefill(context, dt[:, :C])          # parallel over the context
     out[:, 0]    = y_ctx[:, -1]                                 # prediction of the step after the context
@@ -14,6 +15,10 @@ dtype, device, width) for the engine's event mode, chunk, compile and autocast s
 and re-uses it across rollouts: the graph reads live weights, so optimizer steps and
 in-place checkpoint loads need no re-capture. A replaced parameter (`.to()`,
 `load_state_dict(assign=True)`) is detected by fingerprint and triggers a re-capture.
+
+The fused path (`fused=True` or "auto", `lrnn_lightning.rollout.fused`) prefills in PyTorch and
+runs every step in one Triton launch that packs the live weights each time: nothing to capture,
+pad or split. `choose_backend` picks the path of each rollout and says why (`stats.backend_reason`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from lrnn_lightning.rollout.checks import (
     model_device_dtype,
 )
 from lrnn_lightning.rollout.errors import CaptureError, StaleGraphError, describe_capture_failure
+from lrnn_lightning.rollout.fused import FusedKernelError, choose_backend, fused_steps, fused_support
+from lrnn_lightning.rollout.fused.launch import PRECISIONS
 from lrnn_lightning.rollout.inference import AUTOCAST_DTYPES, matmul_tf32_enabled, rollout_mode
 from lrnn_lightning.rollout.loop import prefill_context, rollout_loop
 from lrnn_lightning.rollout.step_graph import StepGraph
@@ -48,12 +55,14 @@ class RolloutStats:
     """What the engine did, for logging.
 
     Attributes:
-        path: "graph" or "loop", the path of the last rollout.
+        path: "fused", "graph" or "loop", the path of the last rollout.
         compiled: whether the last rollout ran a torch.compile'd step body.
         capture_ms: wall time of the last capture (warm-up and compilation included).
         num_captures: graphs captured by this engine so far.
         steps_per_second: last rollout, batch rows x horizon / seconds (prefill included, capture excluded).
-        fallback_reason: why capture failed, when on_capture_error="fallback" made the engine use the loop.
+        fallback_reason: why capture failed (on_capture_error="fallback" made the engine use the loop), or
+            why the fused kernel failed (fused="auto" made the engine use the graph or the loop).
+        backend_reason: why the last rollout took `path` (from `choose_backend`, plus this engine's fallbacks).
     """
 
     path: str = "loop"
@@ -62,10 +71,11 @@ class RolloutStats:
     num_captures: int = 0
     steps_per_second: float = 0.0
     fallback_reason: str | None = None
+    backend_reason: str | None = None
 
 
 class RolloutEngine:
-    """Autoregressive rollouts of a step-protocol model, by CUDA-graph replay or a plain loop.
+    """Autoregressive rollouts of a step-protocol model, by the fused Triton kernel, CUDA-graph replay or a plain loop.
 
     Args:
         model: implements the step protocol (`allocate_state`, `step`, `prefill`) with
@@ -86,19 +96,36 @@ class RolloutEngine:
         tf32: run float32 matmuls on TF32 tensor cores during rollouts (True), forbid it
             (False), or keep the global setting (None). Small-batch float32 matmuls are
             several times faster on TF32 (see experiments/RESULTS.md), at about 1e-3
-            relative error per matmul; the graph and the loop path make the same choice.
+            relative error per matmul; the graph and the loop path make the same choice,
+            and so does the fused path unless `fused_precision` is given.
+        fused: run the whole rollout as one Triton kernel (`lrnn_lightning.rollout.fused`):
+            False (never), True (require it: a ValueError naming the reason when the kernel
+            does not cover the model or cannot run where it lives; `FusedKernelError` when
+            it fails), or "auto" (fused for a covered model on a CUDA GPU with Triton, else
+            the graph or the loop as `cuda_graph` says; a kernel failure warns once and the
+            engine keeps the graph path until `release()`). Not always faster than the graph
+            (see experiments/RESULTS.md). batch_size, chunk, compile and on_capture_error
+            concern the graph path only; autocast_dtype=torch.bfloat16 runs the kernel on
+            bf16 weights (float16 is not covered: "auto" falls back, True raises).
+        fused_precision: the kernel's dot precision for float32 weights: "ieee" (exact fp32),
+            "tf32x3" (tensor cores, about fp32 accuracy) or "tf32" (~1e-3); None follows the
+            TF32 choice of the rollout ("tf32" when float32 matmuls run on TF32, else "ieee").
 
     Example:
         >>> engine = RolloutEngine(model.cuda(), batch_size=64, chunk=16)
         >>> future = engine.rollout(context, horizon=200)      # (B, 200, H)
         >>> engine.stats.path, engine.stats.steps_per_second
         >>> engine.release()
+        >>> fused = RolloutEngine(model.cuda(), fused="auto")
+        >>> future = fused.rollout(context, horizon=200)
+        >>> fused.stats.path, fused.stats.backend_reason      # ('fused', 'fused=auto: lru x 4 layers covered; ...')
     """
 
     def __init__(self, model: nn.Module, *, batch_size: int | None = None, chunk: int = 16,
                  cuda_graph: bool | str = "auto", compile: bool = False, event_mode: bool = False,
                  autocast_dtype: torch.dtype | None = None, on_capture_error: str = "raise",
-                 on_stale: str = "recapture", n_warmups: int = 3, tf32: bool | None = None):
+                 on_stale: str = "recapture", n_warmups: int = 3, tf32: bool | None = None,
+                 fused: bool | str = False, fused_precision: str | None = None):
         check_step_model(model, OWNER)
         feature_size(model, OWNER)
         if batch_size is not None:
@@ -113,15 +140,27 @@ class RolloutEngine:
                                      ("on_stale", on_stale, ("recapture", "raise"))):
             if value not in allowed:
                 raise ValueError(f"{OWNER}: {name} must be one of {allowed}, got {value!r}.")
+        if not (fused is True or fused is False or (isinstance(fused, str) and fused == "auto")):
+            raise ValueError(f"{OWNER}: fused must be True, False or 'auto', got {fused!r}. HINT: 'auto' runs the "
+                             "fused kernel where it covers the model on a GPU, else the graph or the loop.")
+        if fused_precision is not None and fused_precision not in PRECISIONS:
+            raise ValueError(f"{OWNER}: fused_precision must be None or one of {PRECISIONS}, got "
+                             f"{fused_precision!r}. HINT: None follows the tf32 choice; 'ieee' is exact fp32.")
         self.model, self.batch_size, self.chunk = model, batch_size, chunk
         self.cuda_graph, self.compile, self.event_mode = cuda_graph, bool(compile), bool(event_mode)
         self.autocast_dtype, self.on_capture_error, self.on_stale = autocast_dtype, on_capture_error, on_stale
         self.n_warmups, self.tf32 = n_warmups, tf32
+        self.fused, self.fused_precision = fused, fused_precision
+        # the kernel's matmul weights follow the autocast dtype (float16 is not covered)
+        self.fused_weight_dtype = autocast_dtype
         self.stats = RolloutStats()
         self._graph: StepGraph | None = None
         self._fell_back = False
+        self._fused_failed = False
         if cuda_graph is True:
             self._graph_wanted(model_device_dtype(model, torch.empty(0))[0])
+        if fused is True:
+            self._check_fused()
 
     def rollout(self, context: Tensor, horizon: int, dt: Tensor | None = None) -> Tensor:
         """Prefill `context`, then predict `horizon` steps autoregressively.
@@ -141,31 +180,94 @@ class RolloutEngine:
         batch, context_len, width = check_context(context, width, self.model, owner)
         horizon = check_horizon(horizon, owner)
         check_rollout_dt(dt, batch, context_len + horizon, self.event_mode, context.device, owner)
-        dt = None if dt is None else dt.to(context.dtype)  # both paths see the same timesteps
-        use_graph = self._graph_wanted(context.device)
+        dt = None if dt is None else dt.to(context.dtype)  # every path sees the same timesteps
 
         with rollout_mode(self.model, context.device.type, self.autocast_dtype, self.tf32):
-            graph = self._ready_graph(batch, width, context.dtype, context.device) if use_graph else None
-            start = time.perf_counter()
-            if graph is None:
-                out = rollout_loop(self.model, context, horizon, dt)
-            else:
-                out = self._rollout_on_graph(graph, context, horizon, dt)
+            backend, reason = self._choose_backend(context.device)
+            out, graph = None, None
+            if backend == "fused":
+                start = time.perf_counter()
+                out = self._rollout_fused(context, horizon, dt)
+                if out is None:  # fused="auto" and the kernel failed: the graph or the loop from now on
+                    backend, reason = self._choose_backend(context.device)
+            if out is None:
+                if backend == "graph":
+                    graph = self._ready_graph(batch, width, context.dtype, context.device)
+                    if graph is None:
+                        backend, reason = "loop", f"{reason}; the capture failed, so the plain step loop"
+                start = time.perf_counter()
+                if graph is None:
+                    out = rollout_loop(self.model, context, horizon, dt)
+                else:
+                    out = self._rollout_on_graph(graph, context, horizon, dt)
         if context.device.type == "cuda":
             torch.cuda.synchronize(context.device)
         seconds = time.perf_counter() - start
 
-        self.stats.path = "loop" if graph is None else "graph"
+        self.stats.path, self.stats.backend_reason = backend, reason
         self.stats.compiled = graph is not None and graph.compiled
         self.stats.steps_per_second = batch * horizon / max(seconds, 1e-9)
         return out
 
     def release(self) -> None:
-        """Free the captured graph and its memory pool; the next graph rollout captures again."""
+        """Free the captured graph and its memory pool; the next graph rollout captures again (and a
+        fused="auto" engine whose kernel failed tries the kernel again)."""
         if self._graph is not None:
             self._graph.release()
             self._graph = None
         self._fell_back = False
+        self._fused_failed = False
+
+    # -- path choice -------------------------------------------------------------------------
+
+    def _choose_backend(self, device: torch.device) -> tuple[str, str]:
+        """This rollout's backend and why: `choose_backend` for the fused kernel, else the graph or the loop as
+        `_graph_wanted` says (it knows this engine's capture fallback)."""
+        use_graph = self._graph_wanted(device)  # raises when cuda_graph=True cannot be honoured
+        if self.fused is True:
+            self._check_fused()
+        fused = False if self._fused_failed else self.fused
+        backend, reason = choose_backend(self.model, fused, self.cuda_graph, self.fused_weight_dtype)
+        if backend == "fused":
+            return backend, reason
+        not_fused, _, not_fused_path = reason.rpartition("; ")
+        if self._fused_failed:
+            not_fused = "fused=auto, not fused: the kernel failed earlier (see stats.fallback_reason)"
+        if use_graph:
+            return "graph", f"{not_fused}; CUDA graph on {device}"
+        if self._fell_back:
+            return "loop", f"{not_fused}; plain step loop (the graph capture failed earlier)"
+        return "loop", f"{not_fused}; {not_fused_path}"
+
+    def _check_fused(self) -> None:
+        """Raise, naming the reason, when fused=True cannot be honoured for the model where it lives now."""
+        covered, why = fused_support(self.model, self.fused_weight_dtype)
+        if not covered:
+            raise ValueError(f"{OWNER}: fused=True, but the fused kernel cannot run this model: {why}. HINT: "
+                             "fused='auto' (generation.fused=auto) falls back to the CUDA graph or the step loop; "
+                             "fused_support(model) says what the kernel covers.")
+
+    # -- fused path ------------------------------------------------------------------------
+
+    def _rollout_fused(self, context: Tensor, horizon: int, dt: Tensor | None) -> Tensor | None:
+        """Prefill in PyTorch, then every step in one kernel launch; None when fused="auto" and the kernel failed."""
+        first, state, dt_steps = prefill_context(self.model, context, horizon, dt)
+        precision = self.fused_precision or ("tf32" if matmul_tf32_enabled() else "ieee")
+        try:
+            # the kernel packs the live weights itself: no autocast around that (its dtype is fused_weight_dtype)
+            with torch.autocast(context.device.type, enabled=False):
+                rest = fused_steps(self.model, first, state, horizon - 1, dt_steps,
+                                   weight_dtype=self.fused_weight_dtype, precision=precision)
+        except FusedKernelError as error:
+            if self.fused is True:
+                raise
+            message = f"{OWNER}: fused='auto', but the fused kernel failed: {error}"
+            warnings.warn(f"{message} Falling back to the CUDA graph (or the step loop) for this engine until "
+                          "release().", RuntimeWarning, stacklevel=3)
+            self._fused_failed = True
+            self.stats.fallback_reason = message
+            return None
+        return torch.cat([first.unsqueeze(1), rest], dim=1)
 
     # -- graph path ------------------------------------------------------------------------
 

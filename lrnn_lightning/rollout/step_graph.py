@@ -16,6 +16,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from lrnn_lightning.models import step_ops
 from lrnn_lightning.rollout.checks import check_positive_int
 from lrnn_lightning.rollout.fingerprint import describe_change, model_fingerprint
 from lrnn_lightning.rollout.inference import autocast_context, matmul_tf32_enabled, rollout_mode
@@ -217,4 +218,7 @@ def _step_function(model: nn.Module, device_type: str, autocast_dtype: torch.dty
         with autocast_context(device_type, autocast_dtype):
             return model.step(x, state, dt_t)
 
-    return torch.compile(step, dynamic=False) if compile else step
+    if not compile:
+        return step
+    step_ops.preload()  # import the step kernel before tracing: an import inside the trace would break the graph
+    return torch.compile(step, dynamic=False)

@@ -62,7 +62,13 @@ def summary_line(metrics: dict[str, float], prefix: str = "rollout") -> str:
             f"{metrics[f'{prefix}/persistence_nrmse']:.4f} (skill {metrics[f'{prefix}/skill']:+.3f}), "
             f"valid for {metrics[f'{prefix}/valid_steps']:.0f} steps, "
             f"{metrics[f'{prefix}/steps_per_second']:.0f} steps/s on the "
-            f"{'graph' if metrics.get(f'{prefix}/uses_graph') else 'loop'} path.")
+            f"{_path_name(metrics, prefix)} path.")
+
+
+def _path_name(metrics: dict[str, float], prefix: str) -> str:
+    if metrics.get(f"{prefix}/uses_fused"):
+        return "fused"
+    return "graph" if metrics.get(f"{prefix}/uses_graph") else "loop"
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:

@@ -9,13 +9,13 @@ Modules: `support` (coverage, Triton and device checks; imports no Triton), `sel
 layout, launch), `aot` (compile for a GPU on the host), `kernels/` (the Triton source,
 imported on first launch).
 
-Not wired into `RolloutEngine` or the callback yet (issue #6). The plan: the engine takes
-`fused=False|True|"auto"` (and a precision); inside `rollout` and its `rollout_mode` block it
-calls `choose_backend(model, fused, cuda_graph, weight_dtype)`, runs `fused_rollout` when
-that says "fused" (no padding or batch splitting needed), re-raises `FusedKernelError` when
-fused=True was asked for and otherwise warns once and keeps the graph path, and reports
-`stats.path = backend` with the reason; the callback passes `generation.fused` through and
-logs the path and reason on rank zero.
+Wired into `RolloutEngine(fused=False|True|"auto", fused_precision=None)` and the callback
+(`generation.fused`, issue #6): inside `rollout` and its `rollout_mode` block the engine calls
+`choose_backend(model, fused, cuda_graph, weight_dtype)` (weight_dtype bf16 under a bf16 autocast),
+prefills in PyTorch and runs `fused_steps` when that says "fused" (no padding or batch splitting),
+re-raises `FusedKernelError` when fused=True was asked for and otherwise warns once and keeps the
+graph path, and reports `stats.path = backend` and `stats.backend_reason`; the callback logs
+`rollout/uses_fused` and the path and reason on rank zero.
 """
 
 from lrnn_lightning.rollout.fused.launch import (

@@ -1,0 +1,186 @@
+"""The small matmuls of a recurrent `step`, each one GPU kernel where that is possible.
+
+A step works on a handful of rows (the batch), where cuBLAS's float32 GEMMs are slow and
+come as three or four kernels each (split-K, scaling, reduction, memset), and a captured
+step is paid per kernel. On a CUDA GPU with Triton, these functions run one fused kernel
+(`step_kernels.step_matmul_kernel`: LayerNorm prologue, second operand, bias, GEGLU,
+residual and scaled-skip epilogues); everywhere else they run the PyTorch composition they
+stand for, which is also the reference the tests compare the kernel against.
+
+The kernel runs only where it computes what PyTorch would, to float32 rounding:
+float32 2-D tensors on a CUDA device, no autocast, TF32 matmuls off, no autograd through
+the call, and shapes small enough that one kernel beats cuBLAS (`MAX_MACS`). Under
+torch.compile the launch is traced as a user-defined Triton kernel. `LRNN_STEP_KERNELS=0` in the environment,
+or `use_step_kernels(False)`, turns it off (e.g. to measure what it gains).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MAX_MACS = 1 << 25  # multiply-adds (rows x outputs x inputs) up to which the one kernel beats cuBLAS
+KERNEL_MODULE = "lrnn_lightning.models.step_kernels"
+KERNEL_DEVICE = "cuda"  # the device type the compiled kernel runs on (tests run it interpreted on "cpu")
+
+_enabled = os.environ.get("LRNN_STEP_KERNELS", "1") != "0"
+
+
+@contextlib.contextmanager
+def use_step_kernels(enabled: bool) -> Iterator[None]:
+    """Allow (True) or forbid (False) the fused step kernel inside the block.
+
+    A captured CUDA graph keeps the kernels it recorded, so the choice made while capturing holds
+    for every replay.
+    """
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+_loaded: dict[str, object] = {}  # "module": the compiled kernel module, or None where it cannot run
+
+
+def _kernel_module():
+    # a plain dict lookup (not functools.lru_cache), so torch.compile can trace through it
+    if "module" not in _loaded:
+        _loaded["module"] = _load_kernel_module()
+    return _loaded["module"]
+
+
+def _load_kernel_module():
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        module = importlib.import_module(KERNEL_MODULE)
+    except Exception:  # a broken Triton install: the PyTorch composition still works
+        return None
+    return None if module.INTERPRETED else module
+
+
+def preload() -> bool:
+    """Import the kernel now (before torch.compile traces a step, which must not import); True if usable."""
+    return _kernel_module() is not None
+
+
+def _tf32_matmuls() -> bool:
+    from lrnn_lightning.rollout.inference import matmul_tf32_enabled  # lazy: rollout imports models
+
+    return matmul_tf32_enabled()
+
+
+def kernel_applies(x: Tensor, *tensors: Tensor | None, macs: int) -> bool:
+    """Whether the fused kernel computes this call (see the module doc for the conditions)."""
+    if not (_enabled and x.device.type == KERNEL_DEVICE and x.dim() == 2 and macs <= MAX_MACS):
+        return False
+    present = [x, *(t for t in tensors if t is not None)]
+    if any(t.dtype != torch.float32 or t.device != x.device or t.stride(-1) != 1 for t in present):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    # torch.compile traces the Triton launch as a user-defined kernel and fuses the ops around it
+    if torch.is_autocast_enabled(x.device.type) or _tf32_matmuls():
+        return False
+    return _kernel_module() is not None
+
+
+def step_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, num_warps) for an (m, k) x (k, n) product: small tiles for many programs, and the
+    whole reduction in one block up to 128, because these tiny products are bound by the latency of
+    each sequential load, not by arithmetic."""
+    # measured on an H100 (experiments/RESULTS.md): 16 x 16 tiles won at every step-sized product
+    return 16, 16, max(16, min(64, 1 << (k - 1).bit_length())), 4
+
+
+def launch_step_matmul(module, x: Tensor, weight: Tensor, n_out: int, *, bias: Tensor | None = None,
+                       norm: nn.LayerNorm | None = None, glu: bool = False, x2: Tensor | None = None,
+                       weight2: Tensor | None = None, alpha: float = 1.0, alpha2: float = 1.0,
+                       residual: Tensor | None = None, skip: Tensor | None = None,
+                       skip_scale: Tensor | None = None, blocks: tuple[int, int, int, int] | None = None) -> Tensor:
+    """Run `module.step_matmul_kernel` (compiled or interpreted) on 2-D row-major operands -> (M, n_out).
+
+    `blocks` (BM, BN, BK, num_warps) overrides `step_blocks`, for tuning.
+    """
+    m, k = x.shape
+    k2 = 0 if x2 is None else x2.shape[1]
+    out = torch.empty(m, n_out, device=x.device, dtype=torch.float32)
+    bm, bn, bk, warps = blocks or step_blocks(m, n_out, max(k, k2))
+    dummy = out  # never read: its flag is off
+    grid = (triton_cdiv(m, bm), triton_cdiv(n_out, bn))
+    module.step_matmul_kernel[grid](
+        x, x.stride(0), weight.contiguous(), dummy if x2 is None else x2, 0 if x2 is None else x2.stride(0),
+        dummy if weight2 is None else weight2.contiguous(), dummy if bias is None else bias,
+        dummy if norm is None else norm.weight, dummy if norm is None else norm.bias,
+        dummy if residual is None else residual, 0 if residual is None else residual.stride(0),
+        dummy if skip is None else skip, 0 if skip is None else skip.stride(0),
+        dummy if skip_scale is None else skip_scale, out, out.stride(0),
+        m, k, k2, n_out, 0.0 if norm is None else float(norm.eps), float(alpha), float(alpha2),
+        HAS_NORM=norm is not None, HAS_X2=x2 is not None, HAS_BIAS=bias is not None, GLU=glu,
+        HAS_RES=residual is not None, HAS_SKIP=skip is not None, BM=bm, BN=bn, BK=bk, num_warps=warps)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _norm_applies(norm: nn.LayerNorm | None) -> bool:
+    # the kernel's prologue is a LayerNorm over the last dim with an affine weight and bias
+    return norm is None or (norm.elementwise_affine and norm.bias is not None and len(norm.normalized_shape) == 1)
+
+
+def linear_step(x: Tensor, layer: nn.Linear, *, norm: nn.LayerNorm | None = None,
+                residual: Tensor | None = None) -> Tensor:
+    """`residual + layer(norm(x))` (norm and residual optional): x (B, K) -> (B, N)."""
+    weight = layer.weight
+    norm_params = () if norm is None else (norm.weight, norm.bias)
+    if _norm_applies(norm) and kernel_applies(x, weight, layer.bias, residual, *norm_params,
+                                              macs=x.shape[0] * weight.shape[0] * weight.shape[1]):
+        return launch_step_matmul(_kernel_module(), x, weight, weight.shape[0], bias=layer.bias, norm=norm,
+                                  residual=residual)
+    y = layer(x if norm is None else norm(x))
+    return y if residual is None else residual + y
+
+
+def gated_linear_step(x: Tensor, layer: nn.Linear, *, norm: nn.LayerNorm | None = None) -> Tensor:
+    """GEGLU: value * gelu(gate) for `value, gate = layer(norm(x)).chunk(2, -1)`: x (B, K) -> (B, N / 2)."""
+    weight = layer.weight
+    norm_params = () if norm is None else (norm.weight, norm.bias)
+    if _norm_applies(norm) and kernel_applies(x, weight, layer.bias, *norm_params,
+                                              macs=x.shape[0] * weight.shape[0] * weight.shape[1]):
+        return launch_step_matmul(_kernel_module(), x, weight, weight.shape[0] // 2, bias=layer.bias, norm=norm,
+                                  glu=True)
+    value, gate = layer(x if norm is None else norm(x)).chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+def matmul_step(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T for x (B, K) and weight (N, K) -> (B, N)."""
+    if kernel_applies(x, weight, macs=x.shape[0] * weight.shape[0] * weight.shape[1]):
+        return launch_step_matmul(_kernel_module(), x, weight, weight.shape[0])
+    return x @ weight.T
+
+
+def dual_readout_step(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, alpha: float, skip: Tensor,
+                      skip_scale: Tensor, *, allow_kernel: bool = True) -> Tensor:
+    """skip * skip_scale + alpha * (a @ wa.T) - alpha * (b @ wb.T): a, b (B, P), wa, wb (H, P), skip (B, H) -> (B, H).
+
+    The readout c Re(C h) + D x of a complex diagonal SSM, with h = a + i b and C = wa + i wb.
+    allow_kernel=False keeps PyTorch (for the parallel pass, whose rows are flattened sequences).
+    """
+    macs = 2 * a.shape[0] * wa.shape[0] * wa.shape[1]
+    if allow_kernel and kernel_applies(a, wa, b, wb, skip, skip_scale, macs=macs) and skip.is_contiguous():
+        return launch_step_matmul(_kernel_module(), a, wa, wa.shape[0], x2=b, weight2=wb, alpha=alpha,
+                                  alpha2=-alpha, skip=skip, skip_scale=skip_scale)
+    y = torch.addmm(skip * skip_scale, a, wa.T, alpha=alpha)
+    return y.addmm_(b, wb.T, alpha=-alpha)

@@ -1,0 +1,189 @@
+"""The step's fused small matmul (models/step_ops.py, step_kernels.py) against the PyTorch composition.
+
+On the CPU the kernel runs under the Triton interpreter: every epilogue and prologue
+against the composition it replaces, whole model steps with the kernel against steps
+without it, and the conditions under which the kernel must not run. The GPU counterpart is
+tests/test_step_ops_cuda.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrnn_lightning.models import SequenceModel, step_ops
+from tests.conftest import relative_error
+from tests.helpers import perturb_parameters
+
+TOL = 2e-6  # float32: the kernel's and PyTorch's sums differ only in order
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel module imported interpreted (TRITON_INTERPRET=1 while it is defined), CPU only."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the compiled kernel is tested by test_step_ops_cuda.py")
+    module = sys.modules.get(step_ops.KERNEL_MODULE)
+    if module is None:
+        previous = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            module = importlib.import_module(step_ops.KERNEL_MODULE)
+        finally:
+            if previous is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+    if not module.INTERPRETED:
+        pytest.skip("the kernel module was already imported compiled in this process")
+    return module
+
+
+@pytest.fixture
+def kernels_on_cpu(kernels, monkeypatch):
+    """Route step_ops' dispatch to the interpreted kernel for CPU tensors; yields a launch counter."""
+    calls = []
+    launch = step_ops.launch_step_matmul
+
+    def counting_launch(*args, **kwargs):
+        calls.append(kwargs)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(step_ops, "KERNEL_DEVICE", "cpu")
+    monkeypatch.setattr(step_ops, "_kernel_module", lambda: kernels)
+    monkeypatch.setattr(step_ops, "launch_step_matmul", counting_launch)
+    return calls
+
+
+def layers(k: int, n: int, seed: int = 0) -> tuple[nn.Linear, nn.LayerNorm]:
+    torch.manual_seed(seed)
+    linear, norm = nn.Linear(k, n), nn.LayerNorm(k)
+    perturb_parameters(norm, scale=0.3)  # not the identity affine of a fresh LayerNorm
+    return linear, norm
+
+
+SHAPES = [(1, 8, 12), (5, 40, 70), (33, 16, 16)]  # (rows, in, out): one row, ragged blocks, two row blocks
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("with_norm", [False, True], ids=["plain", "norm"])
+def test_linear_with_norm_and_residual(kernels, m, k, n, with_norm):
+    linear, norm = layers(k, n)
+    x, residual = 3.0 + torch.randn(m, k), torch.randn(m, n)  # a nonzero mean: the LayerNorm must centre
+    norm = norm if with_norm else None
+    expected = linear(x if norm is None else norm(x))
+    got = step_ops.launch_step_matmul(kernels, x, linear.weight.detach(), n, bias=linear.bias.detach(), norm=norm)
+    assert relative_error(got, expected) < TOL
+    got = step_ops.launch_step_matmul(kernels, x, linear.weight.detach(), n, bias=linear.bias.detach(), norm=norm,
+                                      residual=residual)
+    assert relative_error(got, expected + residual) < TOL
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_gated_linear_is_geglu(kernels, m, k, n):
+    linear, norm = layers(k, 2 * n)
+    x = torch.randn(m, k)
+    value, gate = linear(norm(x)).chunk(2, dim=-1)
+    got = step_ops.launch_step_matmul(kernels, x, linear.weight.detach(), n, bias=linear.bias.detach(), norm=norm,
+                                      glu=True)
+    assert relative_error(got, value * F.gelu(gate)) < TOL
+
+
+def test_dual_readout_and_plain_matmul(kernels):
+    torch.manual_seed(2)
+    a, b, skip = torch.randn(7, 24), torch.randn(7, 24), torch.randn(7, 20)
+    wa, wb, d = torch.randn(20, 24), torch.randn(20, 24), torch.randn(20)
+    expected = skip * d + 2.0 * a @ wa.T - 2.0 * b @ wb.T
+    got = step_ops.launch_step_matmul(kernels, a, wa, 20, x2=b, weight2=wb, alpha=2.0, alpha2=-2.0, skip=skip,
+                                      skip_scale=d)
+    assert relative_error(got, expected) < TOL
+    assert relative_error(step_ops.launch_step_matmul(kernels, a, wa, 20), a @ wa.T) < TOL
+
+
+def test_strided_rows_are_read_in_place(kernels):
+    """Chunked views (row stride > width), as `in_proj(x).chunk(2)` gives."""
+    torch.manual_seed(3)
+    wide = torch.randn(6, 2 * 16)
+    x = wide[:, 16:]
+    weight = torch.randn(10, 16)
+    assert relative_error(step_ops.launch_step_matmul(kernels, x, weight, 10), x @ weight.T) < TOL
+
+
+MIXERS = [("lru", {}), ("s5", {"discretization": "zoh"}), ("mamba", {}), ("rglru", {}), ("s4d", {})]
+
+
+@pytest.mark.parametrize("name,kwargs", MIXERS, ids=[m for m, _ in MIXERS])
+@pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
+def test_model_steps_with_the_kernel_equal_steps_without(kernels_on_cpu, name, kwargs, event):
+    torch.manual_seed(4)
+    model = SequenceModel(name, d_input=3, d_output=3, d_model=24, d_state=8, n_layers=2, mixer_kwargs=kwargs).eval()
+    perturb_parameters(model)
+    x = torch.randn(5, 3)
+    dt = 0.5 + torch.rand(5) if event else None
+    outputs = {}
+    for enabled in (False, True):
+        state = model.allocate_state(5, "cpu", torch.float32)
+        y, ys = x, []
+        with torch.no_grad(), step_ops.use_step_kernels(enabled):
+            for _ in range(4):
+                y = model.step(y, state, dt)
+                ys.append(y)
+        outputs[enabled] = (torch.stack(ys), state)
+    assert kernels_on_cpu, "the kernel never ran"
+    assert relative_error(outputs[True][0], outputs[False][0]) < 1e-5
+    for key, value in outputs[False][1].items():
+        assert relative_error(outputs[True][1][key], value) < 1e-5, key
+    # encoder, decoder and the MLP's two kernels per layer, whatever the mixer
+    assert len(kernels_on_cpu) >= 4 * 2 + 2 * 2 * 4
+
+
+def test_the_kernel_stays_out_where_it_would_change_the_numbers(kernels_on_cpu):
+    linear, norm = layers(16, 8)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        step_ops.linear_step(x, linear, norm=norm)
+    assert len(kernels_on_cpu) == 1  # the positive control
+    with torch.no_grad():
+        step_ops.linear_step(x.double(), linear.double(), norm=norm.double())  # not float32
+        linear.float(), norm.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step_ops.linear_step(x, linear)
+        with step_ops.use_step_kernels(False):
+            step_ops.linear_step(x, linear)
+        step_ops.linear_step(torch.randn(4096, 16), nn.Linear(16, 1024))  # above MAX_MACS: cuBLAS is faster
+    y = step_ops.linear_step(x, linear)  # autograd through the call: the kernel has no backward
+    y.sum().backward()
+    assert linear.weight.grad is not None
+    assert len(kernels_on_cpu) == 1
+
+
+def test_no_triton_means_the_composition(monkeypatch):
+    monkeypatch.setattr(step_ops, "KERNEL_DEVICE", "cpu")
+    monkeypatch.setattr(step_ops, "_loaded", {})
+    monkeypatch.setattr(step_ops.importlib.util, "find_spec", lambda name: None)
+    linear, norm = layers(16, 8)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert not step_ops.preload()
+        assert not step_ops.kernel_applies(x, linear.weight, macs=64)
+        assert torch.equal(step_ops.linear_step(x, linear, norm=norm), linear(norm(x)))
+
+
+@pytest.mark.parametrize("name,kwargs", MIXERS, ids=[m for m, _ in MIXERS])
+def test_parallel_forward_and_prefill_are_untouched(kernels_on_cpu, name, kwargs):
+    """The kernel is for 2-D step inputs: sequence paths keep PyTorch (and must not trip over it)."""
+    torch.manual_seed(5)
+    model = SequenceModel(name, d_input=3, d_output=3, d_model=16, d_state=4, n_layers=1, mixer_kwargs=kwargs).eval()
+    x = torch.randn(2, 6, 3)
+    with torch.no_grad():
+        with step_ops.use_step_kernels(False):
+            expected, expected_prefill = model(x), model.prefill(x)[0]
+        assert torch.equal(model(x), expected) and torch.equal(model.prefill(x)[0], expected_prefill)
+    assert not kernels_on_cpu
