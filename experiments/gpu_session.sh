@@ -3,7 +3,7 @@
 # its own time limit so one hang cannot eat the others. Logs and JSON are kept in $OUT/session.tgz
 # (refreshed after every step, so a run cut short still returns what it did).
 #   bash experiments/gpu_session.sh [steps...]     steps: env tests models rollout callback train fused
-#       (also: rollout_large_mamba fused_tests profile ddp2 (needs 2 GPUs))
+#       (also: rollout_small rollout_large rollout_large_mamba fused_tests profile ddp2 (needs 2 GPUs))
 set -uo pipefail
 DEST=${OUT:-gpu_out}; OUT=$(mktemp -d); mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
@@ -19,11 +19,16 @@ run() {  # run NAME SECONDS CMD...: time-limited, logged to $OUT/NAME.log
 for step in $steps; do case $step in
   env) run env 60 bash -c 'nvidia-smi -L; date -u; python3 -c "import torch, lightning, hydra, wandb, triton; \
 print(torch.__version__, lightning.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
-  tests) TAIL=40 run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
+  tests) TAIL=40 run tests 300 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
       --ignore=tests/test_fused_cuda.py ;;
   models) run models 45 python3 experiments/benchmark_models.py --out "$OUT/models.json" ;;
   rollout) TAIL=45 run rollout 130 python3 experiments/benchmark_rollout.py --steps 64 --repeats 3 \
       --out "$OUT/rollout.json" ;;
+  rollout_small) TAIL=30 run rollout_small 200 python3 experiments/benchmark_rollout.py \
+      --configs "32,32,16,1;32,128,64,4" --steps 64 --repeats 3 --out "$OUT/rollout_small.json" ;;
+  rollout_large) TAIL=30 run rollout_large 170 python3 experiments/benchmark_rollout.py \
+      --configs "256,256,64,6;1024,512,128,8" --variants eager,seed,graph,tf32,cublas --steps 32 --repeats 3 \
+      --out "$OUT/rollout_large.json" ;;
   rollout_large_mamba) TAIL=20 run rollout_large_mamba 80 python3 experiments/benchmark_rollout.py \
       --configs 1024,512,128,8 --models mamba --steps 32 --repeats 3 --out "$OUT/rollout_large_mamba.json" ;;
   callback) run callback 60 python3 experiments/benchmark_callback.py --repeats 3 --out "$OUT/callback.json" ;;
