@@ -187,3 +187,41 @@ def test_parallel_forward_and_prefill_are_untouched(kernels_on_cpu, name, kwargs
             expected, expected_prefill = model(x), model.prefill(x)[0]
         assert torch.equal(model(x), expected) and torch.equal(model.prefill(x)[0], expected_prefill)
     assert not kernels_on_cpu
+
+
+class _CountingKernel:
+    """kernel[grid](...) that counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("event", [False, True], ids=["shared-decay", "per-row-decay"])
+@pytest.mark.parametrize("with_scale", [False, True], ids=["no-scale", "scale"])
+def test_modal_update_is_the_complex_recurrence(kernels, monkeypatch, event, with_scale):
+    from types import SimpleNamespace
+
+    from lrnn_lightning.models.lti_complex import complex_decay_add_, complex_mul
+
+    counting = _CountingKernel(kernels.modal_update_kernel)
+    monkeypatch.setattr(step_ops, "KERNEL_DEVICE", "cpu")
+    monkeypatch.setattr(step_ops, "_kernel_module", lambda: SimpleNamespace(modal_update_kernel=counting))
+    torch.manual_seed(6)
+    rows, modes = 5, 12
+    shape = (rows, modes) if event else (modes,)
+    decay = torch.polar(0.5 + 0.5 * torch.rand(shape), torch.randn(shape))
+    scale = torch.complex(torch.randn(shape), torch.randn(shape)) if with_scale else None
+    u = torch.randn(rows, 2 * modes)  # the views of B x the step passes: row stride 2P
+    h_re, h_im = torch.randn(rows, modes), torch.randn(rows, modes)
+    ref_re, ref_im = h_re.clone(), h_im.clone()
+    u_re, u_im = u[:, :modes], u[:, modes:]
+    scaled = complex_mul(scale, u_re, u_im) if with_scale else (u_re, u_im)
+    complex_decay_add_(ref_re, ref_im, decay, *scaled)
+    out_re, out_im = step_ops.modal_update_step(h_re, h_im, decay, u_re, u_im, scale)
+    assert counting.launches == 1
+    assert out_re is h_re and out_im is h_im  # in place
+    assert relative_error(h_re, ref_re) < TOL and relative_error(h_im, ref_im) < TOL

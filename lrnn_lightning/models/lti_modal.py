@@ -36,15 +36,13 @@ from torch import Tensor, nn
 from lrnn_lightning.models.derived import derived
 from lrnn_lightning.models.fft_conv import causal_fft_conv
 from lrnn_lightning.models.lti_complex import (
-    complex_decay_add_,
-    complex_mul,
     powers_from_log,
     upcast,
     working_precision,
 )
 from lrnn_lightning.models.mixer import Mixer, State
 from lrnn_lightning.models.scan import pairwise_scan
-from lrnn_lightning.models.step_ops import dual_readout_step, matmul_step
+from lrnn_lightning.models.step_ops import dual_readout_step, matmul_step, modal_update_step
 from lrnn_lightning.models.validation import check_dt, check_sequence, check_step_dt, check_step_input
 
 
@@ -178,7 +176,5 @@ class ModalLTIMixer(Mixer):
                 decay, weight = torch.exp(log_decay), derived(self, "input_weight", self._input_weight)
             u = matmul_step(x_t, weight)
             u_re, u_im = u[:, : self.n_modes], u[:, self.n_modes:]
-            if scale is not None:
-                u_re, u_im = complex_mul(scale, u_re, u_im)
-            h_re, h_im = complex_decay_add_(state["h_re"], state["h_im"], decay, u_re, u_im)
+            h_re, h_im = modal_update_step(state["h_re"], state["h_im"], decay, u_re, u_im, scale)
             return self._readout(h_re, h_im, x_t, step=True).to(out_dtype)

@@ -1,4 +1,4 @@
-"""Triton source of the step's fused small matmul (imported on first use, see `step_ops`).
+"""Triton source of the step's fused small matmul and complex-mode update (imported on first use, see `step_ops`).
 
 One kernel computes, for a tile of BM rows and BN output features,
 
@@ -56,7 +56,8 @@ def step_matmul_kernel(
             mask = row_ok[:, None] & (ks < K)[None, :]
             centred = tl.where(mask, tl.load(x_rows + ks[None, :], mask=mask, other=0.0) - mean[:, None], 0.0)
             squares += _row_sum(centred * centred)
-        rstd = 1.0 / tl.sqrt_rn(squares / K + eps)
+        # .to(fp32) after each use of a float argument: torch.compile passes them as fp64 scalars
+        rstd = 1.0 / tl.sqrt_rn((squares / K + eps).to(tl.float32))
 
     acc = tl.full((BM, BN), 0.0, tl.float32)
     gate = tl.full((BM, BN), 0.0, tl.float32)
@@ -75,7 +76,7 @@ def step_matmul_kernel(
         if GLU:
             w_gate = tl.load(w_ptr + (N + cols)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
             gate += tl.dot(x, tl.trans(w_gate), input_precision="ieee")
-    acc = acc * alpha
+    acc = (acc * alpha).to(tl.float32)
     if HAS_X2:
         acc2 = tl.full((BM, BN), 0.0, tl.float32)
         x2_rows = x2_ptr + rows.to(tl.int64)[:, None] * x2_stride
@@ -85,7 +86,7 @@ def step_matmul_kernel(
             x2 = tl.load(x2_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w2 = tl.load(w2_ptr + cols[:, None] * K2 + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             acc2 += tl.dot(x2, tl.trans(w2), input_precision="ieee")
-        acc += alpha2 * acc2
+        acc += (alpha2 * acc2).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
         if GLU:
@@ -100,6 +101,33 @@ def step_matmul_kernel(
         scale = tl.load(skip_scale_ptr + cols, mask=col_ok, other=0.0)
         acc += scale[None, :] * tl.load(skip_ptr + row_offsets * skip_stride + cols[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + row_offsets * out_stride + cols[None, :], acc, mask=mask)
+
+
+
+@triton.jit
+def modal_update_kernel(h_re_ptr, h_im_ptr, u_re_ptr, u_im_ptr, u_stride, decay_ptr, decay_stride,
+                        scale_ptr, scale_stride, M, P, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """h <- decay * h + scale * u in place, elementwise over complex modes held as real pairs.
+
+    h_re, h_im (M, P) contiguous; u_re, u_im (M, P) at row stride u_stride; decay and scale complex
+    (M or 1, P) as interleaved (re, im) pairs at row stride decay_stride / scale_stride (0: shared by rows).
+    """
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < M * P
+    row = (offsets // P).to(tl.int64)
+    col = offsets % P
+    h_re = tl.load(h_re_ptr + offsets, mask=ok, other=0.0)
+    h_im = tl.load(h_im_ptr + offsets, mask=ok, other=0.0)
+    u_re = tl.load(u_re_ptr + row * u_stride + col, mask=ok, other=0.0)
+    u_im = tl.load(u_im_ptr + row * u_stride + col, mask=ok, other=0.0)
+    if HAS_SCALE:
+        s_re = tl.load(scale_ptr + row * scale_stride + 2 * col, mask=ok, other=0.0)
+        s_im = tl.load(scale_ptr + row * scale_stride + 2 * col + 1, mask=ok, other=0.0)
+        u_re, u_im = u_re * s_re - u_im * s_im, u_im * s_re + u_re * s_im
+    d_re = tl.load(decay_ptr + row * decay_stride + 2 * col, mask=ok, other=0.0)
+    d_im = tl.load(decay_ptr + row * decay_stride + 2 * col + 1, mask=ok, other=0.0)
+    tl.store(h_re_ptr + offsets, u_re + d_re * h_re - d_im * h_im, mask=ok)
+    tl.store(h_im_ptr + offsets, u_im + d_re * h_im + d_im * h_re, mask=ok)
 
 
 # Triton decides at definition time whether a kernel is compiled or interpreted (TRITON_INTERPRET=1)
