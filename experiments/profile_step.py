@@ -76,30 +76,11 @@ def matmul_micro(device: torch.device) -> list[dict]:
         layer = torch.nn.Linear(k, n, device=device).requires_grad_(False)
         for mode in MODES:
             with matmul_mode(mode):
-                graph = torch.cuda.CUDAGraph()
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for _ in range(3):
-                        linear_step(a, layer)
-                torch.cuda.current_stream().wait_stream(s)
-                with torch.cuda.graph(graph):
-                    for _ in range(100):
-                        out = linear_step(a, layer)
-                graph.replay()
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(5):
-                    graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                us = 1e3 * start.elapsed_time(end) / 500
-                rows.append({"m": m, "k": k, "n": n, "mode": mode, "us_per_linear": us})
-                macs_ok = m * n * k <= step_ops.MAX_MACS
-                print(f"linear+bias {m}x{k} @ {k}x{n} {mode} (kernel {'applies' if macs_ok else 'too big'}): "
-                      f"{us:.2f} us (in a graph of 100)", flush=True)
-                del graph, out
+                us = graph_us(functools.partial(linear_step, a, layer), launches=100)
+            rows.append({"m": m, "k": k, "n": n, "mode": mode, "us_per_linear": us})
+            macs_ok = m * n * k <= step_ops.MAX_MACS
+            print(f"linear+bias {m}x{k} @ {k}x{n} {mode} (kernel {'applies' if macs_ok else 'too big'}): "
+                  f"{us:.2f} us (in a graph of 100)", flush=True)
     return rows
 
 

@@ -1,9 +1,13 @@
-"""Test utilities: random weights, random timesteps and a guard against host syncs."""
+"""Test utilities: random weights, random timesteps, a guard against host syncs, Triton's interpreter."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
+import sys
 
+import pytest
 import torch
 
 
@@ -69,3 +73,39 @@ def subprocess_pythonpath(root) -> str:
     import os
 
     return os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+
+
+def import_interpreted(module_name: str):
+    """Import a module of Triton kernels under the Triton interpreter (TRITON_INTERPRET=1 while it is
+    defined), for CPU tests; skips where Triton is missing, a GPU is present, or the module was already
+    imported compiled in this process."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the compiled kernels are tested by the cuda-marked tests")
+    module = sys.modules.get(module_name)
+    if module is None:
+        previous = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            module = importlib.import_module(module_name)
+        finally:
+            if previous is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+    if not module.INTERPRETED:
+        pytest.skip(f"{module_name} was already imported compiled in this process")
+    return module
+
+
+def count_calls(monkeypatch, owner, name: str) -> list[dict]:
+    """Wrap `owner.name` so that every call appends its keyword arguments to the returned list."""
+    calls = []
+    original = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls

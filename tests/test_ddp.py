@@ -51,7 +51,8 @@ def last_rollout_row(run_dir: Path) -> dict[str, float]:
     return {key: float(value) for key, value in rows[-1].items() if value}
 
 
-def validate_in_one_process(tmp_path: Path, checkpoint: Path, *overrides: str, trainer: str = "cpu") -> dict[str, float]:
+def validate_in_one_process(tmp_path: Path, checkpoint: Path, *overrides: str,
+                            trainer: str = "cpu") -> dict[str, float]:
     """`trainer.validate` of the checkpoint with the run's config, in one process (`trainer=cpu` or `gpu`)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

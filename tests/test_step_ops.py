@@ -8,10 +8,6 @@ tests/test_step_ops_cuda.py.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,47 +15,23 @@ from torch import nn
 
 from lrnn_lightning.models import SequenceModel, step_ops
 from tests.conftest import relative_error
-from tests.helpers import perturb_parameters
+from tests.helpers import count_calls, import_interpreted, perturb_parameters
 
 TOL = 2e-6  # float32: the kernel's and PyTorch's sums differ only in order
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    """The kernel module imported interpreted (TRITON_INTERPRET=1 while it is defined), CPU only."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the compiled kernel is tested by test_step_ops_cuda.py")
-    module = sys.modules.get(step_ops.KERNEL_MODULE)
-    if module is None:
-        previous = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            module = importlib.import_module(step_ops.KERNEL_MODULE)
-        finally:
-            if previous is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = previous
-    if not module.INTERPRETED:
-        pytest.skip("the kernel module was already imported compiled in this process")
-    return module
+    """The kernel module imported interpreted, CPU only."""
+    return import_interpreted(step_ops.KERNEL_MODULE)
 
 
 @pytest.fixture
 def kernels_on_cpu(kernels, monkeypatch):
-    """Route step_ops' dispatch to the interpreted kernel for CPU tensors; yields a launch counter."""
-    calls = []
-    launch = step_ops.launch_step_matmul
-
-    def counting_launch(*args, **kwargs):
-        calls.append(kwargs)
-        return launch(*args, **kwargs)
-
+    """Route step_ops' dispatch to the interpreted kernel for CPU tensors; returns the list of launches."""
     monkeypatch.setattr(step_ops, "KERNEL_DEVICE", "cpu")
     monkeypatch.setattr(step_ops, "_kernel_module", lambda: kernels)
-    monkeypatch.setattr(step_ops, "launch_step_matmul", counting_launch)
-    return calls
+    return count_calls(monkeypatch, step_ops, "launch_step_matmul")
 
 
 def layers(k: int, n: int, seed: int = 0) -> tuple[nn.Linear, nn.LayerNorm]:
@@ -119,6 +91,20 @@ def test_strided_rows_are_read_in_place(kernels):
 MIXERS = [("lru", {}), ("s5", {"discretization": "zoh"}), ("mamba", {}), ("rglru", {}), ("s4d", {})]
 
 
+def steps_with_and_without_kernels(model, x, dt, n_steps: int) -> dict[bool, tuple[torch.Tensor, dict]]:
+    """{kernels on: (outputs (n_steps, B, H), final state)} for `n_steps` fed-back steps from a zero state."""
+    outputs = {}
+    for enabled in (False, True):
+        state = model.allocate_state(x.shape[0], x.device, torch.float32)
+        y, ys = x, []
+        with torch.no_grad(), step_ops.use_step_kernels(enabled):
+            for _ in range(n_steps):
+                y = model.step(y, state, dt)
+                ys.append(y)
+        outputs[enabled] = (torch.stack(ys), state)
+    return outputs
+
+
 @pytest.mark.parametrize("name,kwargs", MIXERS, ids=[m for m, _ in MIXERS])
 @pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
 def test_model_steps_with_the_kernel_equal_steps_without(kernels_on_cpu, name, kwargs, event):
@@ -127,15 +113,7 @@ def test_model_steps_with_the_kernel_equal_steps_without(kernels_on_cpu, name, k
     perturb_parameters(model)
     x = torch.randn(5, 3)
     dt = 0.5 + torch.rand(5) if event else None
-    outputs = {}
-    for enabled in (False, True):
-        state = model.allocate_state(5, "cpu", torch.float32)
-        y, ys = x, []
-        with torch.no_grad(), step_ops.use_step_kernels(enabled):
-            for _ in range(4):
-                y = model.step(y, state, dt)
-                ys.append(y)
-        outputs[enabled] = (torch.stack(ys), state)
+    outputs = steps_with_and_without_kernels(model, x, dt, 4)
     assert kernels_on_cpu, "the kernel never ran"
     assert relative_error(outputs[True][0], outputs[False][0]) < 1e-5
     for key, value in outputs[False][1].items():

@@ -15,7 +15,8 @@ from lrnn_lightning.models import SequenceModel, step_ops
 from lrnn_lightning.rollout import StepGraph
 from lrnn_lightning.rollout.inference import rollout_mode
 from tests.conftest import relative_error
-from tests.helpers import perturb_parameters
+from tests.helpers import count_calls, perturb_parameters
+from tests.test_step_ops import steps_with_and_without_kernels
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_fp32")]
 
@@ -31,15 +32,7 @@ def _triton():
 
 @pytest.fixture
 def launches(monkeypatch):
-    calls = []
-    launch = step_ops.launch_step_matmul
-
-    def counting_launch(*args, **kwargs):
-        calls.append(kwargs)
-        return launch(*args, **kwargs)
-
-    monkeypatch.setattr(step_ops, "launch_step_matmul", counting_launch)
-    return calls
+    return count_calls(monkeypatch, step_ops, "launch_step_matmul")
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 8, 12), (32, 128, 128), (32, 128, 256), (64, 256, 256), (37, 96, 70)])
@@ -69,17 +62,11 @@ def test_model_steps_with_the_kernel_equal_cublas_steps(name, kwargs, event, lau
     perturb_parameters(model)
     x = torch.randn(9, 5, device="cuda")
     dt = 0.5 + torch.rand(9, device="cuda") if event else None
-    outputs = {}
-    for enabled in (True, False):
-        state = model.allocate_state(9, "cuda", torch.float32)
-        y, ys = x, []
-        with torch.no_grad(), step_ops.use_step_kernels(enabled):
-            for _ in range(6):
-                y = model.step(y, state, dt)
-                ys.append(y)
-        outputs[enabled] = torch.stack(ys)
+    outputs = steps_with_and_without_kernels(model, x, dt, 6)
     assert launches
-    assert relative_error(outputs[True], outputs[False]) < 1e-5
+    assert relative_error(outputs[True][0], outputs[False][0]) < 1e-5
+    for key, value in outputs[False][1].items():
+        assert relative_error(outputs[True][1][key], value) < 1e-5, key
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager-step", "compiled-step"])
