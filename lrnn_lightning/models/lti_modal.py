@@ -33,6 +33,7 @@ import abc
 import torch
 from torch import Tensor, nn
 
+from lrnn_lightning.models.complex_state import ComplexStateMixer
 from lrnn_lightning.models.derived import derived
 from lrnn_lightning.models.fft_conv import causal_fft_conv
 from lrnn_lightning.models.lti_complex import (
@@ -40,13 +41,13 @@ from lrnn_lightning.models.lti_complex import (
     upcast,
     working_precision,
 )
-from lrnn_lightning.models.mixer import Mixer, State
+from lrnn_lightning.models.mixer import State
 from lrnn_lightning.models.scan import pairwise_scan
 from lrnn_lightning.models.step_ops import dual_readout_step, matmul_step, modal_update_step
-from lrnn_lightning.models.validation import check_dt, check_sequence, check_step_dt, check_step_input
+from lrnn_lightning.models.validation import check_dt, check_sequence
 
 
-class ModalLTIMixer(Mixer):
+class ModalLTIMixer(ComplexStateMixer):
     """Base of the diagonal complex SSMs with dense complex B and C (see the module doc).
 
     Subclasses must set `self.B` (2, P, H), `self.C` (2, H, P) and `self.D` (H,) as
@@ -67,10 +68,6 @@ class ModalLTIMixer(Mixer):
         self.d_model = d_model
         self.n_modes = n_modes
         self.output_scale = float(output_scale)
-
-    @property
-    def _owner(self) -> str:
-        return type(self).__name__
 
     @abc.abstractmethod
     def _discretize(self, dt: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -143,38 +140,18 @@ class ModalLTIMixer(Mixer):
             y (B, L, H) and the state {"h_re", "h_im"}, each (B, P), both in y's dtype.
         """
         y, h = self._parallel(x, dt)
-        last = h[:, -1]
-        return y, {"h_re": last.real.to(y.dtype).contiguous(), "h_im": last.imag.to(y.dtype).contiguous()}
+        return y, self._state_from(h[:, -1], y.dtype)
 
-    def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
-                       dtype: torch.dtype = torch.float32) -> State:
-        """Zeroed state {"h_re", "h_im"}, each (batch_size, P)."""
-        shape = (batch_size, self.n_modes)
-        return {"h_re": torch.zeros(shape, device=device, dtype=dtype),
-                "h_im": torch.zeros(shape, device=device, dtype=dtype)}
+    def _state_shape(self, batch_size: int) -> tuple[int, ...]:
+        return (batch_size, self.n_modes)
 
-    def step(self, x_t: Tensor, state: State, dt_t: Tensor | None = None) -> Tensor:
-        """One recurrent step; `state` is updated in place.
-
-        Args:
-            x_t: input, shape (B, H).
-            state: as returned by `allocate_state` or `prefill`, of any floating dtype
-                (the step computes in at least float32 and rounds into it).
-            dt_t: optional timestep, shape (B,) or (B, 1).
-
-        Returns:
-            y_t of shape (B, H), in x_t's dtype or the parameters' where that is wider.
-        """
-        batch = check_step_input(x_t, self.d_model, self._owner)
-        check_step_dt(dt_t, batch, self._owner)
-        with torch.autocast(x_t.device.type, enabled=False):
-            x_t, dt_t, out_dtype = working_precision(self.D, x_t, None if dt_t is None else dt_t.reshape(batch))
-            if dt_t is None:  # time-invariant: every weight-derived tensor is shared across a chunk
-                decay, scale, weight = derived(self, "step", self._unit_step_coefficients)
-            else:
-                log_decay, scale = self._discretize(dt_t)
-                decay, weight = torch.exp(log_decay), derived(self, "input_weight", self._input_weight)
-            u = matmul_step(x_t, weight)
-            u_re, u_im = u[:, : self.n_modes], u[:, self.n_modes:]
-            h_re, h_im = modal_update_step(state["h_re"], state["h_im"], decay, u_re, u_im, scale)
-            return self._readout(h_re, h_im, x_t, step=True).to(out_dtype)
+    def _complex_step(self, x_t: Tensor, state: State, dt_t: Tensor | None) -> Tensor:
+        if dt_t is None:  # time-invariant: every weight-derived tensor is shared across a chunk
+            decay, scale, weight = derived(self, "step", self._unit_step_coefficients)
+        else:
+            log_decay, scale = self._discretize(dt_t)
+            decay, weight = torch.exp(log_decay), derived(self, "input_weight", self._input_weight)
+        u = matmul_step(x_t, weight)
+        u_re, u_im = u[:, : self.n_modes], u[:, self.n_modes:]
+        h_re, h_im = modal_update_step(state["h_re"], state["h_im"], decay, u_re, u_im, scale)
+        return self._readout(h_re, h_im, x_t, step=True)

@@ -28,23 +28,22 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lrnn_lightning.models.complex_state import ComplexStateMixer
 from lrnn_lightning.models.derived import derived
 from lrnn_lightning.models.fft_conv import causal_fft_conv
 from lrnn_lightning.models.lti_complex import complex_decay_add_, powers_from_log, upcast, working_precision
 from lrnn_lightning.models.lti_discretization import zoh
 from lrnn_lightning.models.lti_init import check_even_state, check_step_range, log_uniform
-from lrnn_lightning.models.mixer import Mixer, State
+from lrnn_lightning.models.mixer import State
 from lrnn_lightning.models.scan import pairwise_scan
 from lrnn_lightning.models.validation import (
     check_dt,
     check_positive_int,
     check_sequence,
-    check_step_dt,
-    check_step_input,
 )
 
 
-class S4D(Mixer):
+class S4D(ComplexStateMixer):
     """Diagonal S4 mixer (S4D-Lin): (B, L, d_model) -> (B, L, d_model).
 
     Args:
@@ -152,41 +151,20 @@ class S4D(Mixer):
             else:
                 y, h = self._time_varying(x, dt)
                 h_last = h[:, -1]
-        return y.to(out_dtype), {"h_re": h_last.real.to(out_dtype).contiguous(),
-                                 "h_im": h_last.imag.to(out_dtype).contiguous()}
+        return y.to(out_dtype), self._state_from(h_last, out_dtype)
 
-    def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
-                       dtype: torch.dtype = torch.float32) -> State:
-        """Zeroed state {"h_re", "h_im"}, each (batch_size, d_model, N)."""
-        shape = (batch_size, self.d_model, self.n_modes)
-        return {"h_re": torch.zeros(shape, device=device, dtype=dtype),
-                "h_im": torch.zeros(shape, device=device, dtype=dtype)}
+    def _state_shape(self, batch_size: int) -> tuple[int, ...]:
+        return (batch_size, self.d_model, self.n_modes)
 
-    def step(self, x_t: Tensor, state: State, dt_t: Tensor | None = None) -> Tensor:
-        """One recurrent step; `state` is updated in place.
-
-        Args:
-            x_t: input, shape (B, H).
-            state: as returned by `allocate_state` or `prefill`, of any floating dtype
-                (the step computes in at least float32 and rounds into it).
-            dt_t: optional timestep, shape (B,) or (B, 1).
-
-        Returns:
-            y_t of shape (B, H), in x_t's dtype or the parameters' where that is wider.
-        """
-        batch = check_step_input(x_t, self.d_model, "S4D")
-        check_step_dt(dt_t, batch, "S4D")
-        with torch.autocast(x_t.device.type, enabled=False):
-            x_t, dt_t, out_dtype = working_precision(self.D, x_t, None if dt_t is None else dt_t.reshape(batch))
-            if dt_t is None:  # time-invariant: shared across a chunk (see derived.py)
-                decay, scale = derived(self, "step", self._unit_step_coefficients)
-            else:
-                log_decay, scale = self._discretize(dt_t)
-                decay = torch.exp(log_decay)
-            x_col = x_t.unsqueeze(-1)
-            h_re, h_im = complex_decay_add_(state["h_re"], state["h_im"], decay,
-                                            x_col * scale.real, x_col * scale.imag)
-            return self._readout(h_re, h_im, x_t).to(out_dtype)
+    def _complex_step(self, x_t: Tensor, state: State, dt_t: Tensor | None) -> Tensor:
+        if dt_t is None:  # time-invariant: shared across a chunk (see derived.py)
+            decay, scale = derived(self, "step", self._unit_step_coefficients)
+        else:
+            log_decay, scale = self._discretize(dt_t)
+            decay = torch.exp(log_decay)
+        x_col = x_t.unsqueeze(-1)
+        h_re, h_im = complex_decay_add_(state["h_re"], state["h_im"], decay, x_col * scale.real, x_col * scale.imag)
+        return self._readout(h_re, h_im, x_t)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_modes={self.n_modes}"
