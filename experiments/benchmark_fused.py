@@ -9,13 +9,17 @@ Variants, all on the same card in one run, each from a zeroed state and the same
 The fused "µs/step" is a whole fused_steps call (packing the live weights, a few dozen small
 PyTorch ops, buffer set-up, launch) divided by the steps; "pre-packed" skips the packing;
 "kernel" times the launch alone. GB/s is the kernel's: weight bytes read per step / kernel time.
-For each fused variant a few launch shapes (KernelConfig) are timed briefly and the best is
-kept (--no-tune: the default shape only). Next to each time: the bytes of weights read per
-step (fused: every program streams every weight each step; graph and seed: each weight once)
-and the bandwidth that implies, and the relative deviation from the graph's outputs.
+For each fused variant the launch shapes (KernelConfig) are timed briefly and the best is kept:
+always `default_config` for this batch and this GPU's SM count (what fused_steps launches),
+then each block_b of --block-bs (1, 2, 4, 8: small tiles without tl.dot; 16, 32, 64: tl.dot),
+then, unless --no-tune, a few tl.dot shapes; every shape's time is printed. Next to each time:
+the bytes of weights read per step (fused: every program streams every weight each step, so
+programs x weights; graph and seed: each weight once) and the bandwidth that implies, and the
+relative deviation from the graph's outputs.
 
     python experiments/benchmark_fused.py --out fused.json                    # the issue's configurations
     python experiments/benchmark_fused.py --configs "32,32,16,1" --variants graph,fused --no-tune
+    python experiments/benchmark_fused.py --block-bs 1,2,4,8,16 --no-tune     # which block_b is best where
 
 Rows are printed and written to --out as each configuration finishes, so a run cut short keeps
 what it measured.
@@ -41,6 +45,13 @@ from benchmark_rollout import SeedStyleGraph, add_rollout_arguments, median_seco
 from lrnn_lightning.models import SequenceModel
 from lrnn_lightning.rollout import StepGraph
 from lrnn_lightning.rollout.fused import KernelConfig, fused_steps
+from lrnn_lightning.rollout.fused.config import (
+    BLOCK_BS,
+    SMALL_BLOCK_BS,
+    dot_tile_config,
+    processor_count,
+    small_tile_config,
+)
 from lrnn_lightning.rollout.fused.launch import build_call, default_config, kernel_module
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.inference import rollout_mode
@@ -85,11 +96,38 @@ def weight_bytes(model: SequenceModel, weight_dtype: torch.dtype) -> int:
 
 
 def candidate_configs(variant: str, batch: int, tune: bool) -> list[KernelConfig]:
+    """The tl.dot shapes of the tuning (tune), or the default shape for this batch on this machine."""
     if not tune:
         return [default_config(batch, *FUSED[variant])]
     key = "ieee" if FUSED[variant] == (torch.float32, "ieee") else "mma"
     configs = [KernelConfig(block_b=b, block_n=n, block_k=k, num_warps=w) for b, n, k, w in CANDIDATES[key]]
     return [c for c in configs if c.block_b <= max(16, batch)]
+
+
+def block_b_config(variant: str, block_b: int) -> KernelConfig:
+    """The shape `default_config` would give `block_b` rows a program (for --block-bs)."""
+    if block_b in SMALL_BLOCK_BS:
+        return small_tile_config(block_b)
+    return dot_tile_config(block_b, tensor_cores=FUSED[variant] != (torch.float32, "ieee"))
+
+
+def launch_shapes(variant: str, batch: int, n_sms: int, block_bs: list[int],
+                  tune: bool) -> list[tuple[str, KernelConfig]]:
+    """(label, shape) to time, the default first, without repeats."""
+    shapes = [("default", default_config(batch, *FUSED[variant], n_sms=n_sms))]
+    shapes += [(f"block_b={b}", block_b_config(variant, b)) for b in block_bs]
+    if tune:
+        shapes += [("tune", c) for c in candidate_configs(variant, batch, tune=True)]
+    seen, unique = set(), []
+    for label, config in shapes:
+        if config not in seen:
+            seen.add(config)
+            unique.append((label, config))
+    return unique
+
+
+def shape_label(config: dict, programs: int) -> str:
+    return f"b{config['block_b']} n{config['block_n']} k{config['block_k']} w{config['num_warps']} ({programs} prog.)"
 
 
 def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
@@ -102,9 +140,10 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
     weight_dtype, precision = FUSED[variant]
     tried = []
     best = None
-    for config in candidate_configs(variant, x0.shape[0], args.tune):
+    n_sms = processor_count(x0.device)
+    for label, config in launch_shapes(variant, x0.shape[0], n_sms, args.block_bs, args.tune):
         if best is not None and time.perf_counter() > deadline:
-            tried.append({"config": vars(config), "skipped": "time budget"})
+            tried.append({"config": vars(config), "label": label, "skipped": "time budget"})
             continue
 
         def run(config=config, steps=args.steps):
@@ -116,9 +155,11 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
             short = min(args.steps, 64)
             seconds = cuda_median_seconds(lambda config=config, short=short: run(config, short), 2) / short
         except Exception as error:  # one shape may not fit this GPU; keep trying the others
-            tried.append({"config": vars(config), "error": f"{type(error).__name__}: {str(error)[:300]}"})
+            tried.append({"config": vars(config), "label": label,
+                          "error": f"{type(error).__name__}: {str(error)[:300]}"})
             continue
-        tried.append({"config": vars(config), "us_per_step_short": 1e6 * seconds, "compile_s": compile_s})
+        tried.append({"config": vars(config), "label": label, "us_per_step_short": 1e6 * seconds,
+                      "compile_s": compile_s})
         if best is None or seconds < best[0]:
             best = (seconds, config, run)
     if best is None:
@@ -159,6 +200,7 @@ def bench_config(name: str, config: tuple[int, int, int, int], args, deadline: f
                     row.update(config=vars(best), tried=timing["tried"], programs=n_programs,
                                weight_bytes=weight_bytes(model, FUSED[variant][0]))
                     row["bytes_read_per_step"] = n_programs * row["weight_bytes"]
+                    print_shapes(variant, batch, timing["tried"])
                 else:
                     fn, release = build_baseline(variant, model, batch, args.width, args.chunk, device)
                     out = fn(x0, args.steps)
@@ -190,6 +232,16 @@ def bench_config(name: str, config: tuple[int, int, int, int], args, deadline: f
     return rows
 
 
+def print_shapes(variant: str, batch: int, tried: list[dict]) -> None:
+    """One line per launch shape timed (short runs, whole fused_steps calls), so the best block_b shows."""
+    for entry in tried:
+        programs = -(-batch // entry["config"]["block_b"])
+        result = (f"{entry['us_per_step_short']:.2f} µs/step, compile {entry['compile_s']:.1f} s"
+                  if "us_per_step_short" in entry else entry.get("error", entry.get("skipped", "")))
+        print(f"  {variant} B={batch} {entry['label']:>11s}: {shape_label(entry['config'], programs)}: {result}",
+              flush=True)
+
+
 def judge_target(row: dict, config: tuple[int, int, int, int]) -> None:
     """Attach the issue's target for this configuration, and whether a fused row meets it.
 
@@ -214,8 +266,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         shape = ""
         if "config" in r:
-            c = r["config"]
-            shape = f"b{c['block_b']} n{c['block_n']} k{c['block_k']} w{c['num_warps']} ({r['programs']} prog.)"
+            shape = shape_label(r["config"], r["programs"])
         target = f"{r['target']}: {'met' if r['meets_target'] else 'MISSED'}" if "target" in r else ""
         if "error" in r:
             cells = [r["model"], r["B"], r["d_model"], r["d_state"], r["layers"], r["variant"],
@@ -234,10 +285,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parse_block_bs(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in BLOCK_BS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"block_b values {bad} not in {BLOCK_BS}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_rollout_arguments(parser, CONFIGS, "lru", VARIANTS, "issue #6")
-    parser.add_argument("--no-tune", dest="tune", action="store_false", help="fused: the default launch shape only")
+    parser.add_argument("--no-tune", dest="tune", action="store_false",
+                        help="fused: skip the tl.dot tuning shapes (the default and --block-bs are still timed)")
+    parser.add_argument("--block-bs", type=parse_block_bs, default=[],
+                        help=f"fused: also time these rows per program (comma-separated, of {BLOCK_BS})")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop trying further launch shapes after this many seconds (each shape compiles)")
     parser.add_argument("--out", default=None, help="write the rows as JSON to this path")

@@ -3,7 +3,9 @@ kernel itself under the Triton interpreter against the plain step loop.
 
 Semantics under test (lrnn_lightning/rollout/fused/launch.py): fused_rollout(model, context, T, dt)
 == rollout_loop(model, context, T, dt) for every covered mixer and discretisation, with and
-without event dt, from a real prefilled state, and again after an optimizer step.
+without event dt, from a real prefilled state, and again after an optimizer step, with
+tl.dot tiles (16 rows a program) and with the small tiles (1, 2, 4, 8 rows, no tl.dot); and
+the launch-shape rule of config.py.
 
 Interpreter tests need Triton and run only where no GPU is present (on a GPU the compiled
 kernel is tested by test_fused_cuda.py); they are tiny because the interpreter is slow.
@@ -25,12 +27,14 @@ from lrnn_lightning.rollout import rollout_loop, run_steps
 from lrnn_lightning.rollout.fused import (
     KernelConfig,
     choose_backend,
+    default_config,
     fused_rollout,
     fused_steps,
     fused_support,
     model_coverage,
     support,
 )
+from lrnn_lightning.rollout.fused.config import SMALL_BLOCK_BS, SMALL_TILE, processor_count, small_tile_config
 from lrnn_lightning.rollout.inference import rollout_mode
 from tests.conftest import relative_error
 from tests.helpers import perturb_parameters, random_dt
@@ -44,6 +48,7 @@ LTI_CASES = [("lru", {}), ("s4d", {}), ("s5", {"discretization": "zoh"}), ("s5",
              ("s5", {"discretization": "dirac"}), ("s5", {"conj_sym": False})]
 LTV_CASES = [("mamba", {}), ("rglru", {})]
 CASES = LTI_CASES + LTV_CASES
+DOT_TILE = KernelConfig(block_b=16)  # tl.dot tiles (the default config on the CPU picks small tiles for B=5)
 
 
 def case_id(case) -> str:
@@ -136,6 +141,52 @@ def test_fused_support_rejects_unsupported_weights(monkeypatch):
     assert not covered and "torch.float64" in why
 
 
+# -- the launch-shape rule: pure, no Triton needed ------------------------------------------------
+
+def test_default_config_fills_an_h100_in_one_wave():
+    h100 = 132
+    # the issue's configurations: 32 rows -> 32 programs of one row; 256 -> 128 of two; 1024 -> 128 of eight
+    assert [default_config(b, n_sms=h100).block_b for b in (1, 32, 132, 133, 256, 1024, 1056)] == [1, 1, 1, 2, 2, 8, 8]
+    # beyond 8 rows per SM, tl.dot tiles: 16 rows in exact fp32; 32 rows (8 warps) for tensor cores past 16 per SM
+    assert default_config(1057, n_sms=h100) == KernelConfig(block_b=16, block_n=64, block_k=16, num_warps=4)
+    assert default_config(100_000, n_sms=h100).block_b == 16
+    for weight_dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32x3"), (torch.float32, "tf32")):
+        assert default_config(2112, weight_dtype, precision, n_sms=h100) == KernelConfig(16, 64, 32, 4)
+        assert default_config(2113, weight_dtype, precision, n_sms=h100) == KernelConfig(32, 64, 32, 8)
+        assert default_config(256, weight_dtype, precision, n_sms=h100) == small_tile_config(2)
+
+
+@pytest.mark.parametrize("n_sms", [1, 7, 108, 132])
+def test_default_config_rule(n_sms):
+    for batch in list(range(1, 300)) + [1000, 5000, 20000]:
+        config = default_config(batch, n_sms=n_sms)
+        programs = -(-batch // config.block_b)
+        if config.block_b in SMALL_BLOCK_BS:
+            assert programs <= n_sms, (batch, config)  # one wave: at most one program per SM
+            assert config.block_b == 1 or -(-batch // (config.block_b // 2)) > n_sms, (batch, config)  # fullest
+            assert config == small_tile_config(config.block_b)
+        else:
+            assert batch > 8 * n_sms and config.block_b == 16, (batch, config)
+
+
+def test_small_tiles_keep_their_product_in_registers():
+    for block_b in SMALL_BLOCK_BS:
+        config = small_tile_config(block_b)
+        assert config.block_b * config.block_n * config.block_k == SMALL_TILE and config.num_warps == 4
+        for size in (config.block_n, config.block_k):
+            assert size >= 16 and size & (size - 1) == 0
+    with pytest.raises(ValueError, match="block_b must be one of"):
+        small_tile_config(16)
+    with pytest.raises(ValueError, match="batch and n_sms must be >= 1"):
+        default_config(8, n_sms=0)
+
+
+def test_default_config_asks_the_device():
+    assert processor_count(torch.device("cpu")) == 1  # the interpreter runs one program at a time
+    assert default_config(5) == default_config(5, n_sms=processor_count(
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+
+
 # -- the kernel under the Triton interpreter ----------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -165,11 +216,35 @@ def interpreter():
 def test_fused_rollout_equals_the_loop(interpreter, case, event):
     model = make_model(*case)
     context, dt = make_data(event=event)
-    out = fused_rollout(model, context, HORIZON, dt)
+    out = fused_rollout(model, context, HORIZON, dt, config=DOT_TILE)
     ref = loop_rollout(model, context, HORIZON, dt)
     assert out.shape == (B, HORIZON, W)
     assert relative_error(out[:, 1:], ref[:, 1:]) < FUSED_TOL
     assert relative_error(ref[:, -1], ref[:, 1]) > 1e-2  # the rollout moves: the comparison has teeth
+
+
+def small_tile_params():
+    """Every mixer with every small block_b (the four S5 variants take one block_b each), event dt on every other."""
+    s5 = [case for case in CASES if case[0] == "s5"]
+    others = [case for case in CASES if case[0] != "s5"]
+    params = []
+    for index, block_b in enumerate(SMALL_BLOCK_BS):
+        for position, case in enumerate(others + [s5[index % len(s5)]]):
+            event = (index + position) % 2 == 1
+            params.append(pytest.param(case, block_b, event,
+                                       id=f"{case_id(case)}-b{block_b}-{'event-dt' if event else 'no-dt'}"))
+    return params
+
+
+@pytest.mark.parametrize("case, block_b, event", small_tile_params())
+def test_small_tiles_equal_the_loop(interpreter, case, block_b, event):
+    # B=5 rows: one row a program (5 programs) up to 8 rows a program (one program, 3 padded rows)
+    model = make_model(*case)
+    context, dt = make_data(event=event)
+    out = fused_rollout(model, context, HORIZON, dt, config=small_tile_config(block_b))
+    ref = loop_rollout(model, context, HORIZON, dt)
+    assert relative_error(out[:, 1:], ref[:, 1:]) < FUSED_TOL
+    assert relative_error(ref[:, -1], ref[:, 1]) > 1e-2
 
 
 @pytest.mark.parametrize("case", [("s5", {"discretization": "zoh"}), ("mamba", {}), ("rglru", {})], ids=case_id)
@@ -211,26 +286,32 @@ def test_several_programs_and_padded_rows(interpreter):
     # 18 rows = two programs of 16, the second padded with 14 rows that must not leak
     model = make_model("lru", n_layers=1)
     context, dt = make_data(batch=18, event=True)
-    out = fused_rollout(model, context, HORIZON, dt)
+    out = fused_rollout(model, context, HORIZON, dt, config=DOT_TILE)
     assert relative_error(out[:, 1:], loop_rollout(model, context, HORIZON, dt)[:, 1:]) < FUSED_TOL
-    alone = fused_rollout(model, context[16:], HORIZON, dt[16:])
+    alone = fused_rollout(model, context[16:], HORIZON, dt[16:], config=DOT_TILE)
     assert relative_error(alone, out[16:]) < FUSED_TOL
+    default = fused_rollout(model, context, HORIZON, dt)  # the CPU's default: 18 rows on one "SM", tl.dot tiles
+    assert relative_error(default, out) < FUSED_TOL
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("block_b", [16, 4], ids=["dot", "small"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_multi_block_features(interpreter, case):
+def test_multi_block_features(interpreter, case, block_b):
     # widths above the 16-wide blocks exercise every N and K loop, with ragged tails
     model = make_model(*case, d_model=40, d_state=20)
     context, dt = make_data(batch=20, event=True)
-    out = fused_rollout(model, context, HORIZON, dt, config=KernelConfig(block_n=16, block_k=16))
+    out = fused_rollout(model, context, HORIZON, dt, config=KernelConfig(block_b=block_b, block_n=16, block_k=16))
     assert relative_error(out[:, 1:], loop_rollout(model, context, HORIZON, dt)[:, 1:]) < FUSED_TOL
 
 
-def test_bf16_weights_stay_close_to_the_fp32_loop(interpreter):
+@pytest.mark.parametrize("block_b", [16, 2], ids=["dot", "small"])
+def test_bf16_weights_stay_close_to_the_fp32_loop(interpreter, block_b):
+    # tl.dot tiles round the activations to bf16 too (tensor cores); small tiles widen the bf16 weights to fp32
     model = make_model("s5")
     context, _ = make_data()
-    out = fused_rollout(model, context, HORIZON, weight_dtype=torch.bfloat16)
+    config = KernelConfig(block_b=16) if block_b == 16 else small_tile_config(block_b)
+    out = fused_rollout(model, context, HORIZON, weight_dtype=torch.bfloat16, config=config)
     ref = loop_rollout(model, context, HORIZON)
     error = relative_error(out[:, 1:], ref[:, 1:])
     assert 1e-5 < error < BF16_TOL  # rounded, but close
@@ -251,7 +332,7 @@ def test_fused_argument_errors(interpreter):
     with pytest.raises(ValueError, match="precision must be one of"):
         fused_rollout(model, context, HORIZON, precision="fp64")
     with pytest.raises(ValueError, match="block_b must be one of"):
-        fused_rollout(model, context, HORIZON, config=KernelConfig(block_b=8))
+        fused_rollout(model, context, HORIZON, config=KernelConfig(block_b=12))
     with pytest.raises(ValueError, match="block_k must be a power of two"):
         fused_rollout(model, context, HORIZON, config=KernelConfig(block_k=24))
     with pytest.raises(ValueError, match="expected dt of shape"):
@@ -264,22 +345,29 @@ def test_fused_argument_errors(interpreter):
 
 @pytest.mark.slow
 def test_kernel_compiles_for_sm90():
-    """Triton's front end and ptxas run on the host: every mixer's kernel must compile for sm_90 and fit."""
+    """Triton's front end and ptxas run on the host: every mixer's kernel must compile for sm_90 and fit,
+    with tl.dot tiles and with small tiles."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
+        from lrnn_lightning.rollout.fused import KernelConfig
         from lrnn_lightning.rollout.fused.aot import compile_for_target
+        from lrnn_lightning.rollout.fused.config import small_tile_config
         from tests.test_fused import CASES, make_model
-        for name, kwargs in CASES:
-            for event, weight_dtype, precision in ((True, torch.float32, "ieee"), (False, torch.bfloat16, "ieee")):
+        for index, (name, kwargs) in enumerate(CASES):
+            small = small_tile_config((1, 8)[index % 2])
+            for event, weight_dtype, precision, config in ((True, torch.float32, "ieee", KernelConfig()),
+                                                           (False, torch.bfloat16, "ieee", KernelConfig()),
+                                                           (index % 2 == 0, (torch.float32, torch.bfloat16)[index % 2],
+                                                            "ieee", small)):
                 info = compile_for_target(make_model(name, kwargs, d_model=96, d_state=24), event=event,
-                                          weight_dtype=weight_dtype, precision=precision)
-                assert info.fits, (name, kwargs, info)
-        print("compiled", len(CASES) * 2)
+                                          weight_dtype=weight_dtype, precision=precision, config=config)
+                assert info.fits, (name, kwargs, config, info)
+        print("compiled", len(CASES) * 3)
     """)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"compiled {len(CASES) * 2}" in result.stdout
+    assert f"compiled {len(CASES) * 3}" in result.stdout

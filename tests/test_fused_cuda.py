@@ -1,16 +1,31 @@
 """The fused rollout kernel compiled on a GPU: against the plain loop (and the CUDA-graph engine) for
-every covered mixer and discretisation, with and without event dt, after an optimizer step, in
-tf32x3 and bf16, over several programs and feature blocks, and the backend choice.
+every covered mixer and discretisation, with and without event dt, with small tiles (1 and 4 rows
+a program, no tl.dot) and tl.dot tiles (16 rows and more), after an optimizer step, in tf32x3 and
+bf16, over several programs and feature blocks, and the backend choice.
 
 Run: pytest -m cuda tests/test_fused_cuda.py
 
 The fp32 bound. Fused and loop are two fp32 evaluations of the same recurrence in different
 summation orders, and an autoregressive rollout amplifies rounding: with these random models
 the fp32 loop itself drifts from a float64 loop by ~1e-5 after 11 steps but by 0.3 (Mamba) after
-36. So every fp32 check measures both against a float64 loop: the fused error must be at most
-ACCURACY_RATIO x the fp32 loop's own error + ACCURACY_FLOOR, on horizons short enough that the
+36. So every fp32 check measures both against a float64 loop, on horizons short enough that the
 loop's error stays below WELL_CONDITIONED (asserted, so a diverging setup fails instead of passing
-vacuously).
+vacuously), and asks two things:
+
+- typical accuracy: per batch row, the fused error over the loop's error (+ ACCURACY_FLOOR x the
+  row's norm); the median over rows must be at most ACCURACY_RATIO. A row's amplification of
+  rounding is the same for both evaluations and cancels in its ratio, and the median over 37
+  rows is steady: on the CPU, two equally valid fp32 loops (batched, and row by row through
+  other BLAS kernels) gave median ratios below 1.7, either way round, in 150 random contexts
+  each of LRU, S4D, S5-zoh, Mamba and RG-LRU; a formula that loses accuracy (exp(x) - 1 for
+  small x, a coefficient rounded to a lower precision) gives 10x and more on every row;
+- no outliers: the error of the whole rollout is at most OUTLIER_RATIO x the loop's + the floor,
+  for mistakes confined to a few rows (padding, one program). Not ACCURACY_RATIO: that error is
+  dominated by the one or two rows that amplify rounding most, so it is the ratio of two nearly
+  one-dimensional random errors, and the same two CPU loops differed by up to 6.5x there. One such
+  sample decided the old single check (3x), which the S5-zoh no-dt case failed at 5.2x on an H100
+  while the interpreter, which runs the same formulas on the same coefficients, stays at 0.5-1.2x
+  of the loop (12 contexts): fp32 summation noise, not a formula.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import torch
 
 from lrnn_lightning.rollout import RolloutEngine, run_steps
 from lrnn_lightning.rollout.fused import KernelConfig, choose_backend, fused_rollout, fused_steps, fused_support
+from lrnn_lightning.rollout.fused.config import small_tile_config
 from tests.conftest import relative_error
 from tests.test_fused import CASES, case_id, loop_rollout, make_model
 from tests.test_rollout import TinyMixer
@@ -29,10 +45,12 @@ from tests.test_rollout import TinyMixer
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_fp32")]
 
 ACCURACY_RATIO, ACCURACY_FLOOR = 3.0, 2e-6
+OUTLIER_RATIO = 20.0  # the whole rollout's fused error vs the loop's (see the module doc)
 WELL_CONDITIONED = 1e-3  # the fp32 loop's own error vs float64 must stay below this for a meaningful check
 TF32X3_TOL = 1e-4  # three TF32 products per fp32 product: about fp32 accuracy (vs the fp32 loop, 11 steps)
-BF16_TOL = 5e-2  # bf16 weights and matmul operands, fp32 accumulation and state, vs the fp32 loop
-W, B, C, HORIZON = 5, 37, 9, 12  # 37 rows: three programs of 16, the last one mostly padding
+BF16_TOL = 5e-2  # bf16 weights (and tl.dot's operands), fp32 accumulation and state, vs the fp32 loop...
+BF16_STEPS = 5  # ...over the first 5 fed-back steps (see test_tf32x3_and_bf16_on_gpu)
+W, B, C, HORIZON = 5, 37, 9, 12  # 37 rows: 37 programs of one row (the default on an H100), or 3 of 16
 
 
 @pytest.fixture(autouse=True)
@@ -55,12 +73,22 @@ def as_double(model, context, dt):
     return copy.deepcopy(model).double(), context.double(), None if dt is None else dt.double()
 
 
+def row_errors(a, reference):
+    """Per batch row (dim 0): ||a - reference|| in float64."""
+    return (a.double() - reference.double()).flatten(1).norm(dim=1)
+
+
 def check_against_float64(fused, loop32, loop64, what: str = "outputs") -> None:
+    """The fused result is as accurate as the fp32 loop, both measured against a float64 loop (module doc)."""
     loop_error = relative_error(loop32, loop64)
     fused_error = relative_error(fused, loop64)
     assert torch.isfinite(fused).all(), what
     assert loop_error < WELL_CONDITIONED, f"{what}: the fp32 loop itself is off by {loop_error:.1e}; shorten the test"
-    assert fused_error <= ACCURACY_RATIO * loop_error + ACCURACY_FLOOR, \
+    floor = ACCURACY_FLOOR * loop64.double().flatten(1).norm(dim=1)
+    typical = float((row_errors(fused, loop64) / (row_errors(loop32, loop64) + floor)).median())
+    assert typical <= ACCURACY_RATIO, \
+        f"{what}: per row, fused error / fp32 loop error has median {typical:.2f} (both against float64)"
+    assert fused_error <= OUTLIER_RATIO * loop_error + ACCURACY_FLOOR, \
         f"{what}: fused error {fused_error:.2e} vs the fp32 loop's {loop_error:.2e} (both against float64)"
 
 
@@ -73,12 +101,29 @@ def assert_fp32_accurate(model, context, horizon, dt, out) -> None:
     assert relative_error(ref32[:, -1], ref32[:, 1]) > 1e-2  # the rollout moves
 
 
-@pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_fused_equals_the_loop_on_gpu(case, event):
+def tile_config(block_b: int) -> KernelConfig:
+    return small_tile_config(block_b) if block_b < 16 else KernelConfig(block_b=block_b)
+
+
+def loop_params():
+    """Every case with and without event dt; event dt on one row a program (the H100's default for B=37, so
+    the other tests' default launches reuse these compilations), no dt on 16 (tl.dot) or 4 rows in turn."""
+    params = []
+    for index, case in enumerate(CASES):
+        for event in (False, True):
+            block_b = 1 if event else (16, 4)[index % 2]
+            params.append(pytest.param(case, event, block_b,
+                                       id=f"{case_id(case)}-{'event-dt' if event else 'no-dt'}-b{block_b}"))
+    return params
+
+
+@pytest.mark.parametrize("case, event, block_b", loop_params())
+def test_fused_equals_the_loop_on_gpu(case, event, block_b):
+    # 37 rows: 37 programs of one row, 10 of four (the last with one row), or 3 of 16 (the last mostly padding)
     model = gpu_model(*case)
     context, dt = gpu_data(event=event)
-    assert_fp32_accurate(model, context, HORIZON, dt, fused_rollout(model, context, HORIZON, dt))
+    out = fused_rollout(model, context, HORIZON, dt, config=tile_config(block_b))
+    assert_fp32_accurate(model, context, HORIZON, dt, out)
 
 
 def test_long_rollout_of_a_well_conditioned_model():
@@ -122,31 +167,51 @@ def test_fused_follows_an_optimizer_step_on_gpu():
 
 @pytest.mark.parametrize("case", [("lru", {}), ("s5", {"discretization": "zoh"})], ids=case_id)
 def test_tf32x3_and_bf16_on_gpu(case):
+    """tf32x3 is about fp32 over the whole rollout; bf16 is checked over the first BF16_STEPS steps.
+
+    bf16 rounding errs ~5e-3-1e-2 at the first step for LRU and S5 alike, and then grows at the
+    model's own rate of error amplification: measured in the interpreter on these shapes, LRU
+    reaches 2-3e-2 after the 11 fed-back steps of HORIZON, S5-zoh (conj_sym) 7e-2-1.1e-1 (tl.dot
+    tiles; small tiles about half). No S5 quantity is rounded that should not be: the
+    discretised coefficients stay fp32, and keeping S5's B and C in fp32 too changes its error
+    by < 1e-6 (relative); what the error is made of is the bf16 rounding of every matmul, half
+    of it the activations that tl.dot tiles round for the tensor cores. So the bound holds
+    over 5 steps (measured <= 2.5e-2), and over the whole rollout the bf16 path only has to stay
+    within 10x of it (not diverge).
+    """
     model = gpu_model(*case)
     context, dt = gpu_data(event=True)
     ref = loop_rollout(model, context, HORIZON, dt)
-    tf32x3 = fused_rollout(model, context, HORIZON, dt, precision="tf32x3")
+    dot = KernelConfig(block_b=16, block_k=32)  # tensor cores need tl.dot tiles
+    tf32x3 = fused_rollout(model, context, HORIZON, dt, precision="tf32x3", config=dot)
     error = relative_error(tf32x3[:, 1:], ref[:, 1:])
     assert error < TF32X3_TOL, f"tf32x3 relative error {error:.2e}"
-    bf16 = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16)
-    error = relative_error(bf16[:, 1:], ref[:, 1:])
-    assert 1e-5 < error < BF16_TOL, f"bf16 relative error {error:.2e}"
+    # bf16: on tl.dot tiles (activations rounded to bf16 too) and on small tiles (weights widened to fp32)
+    for config in (dot, small_tile_config(1)):
+        bf16 = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=config)
+        error = relative_error(bf16[:, 1:BF16_STEPS + 1], ref[:, 1:BF16_STEPS + 1])
+        assert 1e-5 < error < BF16_TOL, f"bf16 relative error {error:.2e} over {BF16_STEPS} steps, {config}"
+        assert relative_error(bf16[:, 1:], ref[:, 1:]) < 10 * BF16_TOL, f"bf16 over {HORIZON - 1} steps, {config}"
 
 
 @pytest.mark.parametrize("config", [KernelConfig(block_b=32, block_n=64, block_k=32, num_warps=8),
-                                    KernelConfig(block_b=64, block_n=32, block_k=16, num_warps=4)],
-                         ids=["b32-n64-k32-w8", "b64-n32-k16-w4"])
+                                    KernelConfig(block_b=64, block_n=32, block_k=16, num_warps=4),
+                                    small_tile_config(2), small_tile_config(8)],
+                         ids=["b32-n64-k32-w8", "b64-n32-k16-w4", "b2-small", "b8-small"])
 def test_kernel_configs_agree(config):
+    # 100 rows: 4, 2, 50 or 13 programs, the last partly padding
     model = gpu_model("lru")
     context, dt = gpu_data(batch=100, event=True)
     assert_fp32_accurate(model, context, HORIZON, dt, fused_rollout(model, context, HORIZON, dt, config=config))
 
 
 def test_large_model_on_gpu():
-    # the benchmark's widest shapes: d_model 512, MLP hidden 1024, 128 modes, 19 programs
+    # the benchmark's widest shapes: d_model 512, MLP hidden 1024, 128 modes; 300 rows: the default's small
+    # tiles (4 rows a program on a 132-SM H100: 75 programs)
     model = gpu_model("lru", d_model=512, d_state=128, n_layers=2)
     context, _ = gpu_data(batch=300)
     assert_fp32_accurate(model, context, 20, None, fused_rollout(model, context, 20))
+    assert_fp32_accurate(model, context, 20, None, fused_rollout(model, context, 20, config=KernelConfig(block_b=16)))
 
 
 def test_fused_equals_the_graph_engine():

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lrnn_lightning.rollout.fused.launch import KernelConfig, build_call
+from lrnn_lightning.rollout.fused.config import KernelConfig, small_tile_config
+from lrnn_lightning.rollout.fused.launch import build_call
 from lrnn_lightning.rollout.fused.pack import pack_model
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one program may use (A100, H100)
@@ -103,10 +104,15 @@ def _main() -> None:
              ("s4d", {}, True), ("s4d", {}, False), ("mamba", {}, True), ("rglru", {}, True)]
     for name, kwargs, event in cases:
         model = SequenceModel(name, d_input=3, d_output=3, d_model=128, d_state=64, n_layers=2, mixer_kwargs=kwargs)
-        for weight_dtype, precision in ((torch.float32, "ieee"), (torch.float32, "tf32x3"), (torch.bfloat16, "ieee")):
-            info = compile_for_target(model, event=event, weight_dtype=weight_dtype, precision=precision)
+        for weight_dtype, precision, config in ((torch.float32, "ieee", KernelConfig()),
+                                                (torch.float32, "tf32x3", KernelConfig()),
+                                                (torch.bfloat16, "ieee", KernelConfig()),
+                                                (torch.float32, "ieee", small_tile_config(1)),
+                                                (torch.bfloat16, "ieee", small_tile_config(8))):
+            info = compile_for_target(model, event=event, weight_dtype=weight_dtype, precision=precision, config=config)
             print(f"{name:6s} {kwargs!s:28s} event={event!s:5s} {str(weight_dtype):15s} {precision:6s} "
-                  f"shared={info.shared_bytes:6d} B fits={info.fits} {info.compile_s:.1f} s")
+                  f"block_b={config.block_b:2d} shared={info.shared_bytes:6d} B fits={info.fits} "
+                  f"{info.compile_s:.1f} s")
 
 
 if __name__ == "__main__":

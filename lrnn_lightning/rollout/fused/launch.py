@@ -24,6 +24,12 @@ from lrnn_lightning.rollout.checks import (
     check_step_model,
     feature_size,
 )
+from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig and default_config live on here)
+    BLOCK_BS,
+    KernelConfig,
+    default_config,
+    processor_count,
+)
 from lrnn_lightning.rollout.fused.pack import (
     MAMBA,
     MODAL,
@@ -39,30 +45,11 @@ from lrnn_lightning.rollout.inference import rollout_mode
 from lrnn_lightning.rollout.state import State
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
-BLOCK_BS = (16, 32, 64)
 TILE_3D = 2048  # elements of the S4D / Mamba state tiles per program
 
 
 class FusedKernelError(RuntimeError):
     """The fused kernel failed to compile or launch (a bug, or a GPU without the resources it needs)."""
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Launch shape of the fused kernel.
-
-    Attributes:
-        block_b: batch rows per program (16, 32 or 64; tl.dot needs >= 16).
-        block_n: largest output-feature block of a tiled matmul (a power of two >= 16).
-        block_k: reduction block of every tiled matmul (a power of two >= 16); Triton's fp32
-            FMA dot keeps whole K-slices in registers, so small is better there.
-        num_warps: warps per program.
-    """
-
-    block_b: int = 16
-    block_n: int = 64
-    block_k: int = 16
-    num_warps: int = 4
 
 
 def _pow2(n: int) -> int:
@@ -104,17 +91,6 @@ def kernel_module():
                                "HINT: pip install triton, or use the graph or loop backend.") from error
 
 
-def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precision: str = "ieee") -> KernelConfig:
-    """A launch shape for `batch` rows: the one the benchmark's tuning is expected to pick.
-
-    Exact fp32 dots run on the FMA units, so they want many programs (16 rows each) and a short
-    K block; tensor-core dots are cheap, so large batches share each weight read over 32 rows.
-    """
-    if weight_dtype == torch.float32 and precision == "ieee":
-        return KernelConfig(block_b=16, block_n=64, block_k=16, num_warps=4)
-    return KernelConfig(block_b=16 if batch < 512 else 32, block_n=64, block_k=32, num_warps=4 if batch < 512 else 8)
-
-
 def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None = None,
                 *, weight_dtype: torch.dtype | None = None, precision: str = "ieee",
                 config: KernelConfig | None = None, return_state: bool = False,
@@ -130,8 +106,11 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
         weight_dtype: dtype of the matmul weights in the kernel: torch.float32 or torch.bfloat16
             (None: the model's). Activations, state and accumulation stay float32.
         precision: tl.dot input precision for float32 weights: "ieee" (exact fp32 FMA), "tf32x3"
-            (tensor cores, about fp32 accuracy) or "tf32" (tensor cores, ~1e-3).
-        config: launch shape; None picks one from the batch size.
+            (tensor cores, about fp32 accuracy) or "tf32" (tensor cores, ~1e-3). Tiles of fewer
+            than 16 rows (`config.block_b` 1-8) do not use tl.dot and compute exact fp32 anyway,
+            with bf16 weights widened to fp32.
+        config: launch shape; None picks one from the batch size and the GPU's SM count
+            (`default_config`).
         return_state: also return the state after the last step.
         packed: weights already packed by `pack_model(model, weight_dtype, event)`, used as they
             are: the caller answers for their freshness (benchmarks; None packs the live weights).
@@ -156,13 +135,14 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
     if event and tuple(dt_steps.shape) != (batch, num_steps):
         raise ValueError(f"fused_steps: expected dt_steps of shape ({batch}, {num_steps}), "
                          f"got {tuple(dt_steps.shape)}.")
-    config = config or default_config(batch, weight_dtype, precision)
+    config = config or default_config(batch, weight_dtype, precision, n_sms=processor_count(x0.device))
     if config.block_b not in BLOCK_BS:
-        raise ValueError(f"fused_steps: block_b must be one of {BLOCK_BS}, got {config.block_b}.")
+        raise ValueError(f"fused_steps: block_b must be one of {BLOCK_BS}, got {config.block_b}. HINT: 1-8 rows per "
+                         "program multiply without tl.dot (small batches), 16-64 with it.")
     for name in ("block_n", "block_k"):
         value = getattr(config, name)
         if value < 16 or value & (value - 1):
-            raise ValueError(f"fused_steps: {name} must be a power of two >= 16 (tl.dot tiles), got {value}.")
+            raise ValueError(f"fused_steps: {name} must be a power of two >= 16, got {value}.")
 
     if num_steps == 0:
         empty = x0.new_empty(batch, 0, width)

@@ -7,9 +7,13 @@ between a stage that writes scratch and the next one that reads it. `row_ok` (BB
 the rows beyond the batch: they are neither loaded (zeros instead) nor stored.
 
 Weight matrices are row-major (N, K), as in `nn.Linear`, in fp32 or bf16; everything
-else is fp32. `PREC` is tl.dot's input_precision for fp32 weights ("ieee", "tf32x3",
-"tf32"); `EMULATE_BF16` computes a bf16 dot as an fp32 dot of bf16-rounded operands (the
-same numbers; for the Triton interpreter, whose dot does not take bf16).
+else is fp32. A tile of BB >= 16 rows multiplies with tl.dot: `PREC` is its input_precision
+for fp32 weights ("ieee", "tf32x3", "tf32"), and bf16 weights meet bf16-rounded activations
+on the tensor cores (`EMULATE_BF16` computes that as an fp32 dot of the rounded operands:
+the same numbers, for the Triton interpreter, whose dot does not take bf16). A small tile
+(BB = 1, 2, 4 or 8 rows: tl.dot needs 16) multiplies on the FMA units instead, as a
+broadcast product summed over K (`small_product`): exact fp32 whatever PREC says, and bf16
+weights are widened to fp32 there, so the activations are not rounded.
 
 Nothing here calls Triton's standard library of jit functions (tl.sum, tl.zeros,
 tl.sigmoid): those are defined when Triton is imported, so a process that imported Triton
@@ -35,6 +39,25 @@ def dot_block(x, w, PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.c
 
 
 @triton.jit
+def small_product(x, w):
+    """x (BB, K) fp32 times the weight tile w (N, K) (fp32 or bf16, row-major as stored) -> (BB, N) fp32.
+
+    The (BB, N, K) broadcast product summed over K, without tl.dot: for tiles of fewer than 16
+    rows, where one program per few batch rows keeps every SM busy at small batch sizes.
+    """
+    return row_sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
+def product(x, w, BB: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """x (BB, K) fp32 times the weight tile w (N, K) -> (BB, N) fp32: tl.dot for BB >= 16, else `small_product`."""
+    if BB < 16:
+        return small_product(x, w)
+    else:
+        return dot_block(x, tl.trans(w), PREC, W_BF16, EMULATE_BF16)
+
+
+@triton.jit
 def linear(x_ptr, x_stride, w_ptr, b_ptr, K, N, out_ptr, out_stride, row_ok,
            res_ptr, res_stride, skip_ptr, skip_stride, skip_scale_ptr,
            HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SKIP: tl.constexpr, ACT: tl.constexpr,
@@ -57,7 +80,7 @@ def linear(x_ptr, x_stride, w_ptr, b_ptr, K, N, out_ptr, out_stride, row_ok,
             x = tl.load(x_ptr + rows[:, None] * x_stride + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                         other=0.0)
             w = tl.load(w_ptr + ns[:, None] * K + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += dot_block(x, tl.trans(w), PREC, W_BF16, EMULATE_BF16)
+            acc += product(x, w, BB, PREC, W_BF16, EMULATE_BF16)
         if HAS_BIAS:
             acc += tl.load(b_ptr + ns, mask=n_ok, other=0.0)[None, :]
         if ACT == 1:
@@ -96,8 +119,8 @@ def gated_up(x_ptr, x_stride, w_ptr, b_ptr, K, F, out_ptr, out_stride, row_ok,
             w_mask = n_ok[:, None] & k_ok[None, :]
             w_value = tl.load(w_ptr + ns[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
             w_gate = tl.load(w_ptr + (F + ns)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
-            value += dot_block(x, tl.trans(w_value), PREC, W_BF16, EMULATE_BF16)
-            gate += dot_block(x, tl.trans(w_gate), PREC, W_BF16, EMULATE_BF16)
+            value += product(x, w_value, BB, PREC, W_BF16, EMULATE_BF16)
+            gate += product(x, w_gate, BB, PREC, W_BF16, EMULATE_BF16)
         value += tl.load(b_ptr + ns, mask=n_ok, other=0.0)[None, :]
         gate += tl.load(b_ptr + F + ns, mask=n_ok, other=0.0)[None, :]
         out = value * gelu(gate)

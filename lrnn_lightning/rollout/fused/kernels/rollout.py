@@ -1,6 +1,8 @@
 """The fused rollout kernel: T autoregressive steps of a whole `SequenceModel` in one launch.
 
-One program owns BB batch rows for the whole rollout. Per step:
+One program owns BB batch rows for the whole rollout: 1, 2, 4 or 8 (its matmuls then run
+without tl.dot, see common.py) or 16, 32, 64 (tl.dot); `config.default_config` picks BB so
+that the programs fill the GPU's SMs. Per step:
 
     x = out[:, t]                                   (the previous output, fed back)
     h = encoder(x)                                  -> H0
