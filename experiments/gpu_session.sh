@@ -45,10 +45,12 @@ print(\"media keys:\", [k for k in keys if k.endswith(\"_type\")])"' ;;
       TAIL=40 run ddp2_train 150 bash -c 'nvidia-smi -L; OMP_NUM_THREADS=4 python3 train.py trainer=ddp \
       trainer.devices=2 generation.cuda_graph=true trainer.max_epochs=3 logger=csv hydra.run.dir=/tmp/ddp_2gpu \
       2>&1 | grep -E "RolloutCallback|rank|Error|error|rollout/nrmse" | tail -n 40' ;;
-  fused_tests) TAIL=30 run fused_tests 200 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
+  fused_tests) TAIL=30 run fused_tests 180 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
       tests/test_fused_cuda.py ;;
   fused) TAIL=30 run fused_tests 90 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE \
       tests/test_fused_cuda.py
-      TAIL=40 run fused 55 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 --budget-s 40 \
-      --out "$OUT/fused.json" ;;
+      TAIL=60 run fused 170 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 --budget-s 140 \
+      --no-tune --block-bs 1,2,4,8,16 --out "$OUT/fused.json" ;;
+  fused_bench) TAIL=60 run fused 200 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 --budget-s 170 \
+      --no-tune --block-bs 1,2,4,8,16 --out "$OUT/fused.json" ;;
 esac; done
