@@ -34,7 +34,13 @@ from lrnn_lightning.rollout.fused import (
     model_coverage,
     support,
 )
-from lrnn_lightning.rollout.fused.config import SMALL_BLOCK_BS, SMALL_TILE, processor_count, small_tile_config
+from lrnn_lightning.rollout.fused.config import (
+    MAX_SMALL_ROWS_PER_SM,
+    SMALL_BLOCK_BS,
+    SMALL_TILE,
+    processor_count,
+    small_tile_config,
+)
 from lrnn_lightning.rollout.inference import rollout_mode
 from tests.conftest import relative_error
 from tests.helpers import perturb_parameters, random_dt
@@ -143,17 +149,19 @@ def test_fused_support_rejects_unsupported_weights(monkeypatch):
 
 # -- the launch-shape rule: pure, no Triton needed ------------------------------------------------
 
-def test_default_config_fills_an_h100_in_one_wave():
+def test_default_config_on_an_h100():
     h100 = 132
-    # the configurations: 32 rows -> 32 programs of one row; 256 -> 128 of two; 1024 -> 128 of eight
-    assert [default_config(b, n_sms=h100).block_b for b in (1, 32, 132, 133, 256, 1024, 1056)] == [1, 1, 1, 2, 2, 8, 8]
-    # beyond 8 rows per SM, tl.dot tiles: 16 rows in exact fp32; 32 rows (8 warps) for tensor cores past 16 per SM
-    assert default_config(1057, n_sms=h100) == KernelConfig(block_b=16, block_n=64, block_k=16, num_warps=4)
+    # exact fp32: one wave of small tiles up to two rows per SM (32 rows -> 32 programs of one row, 256 -> 128 of
+    # two), 16-row tl.dot tiles beyond (where they measured faster)
+    assert [default_config(b, n_sms=h100).block_b for b in (1, 32, 132, 133, 256, 264, 265, 1024)] == \
+        [1, 1, 1, 2, 2, 2, 16, 16]
+    assert default_config(265, n_sms=h100) == KernelConfig(block_b=16, block_n=64, block_k=16, num_warps=4)
     assert default_config(100_000, n_sms=h100).block_b == 16
+    # tensor cores: tl.dot tiles at every batch, 32 rows (8 warps) past 16 rows per SM
     for weight_dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32x3"), (torch.float32, "tf32")):
+        assert default_config(32, weight_dtype, precision, n_sms=h100) == KernelConfig(16, 64, 32, 4)
         assert default_config(2112, weight_dtype, precision, n_sms=h100) == KernelConfig(16, 64, 32, 4)
         assert default_config(2113, weight_dtype, precision, n_sms=h100) == KernelConfig(32, 64, 32, 8)
-        assert default_config(256, weight_dtype, precision, n_sms=h100) == small_tile_config(2)
 
 
 @pytest.mark.parametrize("n_sms", [1, 7, 108, 132])
@@ -162,11 +170,11 @@ def test_default_config_rule(n_sms):
         config = default_config(batch, n_sms=n_sms)
         programs = -(-batch // config.block_b)
         if config.block_b in SMALL_BLOCK_BS:
-            assert programs <= n_sms, (batch, config)  # one wave: at most one program per SM
+            assert programs <= n_sms and config.block_b <= MAX_SMALL_ROWS_PER_SM, (batch, config)  # one wave
             assert config.block_b == 1 or -(-batch // (config.block_b // 2)) > n_sms, (batch, config)  # fullest
             assert config == small_tile_config(config.block_b)
         else:
-            assert batch > 8 * n_sms and config.block_b == 16, (batch, config)
+            assert batch > MAX_SMALL_ROWS_PER_SM * n_sms and config.block_b == 16, (batch, config)
 
 
 def test_small_tiles_keep_their_product_in_registers():

@@ -23,6 +23,13 @@ programs x weight bytes / (L2 bandwidth). Hence:
 The small tiles are sized so the (rows, block_n, block_k) product stays at 4096 elements,
 32 fp32 registers a thread with 4 warps. `experiments/benchmark_fused.py --block-bs` times
 other block_b values against this choice on a GPU.
+
+What the H100 measured (experiments/RESULTS.md, 2026-11-27) narrowed the rule: small tiles
+won only in exact fp32 ("ieee") and only at one or two rows per SM (LRU (32, 128, 64, 4):
+1 row 183 µs/step vs 16 rows 479; B=256: 2 rows 256 vs 480), while at 8 rows per SM (B=1024)
+they lost to 16-row tl.dot tiles (25287 vs 14640), and with tensor cores (tf32x3, bf16) the
+16-row tl.dot tile won at every batch (B=32: 206 / 153 µs vs 192 / 174 for one row). So small
+tiles are used for "ieee" up to MAX_SMALL_ROWS_PER_SM rows per SM, tl.dot tiles otherwise.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ DOT_BLOCK_BS = (16, 32, 64)  # rows per program multiplied with tl.dot
 BLOCK_BS = SMALL_BLOCK_BS + DOT_BLOCK_BS
 SMALL_TILE = 4096  # elements of a small tile's (rows, block_n, block_k) product
 CPU_PROCESSORS = 1  # the Triton interpreter runs one program at a time
+MAX_SMALL_ROWS_PER_SM = 2  # beyond this, 16-row tl.dot tiles were faster on an H100 (module doc)
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precis
 
     Example:
         >>> [default_config(b, n_sms=132).block_b for b in (32, 256, 1024, 4096)]
-        [1, 2, 8, 16]
+        [1, 2, 16, 16]
     """
     if n_sms is None:
         n_sms = processor_count(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -96,9 +104,9 @@ def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precis
         raise ValueError(f"default_config: batch and n_sms must be >= 1, got batch={batch}, n_sms={n_sms}.")
     rows_per_sm = -(-batch // n_sms)
     block_b = 1 << (rows_per_sm - 1).bit_length()  # the smallest power of two >= batch / n_sms: one wave
-    if block_b in SMALL_BLOCK_BS:
-        return small_tile_config(block_b)
     tensor_cores = weight_dtype == torch.bfloat16 or precision != "ieee"
+    if not tensor_cores and block_b <= MAX_SMALL_ROWS_PER_SM:
+        return small_tile_config(block_b)
     return dot_tile_config(32 if tensor_cores and block_b >= 32 else 16, tensor_cores)
 
 
