@@ -109,3 +109,20 @@ def count_calls(monkeypatch, owner, name: str) -> list[dict]:
 
     monkeypatch.setattr(owner, name, counting)
     return calls
+
+
+def record_callback_engines(monkeypatch, base=None) -> list:
+    """Make RolloutCallback build engines (of `base`, default RolloutEngine) that record themselves and
+    their keyword arguments: returns the list of (engine, kwargs) pairs."""
+    from lrnn_lightning.callbacks import rollout as rollout_module
+
+    made = []
+    engine_class = base or rollout_module.RolloutEngine
+
+    class RecordingEngine(engine_class):
+        def __init__(self, *args, **kwargs):
+            made.append((self, kwargs))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(rollout_module, "RolloutEngine", RecordingEngine)
+    return made

@@ -20,6 +20,7 @@ from lrnn_lightning.models import build_model
 from lrnn_lightning.module import NextStepModule
 from lrnn_lightning.rollout import RolloutEngine, rollout_loop
 from lrnn_lightning.rollout.metrics import channel_scale, horizon_errors
+from tests.helpers import record_callback_engines
 
 
 def tiny_data(**overrides) -> OscillatorsDataModule:
@@ -147,20 +148,14 @@ def test_event_mode_rolls_out_with_the_windows_dt(tmp_path, monkeypatch):
 
 
 def test_engine_is_made_once_and_reused_across_validations(tmp_path, monkeypatch):
-    made = []
-
-    class CountingEngine(RolloutEngine):
-        def __init__(self, *args, **kwargs):
-            made.append(kwargs)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(rollout_module, "RolloutEngine", CountingEngine)
+    made = record_callback_engines(monkeypatch)
     callback = RolloutCallback(num_sequences=4, batch_size=3, tf32=True)
     trainer = tiny_trainer(tmp_path, [callback], logger=False, max_epochs=3)
     trainer.fit(tiny_module(), datamodule=tiny_data())
     assert len(made) == 1
-    assert made[0]["batch_size"] == 3 and made[0]["cuda_graph"] == "auto" and made[0]["tf32"] is True
-    assert made[0]["on_capture_error"] == "fallback"  # a failed capture falls back to the loop (test_faults.py)
+    kwargs = made[0][1]
+    assert kwargs["batch_size"] == 3 and kwargs["cuda_graph"] == "auto" and kwargs["tf32"] is True
+    assert kwargs["on_capture_error"] == "fallback"  # a failed capture falls back to the loop (test_faults.py)
     assert callback.last_result.epoch == 2
 
 

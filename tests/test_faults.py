@@ -36,7 +36,7 @@ from lrnn_lightning.rollout import CaptureError, RolloutEngine, StepGraph, rollo
 from lrnn_lightning.rollout.metrics import channel_scale
 from lrnn_lightning.utils.wandb_offline import read_offline_run
 from lrnn_lightning.utils.wandb_setup import wandb_logger
-from tests.helpers import subprocess_pythonpath
+from tests.helpers import record_callback_engines, subprocess_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,21 +315,14 @@ class MemoryProbe(Callback):
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set size from /proc")
 def test_a_hundred_validations_reuse_the_graph_and_keep_host_memory_flat(tmp_path, monkeypatch):
-    made = []
-
-    class CountingEngine(EagerGraphEngine):
-        def __init__(self, *args, **kwargs):
-            made.append(self)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(rollout_module, "RolloutEngine", CountingEngine)
+    made = record_callback_engines(monkeypatch, EagerGraphEngine)
     probe = MemoryProbe(at=(20, 60, 100), sample=lambda: (live_tensors(), resident_bytes()))
     callback = RolloutCallback(num_sequences=5, batch_size=4, chunk=8)
     trainer = tiny_trainer(tmp_path, [callback, probe], max_epochs=100, limit_train_batches=1)
     trainer.fit(tiny_module(), datamodule=tiny_data())
 
     assert probe.count == 100 and callback.last_result.epoch == 99
-    (engine,) = made
+    ((engine, _),) = made
     assert engine.stats.path == "graph" and engine.stats.num_captures == 1  # one graph for all 100 rollouts
     (t20, rss20), (t60, rss60), (t100, rss100) = (probe.samples[k] for k in (20, 60, 100))
     assert t100 <= t20, (t20, t60, t100)  # nothing keeps tensors of past validations alive

@@ -13,7 +13,6 @@ kernel is tested by test_fused_cuda.py); they are tiny because the interpreter i
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from lrnn_lightning.rollout.fused.config import (
 )
 from lrnn_lightning.rollout.inference import rollout_mode
 from tests.conftest import relative_error
-from tests.helpers import perturb_parameters, random_dt
+from tests.helpers import import_interpreted, perturb_parameters, random_dt
 from tests.test_rollout import TinyMixer
 
 FUSED_TOL = 1e-5  # fused vs loop, fp32 ("ieee" dots): same math, different summation order
@@ -199,24 +198,8 @@ def test_default_config_asks_the_device():
 
 @pytest.fixture(scope="module")
 def interpreter():
-    """Import the kernel module interpreted (TRITON_INTERPRET=1 while it is defined), CPU only."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the compiled kernel is tested by test_fused_cuda.py")
-    module = sys.modules.get(support.KERNEL_MODULE)
-    if module is None:
-        previous = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            module = importlib.import_module(support.KERNEL_MODULE)
-        finally:
-            if previous is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = previous
-    if not module.INTERPRETED:
-        pytest.skip("the kernel module was already imported compiled in this process")
-    return module
+    """The kernel module imported interpreted (TRITON_INTERPRET=1 while it is defined), CPU only."""
+    return import_interpreted(support.KERNEL_MODULE)
 
 
 @pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])

@@ -12,7 +12,6 @@ import logging
 import pytest
 import torch
 
-import lrnn_lightning.callbacks.rollout as rollout_module
 import lrnn_lightning.rollout.engine as engine_module
 from lrnn_lightning.callbacks import RankReport, RolloutCallback
 from lrnn_lightning.models import SequenceModel
@@ -22,6 +21,7 @@ from lrnn_lightning.rollout.fused import FusedKernelError, support
 from lrnn_lightning.utils.training import build, summary_line
 from tests import test_configs, test_fused
 from tests.conftest import relative_error
+from tests.helpers import record_callback_engines
 from tests.test_callback import tiny_data, tiny_module, tiny_trainer
 from tests.test_fused import BF16_TOL, FUSED_TOL, make_model
 from tests.test_rollout import TinyMixer
@@ -238,19 +238,12 @@ def test_callback_runs_the_fused_path_and_logs_it(interpreter, tmp_path, caplog)
 
 
 def test_callback_passes_fused_auto_and_logs_the_loop_on_the_cpu(tmp_path, monkeypatch, caplog):
-    made = []
-
-    class CountingEngine(RolloutEngine):
-        def __init__(self, *args, **kwargs):
-            made.append(kwargs)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(rollout_module, "RolloutEngine", CountingEngine)
+    made = record_callback_engines(monkeypatch)
     callback = RolloutCallback(num_sequences=2, horizon=4, fused="auto")
     trainer = tiny_trainer(tmp_path, [callback], logger=False)
     with caplog.at_level(logging.INFO):
         trainer.validate(tiny_module(), datamodule=tiny_data())
-    assert made[0]["fused"] == "auto" and callback.last_result.stats.path == "loop"
+    assert made[0][1]["fused"] == "auto" and callback.last_result.stats.path == "loop"
     assert float(trainer.callback_metrics["rollout/uses_fused"]) == 0.0
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("RolloutCallback: epoch"))
     assert "loop path" in line and "Path on rank 0: loop (fused=auto, not fused: " in line
