@@ -63,23 +63,23 @@ def _positive_int(name: str, value: Any, hint: str = "", allow_none: bool = Fals
     return value
 
 
-def _cuda_graph_option(value: Any) -> bool | str:
+def _auto_option(value: Any, name: str, hint: str) -> bool | str:
+    """An 'auto' | true | false option (any case, or a bool) -> "auto", True or False."""
     if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
         return {"auto": "auto", "true": True, "false": False}[value.lower()]
     if value in (True, False) and isinstance(value, bool):
         return value
-    raise ValueError(f"{OWNER}: cuda_graph must be 'auto', true or false, got {value!r}. HINT: 'auto' replays a "
-                     "CUDA graph when the model is on a GPU and runs the step loop otherwise.")
+    raise ValueError(f"{OWNER}: {name} must be 'auto', true or false, got {value!r}. HINT: {hint}")
+
+
+def _cuda_graph_option(value: Any) -> bool | str:
+    return _auto_option(value, "cuda_graph", "'auto' replays a CUDA graph when the model is on a GPU and runs the "
+                        "step loop otherwise.")
 
 
 def _fused_option(value: Any) -> bool | str:
-    if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
-        return {"auto": "auto", "true": True, "false": False}[value.lower()]
-    if value in (True, False) and isinstance(value, bool):
-        return value
-    raise ValueError(f"{OWNER}: fused must be 'auto', true or false, got {value!r}. HINT: 'auto' runs the fused "
-                     "Triton kernel where it covers the model on a GPU, and the CUDA graph (or the step loop) "
-                     "otherwise; false never runs it.")
+    return _auto_option(value, "fused", "'auto' runs the fused Triton kernel where it covers the model on a GPU, "
+                        "and the CUDA graph (or the step loop) otherwise; false never runs it.")
 
 
 def _autocast_option(value: Any) -> torch.dtype | None:

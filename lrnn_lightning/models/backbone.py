@@ -30,6 +30,10 @@ class GatedMLP(nn.Module):
         value, gate = self.up(x).chunk(2, dim=-1)
         return self.down(value * F.gelu(gate))
 
+    def step(self, x_t: Tensor, norm: nn.LayerNorm, residual: Tensor) -> Tensor:
+        """residual + self(norm(x_t)) for one step, x_t (B, D): two kernels on a GPU (see step_ops)."""
+        return linear_step(gated_linear_step(x_t, self.up, norm=norm), self.down, residual=residual)
+
 
 class ResidualBlock(nn.Module):
     """Pre-norm block: x + mixer(norm(x)), then + MLP(norm(.)), dropout on each branch."""
@@ -56,8 +60,7 @@ class ResidualBlock(nn.Module):
         h = x_t + self.dropout(self.mixer.step(self.mixer_norm(x_t), state, dt_t))
         if self.training and self.dropout.p > 0:
             return self._mlp_branch(h)
-        # the same numbers as _mlp_branch without dropout, in two kernels on a GPU (see step_ops)
-        return linear_step(gated_linear_step(h, self.mlp.up, norm=self.mlp_norm), self.mlp.down, residual=h)
+        return self.mlp.step(h, self.mlp_norm, h)  # _mlp_branch without dropout
 
 
 class SequenceModel(nn.Module):

@@ -12,9 +12,9 @@ parameters and the event timestep (`_discretize`), and may fold per-mode gains i
 - forward, dt=None: time-invariant, so the states are a causal FFT convolution of B x
   with decay^l in mode space, O(B P L log L);
 - forward, dt given: time-varying, solved by the associative scan (`pairwise_scan`);
-- step: one real matmul for B x, six fused kernels for the complex update, three for
-  the readout (one kernel each for B x and the readout on a GPU, see step_ops), all on
-  real tensors; the rest is the discretisation, recomputed from the live parameters on
+- step: one real matmul for B x, six kernels for the complex update, three for the
+  readout, all on real tensors (on a GPU, one kernel each for B x, the update and the
+  readout, see step_ops); the rest is the discretisation, recomputed from the live parameters on
   every call (once per rollout chunk inside the engine's `shared_derivations` scope, see
   derived.py).
 

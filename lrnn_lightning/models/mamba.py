@@ -20,7 +20,7 @@ from lrnn_lightning.models.causal_conv import CausalConv1d
 from lrnn_lightning.models.derived import derived
 from lrnn_lightning.models.mixer import Mixer, State
 from lrnn_lightning.models.scan import pairwise_scan
-from lrnn_lightning.models.step_ops import linear_step, matmul_step
+from lrnn_lightning.models.step_ops import linear_step
 from lrnn_lightning.models.validation import (
     check_dt,
     check_positive_int,
@@ -149,9 +149,9 @@ class Mamba(Mixer):
             self.dt_proj.bias.copy_(delta + torch.log(-torch.expm1(-delta)))  # softplus^-1(delta)
 
     def _selection(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """u (..., E) -> Delta (..., E), B (..., N), C (..., N)."""
-        dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.softplus(self.dt_proj(dt_low)), B, C
+        """u (..., E) -> Delta (..., E), B (..., N), C (..., N) (one kernel per projection in a step, see step_ops)."""
+        dt_low, B, C = linear_step(u, self.x_proj).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.softplus(linear_step(dt_low, self.dt_proj)), B, C
 
     def _mix(self, x: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, D) -> (y (B, L, D), pre-conv inputs (B, L, E), final h (B, E, N))."""
@@ -193,8 +193,7 @@ class Mamba(Mixer):
         check_step_dt(dt_t, batch, "Mamba")
         x_in, z = linear_step(x_t, self.in_proj).chunk(2, dim=-1)
         u = F.silu(self.conv.step(x_in, state["conv"]))
-        dt_low, B, C = matmul_step(u, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(linear_step(dt_low, self.dt_proj))  # as _selection, with the step's kernels
+        delta, B, C = self._selection(u)
         A = derived(self, "A", self._continuous_A)  # shared across a rollout chunk, see derived.py
         decay = delta if dt_t is None else dt_t.reshape(batch, 1).to(_timestep_dtype(A))
         h = state["h"]

@@ -103,7 +103,6 @@ def step_matmul_kernel(
     tl.store(out_ptr + row_offsets * out_stride + cols[None, :], acc, mask=mask)
 
 
-
 @triton.jit
 def modal_update_kernel(h_re_ptr, h_im_ptr, u_re_ptr, u_im_ptr, u_stride, decay_ptr, decay_stride,
                         scale_ptr, scale_stride, M, P, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):

@@ -3,15 +3,17 @@
 A step works on a handful of rows (the batch), where cuBLAS's float32 GEMMs are slow and
 come as three or four kernels each (split-K, scaling, reduction, memset), and a captured
 step is paid per kernel. On a CUDA GPU with Triton, these functions run one fused kernel
-(`step_kernels.step_matmul_kernel`: LayerNorm prologue, second operand, bias, GEGLU,
-residual and scaled-skip epilogues); everywhere else they run the PyTorch composition they
-stand for, which is also the reference the tests compare the kernel against.
+each: `step_kernels.step_matmul_kernel` (LayerNorm prologue, second operand, bias, GEGLU,
+residual and scaled-skip epilogues) for the matmuls, `modal_update_kernel` for the complex
+recurrence of LRU/S5 (complex64 coefficients). Everywhere else they run the PyTorch
+composition they stand for, which is also the reference the tests compare the kernels against.
 
-The kernel runs only where it computes what PyTorch would, to float32 rounding:
+The kernels run only where they compute what PyTorch would, to float32 rounding:
 float32 2-D tensors on a CUDA device, no autocast, TF32 matmuls off, no autograd through
 the call, and shapes small enough that one kernel beats cuBLAS (`MAX_MACS`). Under
-torch.compile the launch is traced as a user-defined Triton kernel. `LRNN_STEP_KERNELS=0` in the environment,
-or `use_step_kernels(False)`, turns it off (e.g. to measure what it gains).
+torch.compile a launch is traced as a user-defined Triton kernel (and the ops around it
+fused). `LRNN_STEP_KERNELS=0` in the environment, or `use_step_kernels(False)`, turns them
+off (e.g. to measure what they gain).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lrnn_lightning.models.lti_complex import complex_decay_add_, complex_mul
 
 MAX_MACS = 1 << 24  # multiply-adds (rows x outputs x inputs) up to which the one kernel beat cuBLAS on an H100
 KERNEL_MODULE = "lrnn_lightning.models.step_kernels"
@@ -74,9 +78,11 @@ def preload() -> bool:
 
 
 def _tf32_matmuls() -> bool:
-    from lrnn_lightning.rollout.inference import matmul_tf32_enabled  # lazy: rollout imports models
+    if "tf32" not in _loaded:  # imported on first use: lrnn_lightning.rollout imports this module
+        from lrnn_lightning.rollout.inference import matmul_tf32_enabled
 
-    return matmul_tf32_enabled()
+        _loaded["tf32"] = matmul_tf32_enabled
+    return _loaded["tf32"]()
 
 
 def kernel_applies(x: Tensor, *tensors: Tensor | None, macs: int) -> bool:
@@ -88,16 +94,16 @@ def kernel_applies(x: Tensor, *tensors: Tensor | None, macs: int) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False
-    # torch.compile traces the Triton launch as a user-defined kernel and fuses the ops around it
     if torch.is_autocast_enabled(x.device.type) or _tf32_matmuls():
         return False
     return _kernel_module() is not None
 
 
 def step_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, num_warps) for an (m, k) x (k, n) product: small tiles for many programs, and the
-    whole reduction in one block up to 128, because these tiny products are bound by the latency of
-    each sequential load, not by arithmetic."""
+    """(BM, BN, BK, num_warps) for an (m, k) x (k, n) product: 16 x 16 output tiles, for many programs,
+    and the reduction in blocks of up to 64, because these tiny products are bound by the latency of
+    each sequential load, not by arithmetic. (m and n do not change the choice yet: the tuning run
+    found 16 x 16 best at every step-sized product.)"""
     # measured on an H100 (experiments/RESULTS.md): 16 x 16 tiles won at every step-sized product
     return 16, 16, max(16, min(64, 1 << (k - 1).bit_length())), 4
 
@@ -179,7 +185,7 @@ def dual_readout_step(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor, alpha: float
     allow_kernel=False keeps PyTorch (for the parallel pass, whose rows are flattened sequences).
     """
     macs = 2 * a.shape[0] * wa.shape[0] * wa.shape[1]
-    if allow_kernel and kernel_applies(a, wa, b, wb, skip, skip_scale, macs=macs) and skip.is_contiguous():
+    if allow_kernel and kernel_applies(a, wa, b, wb, skip, skip_scale, macs=macs):
         return launch_step_matmul(_kernel_module(), a, wa, wa.shape[0], x2=b, weight2=wb, alpha=alpha,
                                   alpha2=-alpha, skip=skip, skip_scale=skip_scale)
     y = torch.addmm(skip * skip_scale, a, wa.T, alpha=alpha)
@@ -194,8 +200,6 @@ def modal_update_step(h_re: Tensor, h_im: Tensor, decay: Tensor, u_re: Tensor, u
     decay and scale complex, (P,) or (B, P), scale optional. One kernel on a GPU instead of ten
     (`complex_mul` and `complex_decay_add_`, which it stands for everywhere else).
     """
-    from lrnn_lightning.models.lti_complex import complex_decay_add_, complex_mul  # lti_complex is PyTorch only
-
     coefficients = [c for c in (decay, scale) if c is not None]
     usable = (h_re.dim() == 2 and h_re.is_contiguous() and h_im.is_contiguous() and h_im.shape == h_re.shape
               and u_re.shape == h_re.shape and u_im.shape == h_re.shape and u_re.stride() == u_im.stride()

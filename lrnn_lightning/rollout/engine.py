@@ -206,6 +206,8 @@ class RolloutEngine:
 
         self.stats.path, self.stats.backend_reason = backend, reason
         self.stats.compiled = graph is not None and graph.compiled
+        if backend == "fused":
+            self.stats.capture_ms = 0.0  # nothing captured (Triton compiles on the first launch instead)
         self.stats.steps_per_second = batch * horizon / max(seconds, 1e-9)
         return out
 

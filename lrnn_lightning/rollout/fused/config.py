@@ -11,14 +11,15 @@ programs x weight bytes / (L2 bandwidth). Hence:
   block_b >= batch / n_sms. Fewer rows per program would put two programs (two weight
   streams) on an SM for no gain: a probe with one row a program took 30 µs/step for LRU
   (32, 128, 64, 4) on an H100 and 61 µs for B=256, twice the streams in twice the time.
-  More rows would leave SMs idle. At small batch this means 1, 2, 4 or 8 rows a program;
+  More rows would leave SMs idle. At small batch this means 1 or 2 rows a program (see the
+  measurements below for why not 4 or 8);
 - tiles of fewer than 16 rows multiply without tl.dot (broadcast product summed over K on
   the FMA units; tl.dot needs 16 rows): at B=32 on a 132-SM H100 that is 32 programs of one
   row instead of 2 programs of 16;
-- beyond 8 rows per SM (batch > 8 n_sms), tl.dot tiles: 16 rows for exact fp32 ("ieee"
-  runs on the FMA units, which want short tiles; several waves then), and for the
-  tensor-core precisions (tf32x3, tf32, bf16 weights) 16 rows, or 32 with 8 warps beyond
-  16 rows per SM.
+- beyond MAX_SMALL_ROWS_PER_SM rows per SM in exact fp32, tl.dot tiles of 16 rows ("ieee"
+  runs on the FMA units, which want short tiles; several waves then); for the tensor-core
+  precisions (tf32x3, tf32, bf16 weights) tl.dot tiles at every batch, 16 rows, or 32 with
+  8 warps beyond 16 rows per SM.
 
 The small tiles are sized so the (rows, block_n, block_k) product stays at 4096 elements,
 32 fp32 registers a thread with 4 warps. `experiments/benchmark_fused.py --block-bs` times
