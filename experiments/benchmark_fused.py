@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the seed baseline and timing: benchmark_rollout.py
-from benchmark_rollout import SeedStyleGraph, add_rollout_arguments, median_seconds  # noqa: E402 (puts the checkout first)
+from benchmark_rollout import SeedStyleGraph, add_rollout_arguments, median_seconds, parse_variants  # noqa: E402 (puts the checkout first)
 
 from lrnn_lightning.models import SequenceModel
 from lrnn_lightning.rollout import StepGraph
@@ -304,10 +304,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="stop trying further launch shapes after this many seconds (each shape compiles)")
     parser.add_argument("--out", default=None, help="write the rows as JSON to this path")
     args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(args.variants) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+    parse_variants(parser, args, VARIANTS)
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU (the fused kernel and the graphs run only there)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -207,6 +207,14 @@ def add_rollout_arguments(parser: argparse.ArgumentParser, configs: list, models
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
 
 
+def parse_variants(parser: argparse.ArgumentParser, args: argparse.Namespace, variants: tuple[str, ...]) -> None:
+    """Turn args.variants (comma-separated) into a list, or exit naming the unknown ones."""
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(variants))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {variants}")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_rollout_arguments(parser, CONFIGS, "lru,mamba", VARIANTS, "issue #3")
@@ -214,10 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write the rows as JSON to this path")
     args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(args.variants) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+    parse_variants(parser, args, VARIANTS)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the same fp32 arithmetic in every variant
 
