@@ -259,15 +259,20 @@ def test_fused_steps_leave_the_loops_final_state(interpreter, case):
     assert relative_error(zero_start, ref_zero) < FUSED_TOL
 
 
+def take_an_optimizer_step(model, context, dt) -> None:
+    """One Adam step on the context's squared output (large enough to change every rollout), in train mode."""
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    model(context, dt[:, :C]).square().mean().backward()
+    optimizer.step()
+
+
 def test_fused_rollout_follows_an_optimizer_step(interpreter):
     # S5 bilinear in event mode: the discretisation from the live Lambda and log_step happens in the kernel
     model = make_model("s5", {"discretization": "bilinear"})
     context, dt = make_data(event=True)
     before = fused_rollout(model, context, HORIZON, dt)
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-    model(context, dt[:, :C]).square().mean().backward()
-    optimizer.step()
+    take_an_optimizer_step(model, context, dt)
     after = fused_rollout(model, context, HORIZON, dt)
     assert relative_error(after[:, 1:], loop_rollout(model, context, HORIZON, dt)[:, 1:]) < FUSED_TOL
     assert relative_error(after[:, 1:], before[:, 1:]) > 1e-3

@@ -39,7 +39,7 @@ from lrnn_lightning.rollout import RolloutEngine, run_steps
 from lrnn_lightning.rollout.fused import KernelConfig, choose_backend, fused_rollout, fused_steps, fused_support
 from lrnn_lightning.rollout.fused.config import small_tile_config
 from tests.conftest import relative_error
-from tests.test_fused import CASES, case_id, loop_rollout, make_model
+from tests.test_fused import CASES, case_id, loop_rollout, make_model, take_an_optimizer_step
 from tests.test_rollout import TinyMixer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_fp32")]
@@ -155,10 +155,7 @@ def test_fused_follows_an_optimizer_step_on_gpu():
     model = gpu_model("s5", {"discretization": "bilinear"})
     context, dt = gpu_data(event=True)
     before = fused_rollout(model, context, HORIZON, dt)
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-    model(context, dt[:, :C]).square().mean().backward()
-    optimizer.step()
+    take_an_optimizer_step(model, context, dt)
     model.eval()
     after = fused_rollout(model, context, HORIZON, dt)
     assert_fp32_accurate(model, context, HORIZON, dt, after)
