@@ -263,7 +263,7 @@ def take_an_optimizer_step(model, context, dt) -> None:
     """One Adam step on the context's squared output (large enough to change every rollout), in train mode."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-    model(context, dt[:, :C]).square().mean().backward()
+    model(context, dt[:, : context.shape[1]]).square().mean().backward()
     optimizer.step()
 
 
