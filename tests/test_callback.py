@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import logging
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -14,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 import lrnn_lightning.callbacks.rollout as rollout_module
-from lrnn_lightning.callbacks import RolloutCallback
+from lrnn_lightning.callbacks import RankReport, RolloutCallback
 from lrnn_lightning.data import CsvDataModule, OscillatorsDataModule
 from lrnn_lightning.models import build_model
 from lrnn_lightning.module import NextStepModule
@@ -313,3 +316,29 @@ def test_sample_plots_of_a_diverged_rollout_keep_the_truth_in_view():
     prediction[5:, 1] = 1e30
     image = plot_rollout(context, future, prediction, channels=2)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.std() > 0
+
+
+def test_ranks_on_different_paths_are_reported_as_mixed_with_each_rank_path(tmp_path, monkeypatch, caplog):
+    """Under DDP one process may run the fused kernel and another the graph: no rank's path stands for the run."""
+    callback = RolloutCallback(num_sequences=4)
+    with caplog.at_level(logging.INFO):
+        tiny_trainer(tmp_path, [callback], logger=False).validate(tiny_module(), datamodule=tiny_data())
+    one = callback.last_result
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("RolloutCallback: epoch"))
+    assert line == f"RolloutCallback: {one.describe(0)}"  # the callback logs the result's line
+    assert one.path == "loop" and "mixed" not in line and ". Path on rank 0: loop (fused=false; " in line
+
+    ranks = [RankReport(0, "cuda:0", 2, "fused", 0.0, 900.0), RankReport(1, "cuda:1", 2, "graph", 12.0, 700.0)]
+    stats = dataclasses.replace(one.stats, path="fused", backend_reason="fused=auto: lru x 1 layers covered")
+    mixed = dataclasses.replace(one, ranks=ranks, stats=stats)
+    assert mixed.path == "mixed" and mixed.rank_paths == "rank 0 fused, rank 1 graph"
+    assert mixed.describe(0).endswith("rank 1 on cuda:1: 2 sequences, graph path, capture 12 ms. Paths: mixed "
+                                      "(rank 0 fused, rank 1 graph). Path on rank 0: fused (fused=auto: lru x 1 "
+                                      "layers covered).")
+    scalars = mixed.scalars("rollout")
+    assert scalars["rollout/uses_fused"] == scalars["rollout/uses_graph"] == 0.0  # neither path for the whole run
+
+    logged = []
+    logger = SimpleNamespace(experiment=SimpleNamespace(log=logged.append))
+    rollout_module.log_rollout_media(logger, mixed, step=3, prefix="rollout", num_plots=1, plot_channels=1)
+    assert logged[0]["rollout/path"] == "mixed" and logged[0]["rollout/rank_paths"] == "rank 0 fused, rank 1 graph"

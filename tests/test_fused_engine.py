@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 
+import lrnn_lightning.callbacks.rollout as rollout_module
 import lrnn_lightning.rollout.engine as engine_module
 from lrnn_lightning.callbacks import RankReport, RolloutCallback
 from lrnn_lightning.models import SequenceModel
@@ -21,10 +22,10 @@ from lrnn_lightning.rollout.fused import FusedKernelError, support
 from lrnn_lightning.utils.training import build, summary_line
 from tests import test_configs, test_fused
 from tests.conftest import relative_error
-from tests.helpers import record_callback_engines
+from tests.helpers import count_calls, record_callback_engines
 from tests.test_callback import tiny_data, tiny_module, tiny_trainer
 from tests.test_fused import BF16_TOL, FUSED_TOL, make_model
-from tests.test_rollout import TinyMixer
+from tests.test_rollout import EagerGraphEngine, TinyMixer
 
 # fixtures shared with those files: the kernel module imported under the Triton interpreter, and Hydra's compose
 interpreter = test_fused.interpreter
@@ -174,18 +175,17 @@ def test_bad_fused_precision_is_named():
 
 
 def test_kernel_failure_under_auto_warns_once_and_falls_back(interpreter_on, monkeypatch):
-    real_choose = engine_module.choose_backend
+    real_choose = engine_module.choose_fused
     launches = []
 
-    def force_fused(model, fused, cuda_graph, weight_dtype):  # as on a GPU: auto picks the kernel
-        return ("fused", "fused=auto: forced") if fused == "auto" else real_choose(model, fused, cuda_graph,
-                                                                                   weight_dtype)
+    def force_fused(model, fused, weight_dtype, on_gpu):  # as on a GPU: auto picks the kernel
+        return real_choose(model, fused, weight_dtype, on_gpu=fused == "auto" or on_gpu)
 
     def broken(*args, **kwargs):
         launches.append(1)
         raise FusedKernelError("fused rollout kernel failed (out of resources)")
 
-    monkeypatch.setattr(engine_module, "choose_backend", force_fused)
+    monkeypatch.setattr(engine_module, "choose_fused", force_fused)
     monkeypatch.setattr(engine_module, "fused_steps", broken)
     model = make_model("lru", d_model=16)
     context, _ = data(False)
@@ -206,6 +206,31 @@ def test_kernel_failure_under_auto_warns_once_and_falls_back(interpreter_on, mon
     strict = RolloutEngine(model, fused=True)
     with pytest.raises(FusedKernelError, match="out of resources"):
         strict.rollout(context, HORIZON)
+
+
+def test_the_engine_asks_fused_support_once_per_rollout(interpreter_on, monkeypatch):
+    asked = count_calls(monkeypatch, support, "model_coverage")  # once per fused_support call, whoever calls it
+    monkeypatch.setattr(engine_module, "fused_steps", lambda model, x0, state, num_steps, dt_steps=None, **options:
+                        x0.new_zeros(x0.shape[0], num_steps, x0.shape[1]))  # (fused_steps asks once more itself)
+    model = make_model("lru", d_model=16)
+    context, _ = data(False)
+    for fused, path in ((True, "fused"), ("auto", "loop"), (False, "loop")):
+        engine = RolloutEngine(model, fused=fused)
+        asked.clear()
+        engine.rollout(context, HORIZON)
+        assert engine.stats.path == path and len(asked) == (0 if fused is False else 1), fused
+        assert engine.next_backend(context.device) == (path, engine.stats.backend_reason)
+
+
+def test_choose_backend_returns_a_named_pair(interpreter_off):
+    from lrnn_lightning.rollout.fused import choose_backend
+    from lrnn_lightning.rollout.fused.selection import BackendChoice
+
+    choice = choose_backend(make_model("lru", d_model=16), fused="auto", cuda_graph=False)
+    backend, reason = choice
+    assert isinstance(choice, BackendChoice) and (choice.backend, choice.reason) == (backend, reason)
+    assert choice == ("loop", "fused=auto, not fused: the model is on cpu, not a CUDA GPU; plain step loop "
+                              "(cuda_graph=false)")
 
 
 def test_functional_rollout_passes_fused_through(interpreter_on):
@@ -235,6 +260,31 @@ def test_callback_runs_the_fused_path_and_logs_it(interpreter, tmp_path, caplog)
     dt = torch.stack([w["dt"][16 - 8:16 + HORIZON] for w in windows])
     expected = loop_engine_rollout(module.model, context, HORIZON, dt)
     assert relative_error(result.prediction[:, 1:], expected[:, 1:]) < FUSED_TOL
+
+
+def test_callback_warms_the_kernel_up_once_with_one_step_on_the_real_rows(interpreter, tmp_path, monkeypatch):
+    """Triton compiles at the first launch: one one-step rollout of every row (in event mode, as validation end)
+    before the first timed rollout, and none before later ones (the kernel is not specialised on the step count)."""
+    made = record_callback_engines(monkeypatch)
+    rollouts = count_calls(monkeypatch, rollout_module.RolloutEngine, "rollout")
+    callback = RolloutCallback(num_sequences=3, batch_size=2, context=8, horizon=HORIZON, fused=True)
+    trainer = tiny_trainer(tmp_path, [callback], logger=False, max_epochs=2)
+    trainer.fit(tiny_module(), datamodule=tiny_data(event=True))
+    shapes = [(call["horizon"], tuple(call["dt"].shape)) for call in rollouts]
+    assert shapes == [(2, (3, 8 + 2)), (HORIZON, (3, 8 + HORIZON)), (HORIZON, (3, 8 + HORIZON))]
+    assert len(made) == 1 and callback.last_result.stats.path == "fused" and callback.last_result.epoch == 1
+
+
+@pytest.mark.parametrize("path", ["graph", "loop"])
+def test_callback_warms_up_the_graph_path_and_not_the_loop_path(tmp_path, monkeypatch, path):
+    made = record_callback_engines(monkeypatch, EagerGraphEngine if path == "graph" else None)
+    rollouts = count_calls(monkeypatch, rollout_module.RolloutEngine, "rollout")
+    callback = RolloutCallback(num_sequences=3, batch_size=2, context=8, horizon=HORIZON, fused="auto")
+    tiny_trainer(tmp_path, [callback], logger=False).validate(tiny_module(), datamodule=tiny_data(event=True))
+    # graph: a prefill-only rollout of one graph batch captures, so validation end only replays
+    warm_up = [(1, (2, 8 + 1))] if path == "graph" else []
+    assert [(call["horizon"], tuple(call["dt"].shape)) for call in rollouts] == [*warm_up, (HORIZON, (3, 8 + HORIZON))]
+    assert callback.last_result.stats.path == path and len(made) == 1
 
 
 def test_callback_passes_fused_auto_and_logs_the_loop_on_the_cpu(tmp_path, monkeypatch, caplog):
@@ -343,6 +393,29 @@ def test_auto_takes_the_fused_path_on_a_gpu_and_matches_the_graph(event):
     assert out.shape == (context.shape[0], GPU_HORIZON, context.shape[2]) and context.shape[1] == GPU_C
     assert relative_error(out[:, 1:], graph[:, 1:]) < WELL_CONDITIONED
     assert_fp32_accurate(model, context, GPU_HORIZON, dt, out)
+
+
+@pytest.mark.cuda
+def test_callback_warm_up_compiles_the_kernel_the_timed_rollout_launches(tmp_path, monkeypatch):
+    """The one-step warm-up leaves Triton nothing to compile at the timed rollout of the full horizon."""
+    pytest.importorskip("triton")
+    from lrnn_lightning.rollout.fused.launch import kernel_module
+
+    kernels = [k for k in vars(kernel_module()).values() if hasattr(k, "device_caches")]  # whichever is launched
+    compiled = []  # kernels in Triton's caches after each rollout
+    original = rollout_module.RolloutEngine.rollout
+
+    def spy(self, context, horizon, dt=None):
+        out = original(self, context, horizon, dt)
+        compiled.append(sum(len(caches[0]) for kernel in kernels for caches in kernel.device_caches.values()))
+        return out
+
+    monkeypatch.setattr(rollout_module.RolloutEngine, "rollout", spy)
+    callback = RolloutCallback(num_sequences=3, batch_size=2, context=8, horizon=HORIZON, fused=True)
+    trainer = tiny_trainer(tmp_path, [callback], logger=False, accelerator="gpu")
+    trainer.validate(tiny_module(), datamodule=tiny_data(event=True))
+    assert callback.last_result.stats.path == "fused"
+    assert len(compiled) == 2 and compiled[1] == compiled[0] >= 1
 
 
 @pytest.mark.cuda

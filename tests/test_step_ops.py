@@ -167,7 +167,7 @@ def test_parallel_forward_and_prefill_are_untouched(kernels_on_cpu, name, kwargs
     assert not kernels_on_cpu
 
 
-class _CountingKernel:
+class CountingKernel:
     """kernel[grid](...) that counts its launches."""
 
     def __init__(self, kernel):
@@ -185,7 +185,7 @@ def test_modal_update_is_the_complex_recurrence(kernels, monkeypatch, event, wit
 
     from lrnn_lightning.models.lti_complex import complex_decay_add_, complex_mul
 
-    counting = _CountingKernel(kernels.modal_update_kernel)
+    counting = CountingKernel(kernels.modal_update_kernel)
     monkeypatch.setattr(step_ops, "KERNEL_DEVICE", "cpu")
     monkeypatch.setattr(step_ops, "_kernel_module", lambda: SimpleNamespace(modal_update_kernel=counting))
     torch.manual_seed(6)
@@ -203,3 +203,32 @@ def test_modal_update_is_the_complex_recurrence(kernels, monkeypatch, event, wit
     assert counting.launches == 1
     assert out_re is h_re and out_im is h_im  # in place
     assert relative_error(h_re, ref_re) < TOL and relative_error(h_im, ref_im) < TOL
+
+
+def test_tf32_keeps_the_matmul_kernel_out_but_not_the_modal_update(kernels_on_cpu, kernels, monkeypatch):
+    """TF32 changes matmuls only: the matmul kernel must fall back (PyTorch's matmul would round its inputs), the
+    elementwise modal update computes what PyTorch's elementwise ops do and keeps its kernel."""
+    from types import SimpleNamespace
+
+    from lrnn_lightning.models.lti_complex import complex_decay_add_
+    from lrnn_lightning.rollout.inference import matmul_tf32
+
+    counting = CountingKernel(kernels.modal_update_kernel)
+    monkeypatch.setattr(step_ops, "_kernel_module", lambda: SimpleNamespace(
+        modal_update_kernel=counting, step_matmul_kernel=kernels.step_matmul_kernel))
+    torch.manual_seed(7)
+    linear, _ = layers(16, 8)
+    x = torch.randn(4, 16)
+    decay = torch.polar(0.5 + 0.5 * torch.rand(12), torch.randn(12))
+    h_re, h_im, u_re, u_im = (torch.randn(4, 12) for _ in range(4))
+    ref_re, ref_im = h_re.clone(), h_im.clone()
+    complex_decay_add_(ref_re, ref_im, decay, u_re, u_im)
+    with torch.no_grad(), matmul_tf32(True):
+        assert relative_error(step_ops.linear_step(x, linear), linear(x)) < TOL
+        step_ops.modal_update_step(h_re, h_im, decay, u_re, u_im)
+    assert not kernels_on_cpu  # the matmul fell back to PyTorch
+    assert counting.launches == 1  # the modal update did not
+    assert relative_error(h_re, ref_re) < TOL and relative_error(h_im, ref_im) < TOL
+    with torch.no_grad(), matmul_tf32(False):
+        step_ops.linear_step(x, linear)
+    assert len(kernels_on_cpu) == 1  # the positive control: TF32 was what kept it out

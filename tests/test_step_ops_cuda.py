@@ -13,10 +13,10 @@ from torch import nn
 
 from lrnn_lightning.models import SequenceModel, step_ops
 from lrnn_lightning.rollout import StepGraph
-from lrnn_lightning.rollout.inference import rollout_mode
+from lrnn_lightning.rollout.inference import matmul_tf32, rollout_mode
 from tests.conftest import relative_error
 from tests.helpers import count_calls, perturb_parameters
-from tests.test_step_ops import steps_with_and_without_kernels
+from tests.test_step_ops import CountingKernel, steps_with_and_without_kernels
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_fp32")]
 
@@ -67,6 +67,26 @@ def test_model_steps_with_the_kernel_equal_cublas_steps(name, kwargs, event, lau
     assert relative_error(outputs[True][0], outputs[False][0]) < 1e-5
     for key, value in outputs[False][1].items():
         assert relative_error(outputs[True][1][key], value) < 1e-5, key
+
+
+def test_under_tf32_the_matmuls_take_cublas_and_the_modal_update_keeps_its_kernel(monkeypatch, launches):
+    """TF32 changes matmuls only: an LRU step under TF32 runs cuBLAS's matmuls and the modal update kernel."""
+    from types import SimpleNamespace
+
+    compiled = step_ops._kernel_module()
+    assert compiled is not None
+    counting = CountingKernel(compiled.modal_update_kernel)
+    monkeypatch.setattr(step_ops, "_kernel_module", lambda: SimpleNamespace(
+        modal_update_kernel=counting, step_matmul_kernel=compiled.step_matmul_kernel))
+    torch.manual_seed(3)
+    model = SequenceModel("lru", d_input=5, d_output=5, d_model=64, d_state=16, n_layers=2).cuda().eval()
+    perturb_parameters(model)
+    x = torch.randn(9, 5, device="cuda")
+    with matmul_tf32(True):
+        outputs = steps_with_and_without_kernels(model, x, None, 4)
+    assert counting.launches == 2 * 4  # every layer's update at every step, TF32 on
+    assert not launches  # no matmul kernel under TF32
+    assert relative_error(outputs[True][0], outputs[False][0]) < 1e-5  # the same TF32 matmuls either way
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager-step", "compiled-step"])

@@ -25,6 +25,7 @@ from lrnn_lightning.rollout.metrics import (
 )
 
 PATHS = ("loop", "graph", "fused")  # RolloutStats.path, coded by position in a gathered report
+MIXED = "mixed"  # the run's path when processes took different ones
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,26 @@ class RolloutResult:
     @property
     def diverged_fraction(self) -> float:
         return self.diverged / max(len(self.indices), 1)
+
+    @property
+    def path(self) -> str:
+        """The path every process took ("fused", "graph" or "loop"), or "mixed" when they differ (`rank_paths`)."""
+        paths = {report.path for report in self.ranks}
+        return paths.pop() if len(paths) == 1 else MIXED
+
+    @property
+    def rank_paths(self) -> str:
+        """Each process's path, e.g. "rank 0 fused, rank 1 graph"."""
+        return ", ".join(f"rank {report.rank} {report.path}" for report in self.ranks)
+
+    def describe(self, rank: int) -> str:
+        """The text line of process `rank` (whose `stats` these are): what each process rolled out where, "mixed"
+        with every process's path when they differ, and this process's path and why."""
+        line = (f"epoch {self.epoch}, {len(self.indices)} sequences: "
+                + "; ".join(report.describe() for report in self.ranks))
+        if self.path == MIXED:
+            line += f". Paths: {MIXED} ({self.rank_paths})"
+        return line + f". Path on rank {rank}: {self.stats.path} ({self.stats.backend_reason})."
 
     def scalars(self, prefix: str) -> dict[str, float]:
         """The monitorable numbers, keyed `<prefix>/<name>` (the same on every process)."""

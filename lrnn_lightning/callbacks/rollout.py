@@ -124,8 +124,9 @@ class RolloutCallback(Callback):
     `steps_per_second` (all processes together), `capture_ms`, `uses_graph` (1 when every
     process replayed a graph) and `uses_fused` (1 when every process ran the fused kernel).
     With a `WandbLogger`, global rank zero also logs the error-vs-horizon chart, sample plots,
-    a table of the samples and the timing (with the path and why it was taken); its text
-    line says which path each process took, and why on rank zero.
+    a table of the samples and the timing (with the path, "mixed" when processes took different
+    ones, each process's path, and why rank zero took its own); its text line says which path
+    each process took ("mixed" when they differ), and why on rank zero.
 
     The rollout runs in the weights' dtype outside the trainer's autocast (a mixed-precision
     trainer does not change it), or under the engine's own `autocast_dtype`.
@@ -271,8 +272,7 @@ class RolloutCallback(Callback):
                 event_mode=self._windows.dt is not None, autocast_dtype=self.autocast_dtype,
                 on_capture_error=self.on_capture_error, tf32=self.tf32, fused=self.fused)
         self._engine = self._engines[key]
-        if device.type == "cuda" and (self.cuda_graph is not False or self.fused is not False):
-            self._warm_up(key)
+        self._warm_up(key)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -282,9 +282,7 @@ class RolloutCallback(Callback):
         for name, value in result.scalars(self.prefix).items():
             # already the same on every process; sync_dist only keeps Lightning's bookkeeping of epoch metrics
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
-        rank_zero_info(f"{OWNER}: epoch {result.epoch}, {len(result.indices)} sequences: "
-                       + "; ".join(report.describe() for report in result.ranks)
-                       + f". Path on rank 0: {result.stats.path} ({result.stats.backend_reason}).")
+        rank_zero_info(f"{OWNER}: {result.describe(trainer.global_rank)}")
         if result.diverged:
             self._warn_once("diverged", f"{OWNER}: {result.diverged} of {len(result.indices)} rolled-out sequences "
                             f"diverged at epoch {result.epoch} (the first at horizon step {result.first_diverged_step}"
@@ -380,19 +378,29 @@ class RolloutCallback(Callback):
     def _run_engine(self, context: Tensor, horizon: int, dt: Tensor | None) -> Tensor:
         # the trainer's autocast (mixed precision) must not leak into the rollout: the engine's own setting rules
         with torch.inference_mode(False), torch.autocast(context.device.type, enabled=False):
-            return self._engine.rollout(context, horizon, dt=dt)
+            return self._engine.rollout(context, horizon=horizon, dt=dt)
 
     def _warm_up(self, key: tuple[int, torch.dtype, torch.device]) -> None:
-        """Capture now (or re-capture, if the weights' storage was replaced), so validation end only replays;
-        on the fused path, compile the kernel for the real shapes once (Triton compiles on first launch)."""
+        """Keep one-off costs out of the timed rollout at validation end (`steps_per_second`).
+
+        Graph path: a prefill-only rollout of one graph batch captures the graph now (or re-captures it, if the
+        weights' storage was replaced), so validation end only replays. Fused path, once per engine: a one-step
+        rollout of the real rows makes Triton compile the kernel now; the kernel is specialised on the rows (its
+        launch shape) and on dt's presence, not on the step count, so this compiles the variant validation end
+        launches. The loop path has nothing to warm up.
+        """
         windows, engine = self._windows, self._engine
-        rows = engine.batch_size
-        context_length = windows.engine_context.shape[1]
-        self._run_engine(windows.engine_context[:rows], 1, None if windows.engine_dt is None else
-                         windows.engine_dt[:rows, :context_length + 1])
-        if engine.stats.path == "fused" and key not in self._fused_compiled:
-            self._run_engine(windows.engine_context, windows.future.shape[1], windows.engine_dt)
+        backend = engine.next_backend(windows.engine_context.device).backend
+        if backend == "graph":
+            rows, horizon = engine.batch_size, 1
+        elif backend == "fused" and key not in self._fused_compiled and windows.future.shape[1] > 1:
+            rows, horizon = len(windows.shard.positions), 2
             self._fused_compiled.add(key)
+        else:
+            return
+        context_length = windows.engine_context.shape[1]
+        self._run_engine(windows.engine_context[:rows], horizon, None if windows.engine_dt is None else
+                         windows.engine_dt[:rows, :context_length + horizon])
 
     def _rollout(self, trainer: pl.Trainer) -> RolloutResult:
         """Roll out this process's rows, score them, and combine the scores of all processes."""

@@ -55,8 +55,9 @@ def log_rollout_media(logger: WandbLogger, result: RolloutResult, *, step: int, 
         f"{prefix}/error_vs_horizon": chart,
         f"{prefix}/samples": images,
         f"{prefix}/samples_table": table,
-        f"{prefix}/path": result.stats.path,
-        f"{prefix}/backend_reason": result.stats.backend_reason or "",
+        f"{prefix}/path": result.path,  # "mixed" when processes took different paths
+        f"{prefix}/rank_paths": result.rank_paths,
+        f"{prefix}/backend_reason": result.stats.backend_reason or "",  # rank zero's
         f"{prefix}/fallback_reason": result.stats.fallback_reason or "",
         f"{prefix}/compiled": result.stats.compiled,
         f"{prefix}/capture_ms": result.stats.capture_ms,

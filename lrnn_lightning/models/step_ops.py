@@ -9,11 +9,12 @@ recurrence of LRU/S5 (complex64 coefficients). Everywhere else they run the PyTo
 composition they stand for, which is also the reference the tests compare the kernels against.
 
 The kernels run only where they compute what PyTorch would, to float32 rounding:
-float32 2-D tensors on a CUDA device, no autocast, TF32 matmuls off, no autograd through
-the call, and shapes small enough that one kernel beats cuBLAS (`MAX_MACS`). Under
-torch.compile a launch is traced as a user-defined Triton kernel (and the ops around it
-fused). `LRNN_STEP_KERNELS=0` in the environment, or `use_step_kernels(False)`, turns them
-off (e.g. to measure what they gain).
+float32 2-D tensors on a CUDA device, no autocast and no autograd through the call
+(`elementwise_kernel_applies`, enough for the modal update: TF32 changes only matmuls); the
+matmul kernel also needs TF32 matmuls off and shapes small enough that one kernel beats
+cuBLAS (`MAX_MACS`, `kernel_applies`). Under torch.compile a launch is traced as a
+user-defined Triton kernel (and the ops around it fused). `LRNN_STEP_KERNELS=0` in the
+environment, or `use_step_kernels(False)`, turns them off (e.g. to measure what they gain).
 """
 
 from __future__ import annotations
@@ -85,18 +86,25 @@ def _tf32_matmuls() -> bool:
     return _loaded["tf32"]()
 
 
-def kernel_applies(x: Tensor, *tensors: Tensor | None, macs: int) -> bool:
-    """Whether the fused kernel computes this call (see the module doc for the conditions)."""
-    if not (_enabled and x.device.type == KERNEL_DEVICE and x.dim() == 2 and macs <= MAX_MACS):
+def elementwise_kernel_applies(x: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether an elementwise kernel (`modal_update_kernel`) computes this call: float32 2-D tensors on the
+    kernel's device, unit column stride, no autograd through them, no autocast, kernels on and importable."""
+    if not (_enabled and x.device.type == KERNEL_DEVICE and x.dim() == 2):
         return False
     present = [x, *(t for t in tensors if t is not None)]
     if any(t.dtype != torch.float32 or t.device != x.device or t.stride(-1) != 1 for t in present):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False
-    if torch.is_autocast_enabled(x.device.type) or _tf32_matmuls():
+    if torch.is_autocast_enabled(x.device.type):
         return False
     return _kernel_module() is not None
+
+
+def kernel_applies(x: Tensor, *tensors: Tensor | None, macs: int) -> bool:
+    """Whether the fused matmul kernel computes this call: the elementwise conditions, `macs` up to MAX_MACS,
+    and TF32 matmuls off (under TF32 PyTorch's matmul rounds its inputs; the kernel's fp32 dot would not)."""
+    return macs <= MAX_MACS and elementwise_kernel_applies(x, *tensors) and not _tf32_matmuls()
 
 
 def step_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int]:
@@ -205,7 +213,7 @@ def modal_update_step(h_re: Tensor, h_im: Tensor, decay: Tensor, u_re: Tensor, u
               and u_re.shape == h_re.shape and u_im.shape == h_re.shape and u_re.stride() == u_im.stride()
               and all(c.dtype == torch.complex64 and c.shape[-1] == h_re.shape[1] and c.dim() <= 2
                       and (c.dim() == 1 or c.shape[0] == h_re.shape[0]) for c in coefficients))
-    if usable and kernel_applies(h_re, h_im, u_re, u_im, macs=0):
+    if usable and elementwise_kernel_applies(h_re, h_im, u_re, u_im):
         pairs = [torch.view_as_real(c.contiguous()) for c in coefficients]
         decay_pairs, scale_pairs = pairs[0], pairs[1] if scale is not None else pairs[0]
         rows, modes = h_re.shape

@@ -18,7 +18,8 @@ in-place checkpoint loads need no re-capture. A replaced parameter (`.to()`,
 
 The fused path (`fused=True` or "auto", `lrnn_lightning.rollout.fused`) prefills in PyTorch and
 runs every step in one Triton launch that packs the live weights each time: nothing to capture,
-pad or split. `choose_backend` picks the path of each rollout and says why (`stats.backend_reason`).
+pad or split. `next_backend` picks the path of each rollout and says why (`stats.backend_reason`): the fused
+half of `choose_backend` (`choose_fused`), then the graph or the loop as this engine's capture state allows.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from lrnn_lightning.rollout.checks import (
     model_device_dtype,
 )
 from lrnn_lightning.rollout.errors import CaptureError, StaleGraphError, describe_capture_failure
-from lrnn_lightning.rollout.fused import FusedKernelError, choose_backend, fused_steps, fused_support
+from lrnn_lightning.rollout.fused import FusedKernelError, fused_steps
 from lrnn_lightning.rollout.fused.launch import PRECISIONS
+from lrnn_lightning.rollout.fused.selection import BackendChoice, FusedChoice, choose_fused, graph_or_loop
 from lrnn_lightning.rollout.inference import AUTOCAST_DTYPES, matmul_tf32_enabled, rollout_mode
 from lrnn_lightning.rollout.loop import prefill_context, rollout_loop
 from lrnn_lightning.rollout.step_graph import StepGraph
@@ -62,7 +64,8 @@ class RolloutStats:
         steps_per_second: last rollout, batch rows x horizon / seconds (prefill included, capture excluded).
         fallback_reason: why capture failed (on_capture_error="fallback" made the engine use the loop), or
             why the fused kernel failed (fused="auto" made the engine use the graph or the loop).
-        backend_reason: why the last rollout took `path` (from `choose_backend`, plus this engine's fallbacks).
+        backend_reason: why the last rollout took `path` (`RolloutEngine.next_backend`'s reason, plus a capture
+            failure during that rollout).
     """
 
     path: str = "loop"
@@ -157,10 +160,11 @@ class RolloutEngine:
         self._graph: StepGraph | None = None
         self._fell_back = False
         self._fused_failed = False
+        device = model_device_dtype(model, torch.empty(0))[0]
         if cuda_graph is True:
-            self._graph_wanted(model_device_dtype(model, torch.empty(0))[0])
+            self._graph_wanted(device)
         if fused is True:
-            self._check_fused()
+            self._choose_fused(device)
 
     def rollout(self, context: Tensor, horizon: int, dt: Tensor | None = None) -> Tensor:
         """Prefill `context`, then predict `horizon` steps autoregressively.
@@ -183,13 +187,13 @@ class RolloutEngine:
         dt = None if dt is None else dt.to(context.dtype)  # every path sees the same timesteps
 
         with rollout_mode(self.model, context.device.type, self.autocast_dtype, self.tf32):
-            backend, reason = self._choose_backend(context.device)
+            backend, reason = self.next_backend(context.device)
             out, graph = None, None
             if backend == "fused":
                 start = time.perf_counter()
                 out = self._rollout_fused(context, horizon, dt)
                 if out is None:  # fused="auto" and the kernel failed: the graph or the loop from now on
-                    backend, reason = self._choose_backend(context.device)
+                    backend, reason = self.next_backend(context.device)
             if out is None:
                 if backend == "graph":
                     graph = self._ready_graph(batch, width, context.dtype, context.device)
@@ -222,32 +226,29 @@ class RolloutEngine:
 
     # -- path choice -------------------------------------------------------------------------
 
-    def _choose_backend(self, device: torch.device) -> tuple[str, str]:
-        """This rollout's backend and why: `choose_backend` for the fused kernel, else the graph or the loop as
-        `_graph_wanted` says (it knows this engine's capture fallback)."""
+    def next_backend(self, device: torch.device) -> BackendChoice:
+        """The backend ("fused", "graph" or "loop") and the reason of the next rollout on `device`: what
+        `stats.path` and `stats.backend_reason` will say unless that rollout falls back. Raises where a required
+        backend (fused=True, cuda_graph=True) cannot run."""
         use_graph = self._graph_wanted(device)  # raises when cuda_graph=True cannot be honoured
-        if self.fused is True:
-            self._check_fused()
-        fused = False if self._fused_failed else self.fused
-        backend, reason = choose_backend(self.model, fused, self.cuda_graph, self.fused_weight_dtype)
-        if backend == "fused":
-            return backend, reason
-        not_fused, _, not_fused_path = reason.rpartition("; ")
-        if self._fused_failed:
-            not_fused = "fused=auto, not fused: the kernel failed earlier (see stats.fallback_reason)"
-        if use_graph:
-            return "graph", f"{not_fused}; CUDA graph on {device}"
-        if self._fell_back:
-            return "loop", f"{not_fused}; plain step loop (the graph capture failed earlier)"
-        return "loop", f"{not_fused}; {not_fused_path}"
+        fused = self._choose_fused(device)
+        if fused.fused:
+            return BackendChoice("fused", fused.reason)
+        return graph_or_loop(fused.reason, device, self.cuda_graph, use_graph=use_graph, graph_failed=self._fell_back)
 
-    def _check_fused(self) -> None:
-        """Raise, naming the reason, when fused=True cannot be honoured for the model where it lives now."""
-        covered, why = fused_support(self.model, self.fused_weight_dtype)
-        if not covered:
-            raise ValueError(f"{OWNER}: fused=True, but the fused kernel cannot run this model: {why}. HINT: "
-                             "fused='auto' (generation.fused=auto) falls back to the CUDA graph or the step loop; "
-                             "fused_support(model) says what the kernel covers.")
+    def _choose_fused(self, device: torch.device) -> FusedChoice:
+        """Whether this rollout takes the fused kernel (one `fused_support` call); raises, naming the reason, when
+        fused=True cannot be honoured for the model where it lives now."""
+        if self._fused_failed:  # only under fused="auto": fused=True re-raises the kernel's failure
+            return FusedChoice(False, "fused=auto, not fused: the kernel failed earlier (see stats.fallback_reason)",
+                               None)
+        on_gpu = device.type == "cuda" and torch.cuda.is_available()
+        choice = choose_fused(self.model, self.fused, self.fused_weight_dtype, on_gpu)
+        if self.fused is True and choice.refusal is not None:
+            raise ValueError(f"{OWNER}: fused=True, but the fused kernel cannot run this model: {choice.refusal}. "
+                             "HINT: fused='auto' (generation.fused=auto) falls back to the CUDA graph or the step "
+                             "loop; fused_support(model) says what the kernel covers.")
+        return choice
 
     # -- fused path ------------------------------------------------------------------------
 

@@ -10,12 +10,13 @@ program from the batch and the GPU's SM count), `launch` (prefill, state layout,
 `aot` (compile for a GPU on the host), `kernels/` (the Triton source, imported on first launch).
 
 Wired into `RolloutEngine(fused=False|True|"auto", fused_precision=None)` and the callback
-(`generation.fused`, issue #6): inside `rollout` and its `rollout_mode` block the engine calls
-`choose_backend(model, fused, cuda_graph, weight_dtype)` (weight_dtype bf16 under a bf16 autocast),
-prefills in PyTorch and runs `fused_steps` when that says "fused" (no padding or batch splitting),
-re-raises `FusedKernelError` when fused=True was asked for and otherwise warns once and keeps the
-graph path, and reports `stats.path = backend` and `stats.backend_reason`; the callback logs
-`rollout/uses_fused` and the path and reason on rank zero.
+(`generation.fused`, issue #6): inside `rollout` and its `rollout_mode` block the engine asks
+`selection.choose_fused(model, fused, weight_dtype, on_gpu)` (the fused half of `choose_backend`;
+weight_dtype bf16 under a bf16 autocast), prefills in PyTorch and runs `fused_steps` when that
+says fused (no padding or batch splitting), re-raises `FusedKernelError` when fused=True was
+asked for and otherwise warns once and keeps the graph path, and reports `stats.path = backend`
+and `stats.backend_reason`; the callback logs `rollout/uses_fused`, the path of every process
+("mixed" when they differ) and rank zero's reason.
 """
 
 from lrnn_lightning.rollout.fused.launch import (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -11,8 +13,61 @@ from lrnn_lightning.rollout.fused.support import fused_support
 BACKENDS = ("fused", "graph", "loop")
 
 
+class BackendChoice(NamedTuple):
+    """The backend a rollout takes ("fused", "graph" or "loop") and the reason to log; unpacks as a pair."""
+
+    backend: str
+    reason: str
+
+
+class FusedChoice(NamedTuple):
+    """The fused half of a backend choice (`choose_fused`).
+
+    Attributes:
+        fused: whether the rollout takes the fused kernel.
+        reason: the part of the reason that concerns the kernel, e.g. "fused=auto: lru x 4 layers covered; ...",
+            "fused=auto, not fused: no CUDA GPU" or "fused=false".
+        refusal: `fused_support`'s reason when it said the kernel cannot run the model, else None.
+    """
+
+    fused: bool
+    reason: str
+    refusal: str | None
+
+
+def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype | None, on_gpu: bool) -> FusedChoice:
+    """Whether a rollout of `model` takes the fused kernel, asking `fused_support` at most once; never raises
+    (a caller that required the kernel raises on `refusal`).
+
+    Args:
+        model: the model to roll out.
+        fused: True, False or "auto" (validated by the caller).
+        weight_dtype: the kernel's matmul weight dtype (None: the model's).
+        on_gpu: whether the model is on a CUDA GPU ("auto" takes the kernel only there).
+    """
+    if fused is False:
+        return FusedChoice(False, "fused=false", None)
+    asked = "fused=true" if fused is True else "fused=auto"
+    covered, why = fused_support(model, weight_dtype)
+    if not covered:
+        return FusedChoice(False, f"{asked}, not fused: {why}", why)
+    if fused is True or on_gpu:
+        return FusedChoice(True, f"{asked}: {why}", None)
+    return FusedChoice(False, f"{asked}, not fused: no CUDA GPU", None)
+
+
+def graph_or_loop(fused_reason: str, device: torch.device, cuda_graph: bool | str, *, use_graph: bool,
+                  graph_failed: bool = False) -> BackendChoice:
+    """The CUDA graph (`use_graph`) or the plain loop after the fused kernel was not taken, with the whole reason."""
+    if use_graph:
+        return BackendChoice("graph", f"{fused_reason}; CUDA graph on {device}")
+    cause = ("the graph capture failed earlier" if graph_failed
+             else "cuda_graph=false" if cuda_graph is False else "no CUDA GPU")
+    return BackendChoice("loop", f"{fused_reason}; plain step loop ({cause})")
+
+
 def choose_backend(model: nn.Module, fused: bool | str = "auto", cuda_graph: bool | str = "auto",
-                   weight_dtype: torch.dtype | None = None) -> tuple[str, str]:
+                   weight_dtype: torch.dtype | None = None) -> BackendChoice:
     """The backend a rollout of `model` takes where it lives now, with the reason to log.
 
     `fused="auto"` takes the fused kernel when `fused_support` says yes and the model is on
@@ -28,10 +83,11 @@ def choose_backend(model: nn.Module, fused: bool | str = "auto", cuda_graph: boo
             torch.bfloat16 for a bf16 autocast rollout; float16 is not covered).
 
     Returns:
-        (backend, reason): backend is "fused", "graph" or "loop".
+        BackendChoice(backend, reason), a (backend, reason) pair: backend is "fused", "graph" or "loop".
 
     Example:
-        >>> choose_backend(model.cuda(), fused="auto")
+        >>> backend, reason = choose_backend(model.cuda(), fused="auto")
+        >>> backend, reason
         ('fused', 'fused=auto: lru x 4 layers covered; Triton 3.1.0 on NVIDIA H100 80GB HBM3, float32')
     """
     for name, value in (("fused", fused), ("cuda_graph", cuda_graph)):
@@ -39,22 +95,13 @@ def choose_backend(model: nn.Module, fused: bool | str = "auto", cuda_graph: boo
             raise ValueError(f"choose_backend: {name} must be True, False or 'auto', got {value!r}.")
     device = model_device_dtype(model, torch.empty(0))[0]
     on_gpu = device.type == "cuda" and torch.cuda.is_available()
-    if fused is True:
-        ok, why = fused_support(model, weight_dtype)
-        if not ok:
-            raise ValueError(f"choose_backend: fused=True, but the fused kernel cannot run this model: {why}. "
-                             "HINT: set generation.fused=auto to fall back to the CUDA graph or the loop.")
-        return "fused", f"fused=true: {why}"
-    if fused == "auto":
-        ok, why = fused_support(model, weight_dtype)
-        if ok and on_gpu:
-            return "fused", f"fused=auto: {why}"
-        not_fused = f"fused=auto, not fused: {why if not ok else 'no CUDA GPU'}"
-    else:
-        not_fused = "fused=false"
+    choice = choose_fused(model, fused, weight_dtype, on_gpu)
+    if fused is True and choice.refusal is not None:
+        raise ValueError(f"choose_backend: fused=True, but the fused kernel cannot run this model: {choice.refusal}. "
+                         "HINT: set generation.fused=auto to fall back to the CUDA graph or the loop.")
+    if choice.fused:
+        return BackendChoice("fused", choice.reason)
     if cuda_graph is True and not on_gpu:
         raise ValueError(f"choose_backend: cuda_graph=True needs the model on a CUDA GPU, but it is on {device}. "
                          "HINT: set cuda_graph='auto' or False, or move the model to a GPU.")
-    if cuda_graph is not False and on_gpu:
-        return "graph", f"{not_fused}; CUDA graph on {device}"
-    return "loop", f"{not_fused}; plain step loop ({'cuda_graph=false' if cuda_graph is False else 'no CUDA GPU'})"
+    return graph_or_loop(choice.reason, device, cuda_graph, use_graph=cuda_graph is not False and on_gpu)
