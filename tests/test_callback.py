@@ -23,6 +23,7 @@ from lrnn_lightning.models import build_model
 from lrnn_lightning.module import NextStepModule
 from lrnn_lightning.rollout import RolloutEngine, rollout_loop
 from lrnn_lightning.rollout.metrics import channel_scale, horizon_errors
+from lrnn_lightning.utils.training import _rank_paths, summary_line
 from tests.helpers import record_callback_engines
 
 
@@ -342,3 +343,24 @@ def test_ranks_on_different_paths_are_reported_as_mixed_with_each_rank_path(tmp_
     logger = SimpleNamespace(experiment=SimpleNamespace(log=logged.append))
     rollout_module.log_rollout_media(logger, mixed, step=3, prefix="rollout", num_plots=1, plot_channels=1)
     assert logged[0]["rollout/path"] == "mixed" and logged[0]["rollout/rank_paths"] == "rank 0 fused, rank 1 graph"
+
+
+def test_summary_line_of_ranks_on_different_paths_says_mixed_with_each_rank_path(tmp_path):
+    """The end-of-training summary must not call a mixed run (rank 0 fused, rank 1 graph) the loop path."""
+    callback = RolloutCallback(num_sequences=4)
+    trainer = tiny_trainer(tmp_path, [callback], logger=False)
+    trainer.validate(tiny_module(), datamodule=tiny_data())
+    one = callback.last_result
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    assert metrics["rollout/uses_loop"] == 1.0 and metrics["rollout/uses_graph"] == 0.0  # CPU: every rank looped
+    assert summary_line(metrics).endswith("on the loop path.") and _rank_paths(trainer, "rollout") is None
+
+    ranks = [RankReport(0, "cuda:0", 2, "fused", 0.0, 900.0), RankReport(1, "cuda:1", 2, "graph", 12.0, 700.0)]
+    callback.last_result = mixed = dataclasses.replace(one, ranks=ranks)
+    scalars = mixed.scalars("rollout")
+    assert scalars["rollout/uses_loop"] == scalars["rollout/uses_graph"] == scalars["rollout/uses_fused"] == 0.0
+    assert summary_line(scalars).endswith("steps/s on the mixed path.")
+    assert _rank_paths(trainer, "rollout") == "rank 0 fused, rank 1 graph"
+    assert summary_line(scalars, rank_paths=_rank_paths(trainer, "rollout")).endswith(
+        "steps/s on the mixed (rank 0 fused, rank 1 graph) path.")
+    assert _rank_paths(trainer, "other") is None  # only the callback whose metrics are summarised

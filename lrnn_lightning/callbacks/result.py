@@ -137,8 +137,9 @@ class RolloutResult:
         # processes run side by side: their speeds add up, the slowest capture is the one waited for
         out[f"{prefix}/steps_per_second"] = float(sum(r.steps_per_second for r in self.ranks))
         out[f"{prefix}/capture_ms"] = float(max(r.capture_ms for r in self.ranks))
-        out[f"{prefix}/uses_graph"] = float(all(r.path == "graph" for r in self.ranks))
-        out[f"{prefix}/uses_fused"] = float(all(r.path == "fused" for r in self.ranks))
+        # 1 only when every process took that path: with "mixed" paths all three are 0
+        for path in PATHS:
+            out[f"{prefix}/uses_{path}"] = float(all(r.path == path for r in self.ranks))
         return out
 
 

@@ -10,6 +10,8 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from lrnn_lightning.callbacks.result import MIXED
+from lrnn_lightning.callbacks.rollout import RolloutCallback
 from lrnn_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from lrnn_lightning.utils.wandb_setup import finish_wandb
 
@@ -54,21 +56,39 @@ def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
     return metrics[name]
 
 
-def summary_line(metrics: dict[str, float], prefix: str = "rollout") -> str:
-    """One line that says whether the rollout beats doing nothing."""
+def summary_line(metrics: dict[str, float], prefix: str = "rollout", rank_paths: str | None = None) -> str:
+    """One line that says whether the rollout beats doing nothing, and on which path it ran.
+
+    `rank_paths` (e.g. "rank 0 fused, rank 1 graph", `RolloutResult.rank_paths`) is shown when
+    the processes took different paths.
+    """
     if f"{prefix}/nrmse" not in metrics:
         return "No rollout metrics were logged (no RolloutCallback, or no validation ran)."
+    path = _path_name(metrics, prefix)
+    if path == MIXED and rank_paths:
+        path = f"{MIXED} ({rank_paths})"
     return (f"Rollout: normalised RMSE {metrics[f'{prefix}/nrmse']:.4f} vs persistence "
             f"{metrics[f'{prefix}/persistence_nrmse']:.4f} (skill {metrics[f'{prefix}/skill']:+.3f}), "
             f"valid for {metrics[f'{prefix}/valid_steps']:.0f} steps, "
-            f"{metrics[f'{prefix}/steps_per_second']:.0f} steps/s on the "
-            f"{_path_name(metrics, prefix)} path.")
+            f"{metrics[f'{prefix}/steps_per_second']:.0f} steps/s on the {path} path.")
 
 
 def _path_name(metrics: dict[str, float], prefix: str) -> str:
-    if metrics.get(f"{prefix}/uses_fused"):
-        return "fused"
-    return "graph" if metrics.get(f"{prefix}/uses_graph") else "loop"
+    """The path every process took, from the `<prefix>/uses_<path>` scalars (1 only when every process
+    took it); "mixed" when none is 1 (processes took different paths), never a path that did not run."""
+    for path in ("fused", "graph", "loop"):
+        if metrics.get(f"{prefix}/uses_{path}"):
+            return path
+    return MIXED
+
+
+def _rank_paths(trainer: Any, prefix: str) -> str | None:
+    """Each process's path from the trainer's `RolloutCallback` logging under `prefix`, when they differ."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, RolloutCallback) and callback.prefix == prefix and callback.last_result is not None:
+            result = callback.last_result
+            return result.rank_paths if result.path == MIXED else None
+    return None
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
@@ -87,7 +107,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     finally:
         finish_wandb(loggers, exit_code=exit_code)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    rank_zero_info(summary_line(metrics))
+    rank_zero_info(summary_line(metrics, rank_paths=_rank_paths(trainer, "rollout")))
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
         rank_zero_info(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}")
     return metrics, metric_value(metrics, cfg.get("optimized_metric"))
