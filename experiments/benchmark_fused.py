@@ -34,6 +34,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -111,13 +112,22 @@ def block_b_config(variant: str, block_b: int) -> KernelConfig:
     return dot_tile_config(block_b, tensor_cores=FUSED[variant] != (torch.float32, "ieee"))
 
 
-def launch_shapes(variant: str, batch: int, n_sms: int, block_bs: list[int],
-                  tune: bool) -> list[tuple[str, KernelConfig]]:
-    """(label, shape) to time, the default first, without repeats."""
-    shapes = [("default", default_config(batch, *FUSED[variant], n_sms=n_sms))]
-    shapes += [(f"block_b={b}", block_b_config(variant, b)) for b in block_bs]
+def launch_shapes(variant: str, batch: int, n_sms: int, block_bs: list[int], tune: bool,
+                  activations: list[str] = ("auto",), warps: list[int] = (),
+                  d_model: int | None = None) -> list[tuple[str, KernelConfig]]:
+    """(label, shape) to time, the default first, without repeats; every shape once per `activations`
+    value (kernel choice) and, besides its own num_warps, once per `warps`."""
+    base = [("default", default_config(batch, *FUSED[variant], n_sms=n_sms, d_model=d_model))]
+    base += [(f"block_b={b}", block_b_config(variant, b)) for b in block_bs]
     if tune:
-        shapes += [("tune", c) for c in candidate_configs(variant, batch, tune=True)]
+        base += [("tune", c) for c in candidate_configs(variant, batch, tune=True)]
+    shapes = []
+    for label, config in base:
+        for kind in activations:
+            for num_warps in [config.num_warps, *warps]:
+                shape = replace(config, activations=kind, num_warps=num_warps)
+                suffix = "" if shape == config else f" {kind} w{num_warps}"
+                shapes.append((label + suffix, shape))
     seen, unique = set(), []
     for label, config in shapes:
         if config not in seen:
@@ -127,7 +137,8 @@ def launch_shapes(variant: str, batch: int, n_sms: int, block_bs: list[int],
 
 
 def shape_label(config: dict, programs: int) -> str:
-    return f"b{config['block_b']} n{config['block_n']} k{config['block_k']} w{config['num_warps']} ({programs} prog.)"
+    return (f"b{config['block_b']} n{config['block_n']} k{config['block_k']} w{config['num_warps']} "
+            f"{config.get('activations', 'auto')} ({programs} prog.)")
 
 
 def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
@@ -141,7 +152,8 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
     tried = []
     best = None
     n_sms = processor_count(x0.device)
-    for label, config in launch_shapes(variant, x0.shape[0], n_sms, args.block_bs, args.tune):
+    for label, config in launch_shapes(variant, x0.shape[0], n_sms, args.block_bs, args.tune, args.activations,
+                                       args.warps, model.d_model):
         if best is not None and time.perf_counter() > deadline:
             tried.append({"config": vars(config), "label": label, "skipped": "time budget"})
             continue
@@ -171,7 +183,7 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
                                args.repeats) / args.steps
     # the launch alone, on buffers built once (the state keeps evolving between runs: same cost)
     call = build_call(packed, x0, None, args.steps, None, precision, best[1], interpreted=False)
-    kernel = kernel_module().fused_rollout_kernel
+    kernel = getattr(kernel_module(), call.kernel)
     kernel_only = cuda_median_seconds(lambda: kernel[call.grid](*call.args, **call.constexprs, num_warps=call.num_warps,
                                                            num_stages=1), args.repeats) / args.steps
     return {"seconds": seconds, "prepacked": prepacked, "kernel": kernel_only, "config": best[1], "tried": tried,
@@ -300,6 +312,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="fused: skip the tl.dot tuning shapes (the default and --block-bs are still timed)")
     parser.add_argument("--block-bs", type=parse_block_bs, default=[],
                         help=f"fused: also time these rows per program (comma-separated, of {BLOCK_BS})")
+    parser.add_argument("--activations", type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+                        default=["auto"], help="fused: time each shape with these kernel choices "
+                        "(auto, registers, scratch; comma-separated; registers is skipped where it does not fit)")
+    parser.add_argument("--warps", type=lambda text: [int(v) for v in text.split(",") if v.strip()], default=[],
+                        help="fused: also time each shape with these num_warps (comma-separated)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop trying further launch shapes after this many seconds (each shape compiles)")
     parser.add_argument("--out", default=None, help="write the rows as JSON to this path")

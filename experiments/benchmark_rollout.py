@@ -10,6 +10,8 @@ Variants, all on the same card in one run:
     tf32      ours (K-step graph) captured with TF32 matmuls allowed (RolloutEngine(tf32=True))
     cublas    ours (K-step graph) without the fused step kernel (models/step_ops.py): every matmul
               through cuBLAS, as before that kernel existed (LRNN_STEP_KERNELS=0)
+    fused     ours, the fused backend (RolloutEngine(fused=True), issue #6): the whole rollout in one
+              Triton kernel launch, live weights packed per call (`fused_steps`), exact fp32
 Every variant but cublas runs the model's step with the fused step kernel where it applies (the
 seed's scheme too: it replays the same `step`).
 Each time is the median of --repeats timed runs (CUDA events) after a warm-up run; next to
@@ -41,8 +43,8 @@ from lrnn_lightning.rollout import StepGraph, run_steps  # noqa: E402
 from lrnn_lightning.rollout.inference import matmul_tf32, rollout_mode  # noqa: E402
 
 CONFIGS = [(32, 32, 16, 1), (32, 128, 64, 4), (256, 256, 64, 6), (1024, 512, 128, 8)]  # (B, d_model, d_state, layers)
-VARIANTS = ("eager", "seed", "graph", "compiled", "tf32", "cublas")
-GPU_ONLY = {"seed", "graph", "compiled", "tf32", "cublas"}
+VARIANTS = ("eager", "seed", "graph", "compiled", "tf32", "cublas", "fused")
+GPU_ONLY = {"seed", "graph", "compiled", "tf32", "cublas", "fused"}
 
 
 class SeedStyleGraph:
@@ -82,6 +84,10 @@ def build_variant(variant: str, model: nn.Module, batch: int, width: int, chunk:
         return eager
     if variant == "seed":
         return SeedStyleGraph(model, batch, width, device).run
+    if variant == "fused":
+        from lrnn_lightning.rollout.fused import fused_steps
+
+        return lambda x0, num_steps: fused_steps(model, x0, None, num_steps)
     with matmul_tf32(variant == "tf32"), use_step_kernels(variant != "cublas"):
         graph = StepGraph(model, batch, width, chunk=chunk, device=device, compile=variant == "compiled")
 

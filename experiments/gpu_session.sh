@@ -3,7 +3,8 @@
 # its own time limit so one hang cannot eat the others. Logs and JSON are kept in $OUT/session.tgz
 # (refreshed after every step, so a run cut short still returns what it did).
 #   bash experiments/gpu_session.sh [steps...]     steps: env tests models rollout callback train fused
-#       (also: rollout_small rollout_large rollout_large_mamba fused_tests profile ddp2 (needs 2 GPUs))
+#       (also: rollout_small rollout_large rollout_large_mamba fused_tests profile ddp2 (needs 2 GPUs),
+#        all_tests (every cuda test in one run), fused_shapes, rollout_fused)
 set -uo pipefail
 DEST=${OUT:-gpu_out}; OUT=$(mktemp -d); mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
@@ -51,6 +52,13 @@ print(\"media keys:\", [k for k in keys if k.endswith(\"_type\")])"' ;;
       tests/test_fused_cuda.py
       TAIL=60 run fused 170 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 --budget-s 140 \
       --no-tune --block-bs 1,2,4,8,16 --out "$OUT/fused.json" ;;
+  all_tests) TAIL=30 run all_tests 290 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE ;;
+  fused_shapes) TAIL=80 run fused_shapes 170 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 \
+      --budget-s 120 --no-tune --block-bs 1,16 --activations auto,scratch --warps 1,2,8 \
+      --variants seed,graph,fused,fused-bf16 --out "$OUT/fused_shapes.json" ;;
+  rollout_fused) TAIL=20 run rollout_fused 110 python3 experiments/benchmark_rollout.py \
+      --configs "32,32,16,1;32,128,64,4" --variants eager,seed,graph,fused --steps 64 --repeats 3 \
+      --out "$OUT/rollout_fused.json" ;;
   fused_bench) TAIL=60 run fused 200 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 --budget-s 170 \
       --no-tune --block-bs 1,2,4,8,16 --out "$OUT/fused.json" ;;
 esac; done

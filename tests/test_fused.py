@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -40,6 +41,8 @@ from lrnn_lightning.rollout.fused.config import (
     processor_count,
     small_tile_config,
 )
+from lrnn_lightning.rollout.fused.launch import build_call, registers_fit
+from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.inference import rollout_mode
 from tests.conftest import relative_error
 from tests.helpers import import_interpreted, perturb_parameters, random_dt
@@ -156,6 +159,11 @@ def test_default_config_on_an_h100():
         [1, 1, 1, 2, 2, 2, 16, 16]
     assert default_config(265, n_sms=h100) == KernelConfig(block_b=16, block_n=64, block_k=16, num_warps=4)
     assert default_config(100_000, n_sms=h100).block_b == 16
+    # from d_model 128 on, 8 warps (small tiles and tensor-core tiles; exact-fp32 tl.dot tiles keep 4)
+    assert default_config(32, n_sms=h100, d_model=128).num_warps == 8
+    assert default_config(32, n_sms=h100, d_model=64).num_warps == 4
+    assert default_config(32, torch.bfloat16, n_sms=h100, d_model=128) == KernelConfig(16, 64, 32, 8)
+    assert default_config(265, n_sms=h100, d_model=512).num_warps == 4
     # tensor cores: tl.dot tiles at every batch, 32 rows (8 warps) past 16 rows per SM
     for weight_dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32x3"), (torch.float32, "tf32")):
         assert default_config(32, weight_dtype, precision, n_sms=h100) == KernelConfig(16, 64, 32, 4)
@@ -288,6 +296,58 @@ def test_several_programs_and_padded_rows(interpreter):
     assert relative_error(alone, out[16:]) < FUSED_TOL
     default = fused_rollout(model, context, HORIZON, dt)  # the CPU's default: 18 rows on one "SM", tl.dot tiles
     assert relative_error(default, out) < FUSED_TOL
+
+
+MODAL_CASES = [case for case in LTI_CASES if case[0] != "s4d"]
+
+
+@pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
+@pytest.mark.parametrize("case", MODAL_CASES, ids=case_id)
+def test_register_and_scratch_kernels_equal_the_loop(interpreter, case, event):
+    # LRU / S5 run the register kernel by default on small tiles; the scratch kernel stays for wide models
+    model = make_model(*case)
+    context, dt = make_data(event=event)
+    ref = loop_rollout(model, context, HORIZON, dt)
+    for activations in ("registers", "scratch"):
+        config = replace(small_tile_config(2), activations=activations)
+        out = fused_rollout(model, context, HORIZON, dt, config=config)
+        assert relative_error(out[:, 1:], ref[:, 1:]) < FUSED_TOL, activations
+
+
+def test_register_kernel_over_several_blocks_and_on_tensor_cores(interpreter):
+    # 20 modes and 80 hidden units in blocks of 16 (ragged tails, the MLP's prefetch past the end), d_model 40
+    model = make_model("s5", {"discretization": "zoh"}, d_model=40, d_state=20)
+    context, dt = make_data(batch=20, event=True)
+    ref = loop_rollout(model, context, HORIZON, dt)
+    small = KernelConfig(block_b=4, block_n=16, block_k=16, activations="registers")
+    assert relative_error(fused_rollout(model, context, HORIZON, dt, config=small)[:, 1:], ref[:, 1:]) < FUSED_TOL
+    # tl.dot tiles run in registers for the tensor-core precisions (the interpreter computes them in fp32)
+    dot = KernelConfig(block_b=16, block_n=16, activations="registers")
+    out = fused_rollout(model, context, HORIZON, dt, precision="tf32x3", config=dot)
+    assert relative_error(out[:, 1:], ref[:, 1:]) < FUSED_TOL
+
+
+def test_which_kernel_runs_and_why_not(interpreter):
+    lru, mamba = make_model("lru"), make_model("mamba")
+    x0 = torch.randn(B, W)
+    packed = pack_model(lru, torch.float32, event=False)
+    small, dot = small_tile_config(1), KernelConfig(block_b=16)
+    assert build_call(packed, x0, None, 2, None, "ieee", small, True).kernel == "modal_rollout_kernel"
+    assert build_call(packed, x0, None, 2, None, "ieee", dot, True).kernel == "fused_rollout_kernel"
+    assert build_call(packed, x0, None, 2, None, "tf32x3", dot, True).kernel == "modal_rollout_kernel"
+    assert build_call(packed, x0, None, 2, None, "ieee", replace(small, activations="scratch"), True).kernel \
+        == "fused_rollout_kernel"
+    assert registers_fit(pack_model(mamba, torch.float32, False), small) == (
+        False, "it implements LRU and S5 (modal) mixers only")
+    fits, why = registers_fit(packed, dot)
+    assert not fits and "exact-fp32 tl.dot tiles" in why
+    wide = pack_model(make_model("lru", d_model=600, n_layers=1), torch.float32, event=False)
+    fits, why = registers_fit(wide, small)
+    assert not fits and "d_model 600" in why and "2048-element tile (4 warps)" in why
+    with pytest.raises(ValueError, match="activations='registers' cannot run this model: it implements LRU and S5"):
+        fused_steps(mamba, x0, None, 2, config=replace(small, activations="registers"))
+    with pytest.raises(ValueError, match="activations must be one of .*got 'smem'"):
+        fused_steps(lru, x0, None, 2, config=replace(small, activations="smem"))
 
 
 @pytest.mark.slow

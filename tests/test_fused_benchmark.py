@@ -53,13 +53,17 @@ def test_targets_and_table(bench):
     table = bench.markdown_table(rows)
     assert "| lru | 32 | 32 | 16 | 1 | fused | 2.50 |  | 1.50 | 26.70x |" in table
     assert "kernel <= 2 µs/step: met" in table and "error: OutOfResources" in table
-    assert "b16 n64 k16 w4 (2 prog.)" in table
+    assert "b16 n64 k16 w4 auto (2 prog.)" in table
 
 
 def test_launch_shapes_to_try(bench):
     assert [c.block_b for c in bench.candidate_configs("fused", 32, tune=True)] == [16, 16, 16, 32]
     assert [c.block_b for c in bench.candidate_configs("fused-bf16", 16, tune=True)] == [16]
     assert len(bench.candidate_configs("fused-tf32x3", 1024, tune=False)) == 1
+    shapes = bench.launch_shapes("fused", 32, 132, [1, 16], tune=False, activations=["auto", "scratch"], warps=[8])
+    labels = [label for label, _ in shapes]
+    assert labels[0] == "default" and "block_b=16 scratch w8" in labels
+    assert len({shape for _, shape in shapes}) == len(shapes) == 8  # default == block_b=1: no repeats
 
 
 def test_needs_a_gpu(bench):

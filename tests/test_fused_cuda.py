@@ -31,6 +31,7 @@ vacuously), and asks two things:
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -38,7 +39,11 @@ import torch
 from lrnn_lightning.rollout import RolloutEngine, run_steps
 from lrnn_lightning.rollout.fused import KernelConfig, choose_backend, fused_rollout, fused_steps, fused_support
 from lrnn_lightning.rollout.fused.config import small_tile_config
+from lrnn_lightning.rollout.fused.pack import pack_model
+from lrnn_lightning.rollout.fused.pack_graph import _GRAPHS as PACK_GRAPHS
+from lrnn_lightning.rollout.fused.pack_graph import pack_live
 from tests.conftest import relative_error
+from tests.helpers import perturb_parameters
 from tests.test_fused import CASES, case_id, loop_rollout, make_model, take_an_optimizer_step
 from tests.test_rollout import TinyMixer
 
@@ -235,3 +240,38 @@ def test_choose_backend_on_gpu():
     assert backend == "graph" and "TinyMixer is not covered" in reason
     with pytest.raises(ValueError, match="TinyMixer is not covered"):
         choose_backend(make_model(TinyMixer).cuda(), fused=True)
+
+
+def assert_packs_equal(packed, reference) -> None:
+    for name, value in {**packed.common, **dict(enumerate(packed.mixer))}.items():
+        other = {**reference.common, **dict(enumerate(reference.mixer))}[name]
+        torch.testing.assert_close(value, other, rtol=1e-6, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_packing_graph_follows_the_live_weights_and_recaptures():
+    model = gpu_model("s5", {"discretization": "zoh"})
+    context, dt = gpu_data(event=True)
+    key = (torch.float32, True)
+    assert_packs_equal(pack_live(model, *key), pack_model(model, *key))
+    graph = PACK_GRAPHS[model][key]
+    take_an_optimizer_step(model, context, dt)  # in place: the same graph, replayed on the new values
+    model.eval()
+    packed = pack_live(model, *key)
+    assert PACK_GRAPHS[model][key] is graph
+    assert_packs_equal(packed, pack_model(model, *key))
+    # new storage (load_state_dict(assign=True)) is a new fingerprint: captured again, never the old memory
+    model.load_state_dict({name: value.clone() for name, value in model.state_dict().items()}, assign=True)
+    perturb_parameters(model, scale=0.01, seed=7)  # and values the old graph never saw
+    packed = pack_live(model, *key)
+    assert PACK_GRAPHS[model][key] is not graph
+    assert_packs_equal(packed, pack_model(model, *key))
+    assert_fp32_accurate(model, context, HORIZON, dt, fused_rollout(model, context, HORIZON, dt))
+
+
+@pytest.mark.parametrize("num_warps", [4, 8])
+def test_register_kernel_at_the_benchmark_widths(num_warps):
+    # d_model 128, 64 modes, MLP hidden 256: several mode and hidden-unit blocks, one row a program
+    model = gpu_model("lru", d_model=128, d_state=64, n_layers=2)
+    context, dt = gpu_data(event=True)
+    config = replace(small_tile_config(1), num_warps=num_warps, activations="registers")
+    assert_fp32_accurate(model, context, HORIZON, dt, fused_rollout(model, context, HORIZON, dt, config=config))

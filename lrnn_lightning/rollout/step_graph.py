@@ -32,7 +32,7 @@ PAD_DT = 1.0  # timestep of padding rows: benign for every model (a partial last
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     return _CAPTURE_STREAMS[device]
@@ -111,7 +111,7 @@ class StepGraph:
     def _capture(self, n_warmups: int) -> None:
         # warm-up on a side stream (lazy cuBLAS handles, autotuning, compilation) so the
         # capture records only the steady-state kernels
-        side = _capture_stream(self.device)
+        side = capture_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(max(1, n_warmups)):

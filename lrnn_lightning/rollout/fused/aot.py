@@ -67,7 +67,7 @@ def _specialize(fn, call) -> tuple[dict, dict, dict]:
 def compile_for_target(model: nn.Module, *, event: bool = False, weight_dtype: torch.dtype = torch.float32,
                        precision: str = "ieee", config: KernelConfig | None = None, batch: int = 16,
                        arch: int = 90) -> CompileInfo:
-    """Compile the fused kernel for `model` (on the CPU) for CUDA compute capability `arch` (90: H100).
+    """Compile the fused kernel `config` picks for `model` (on the CPU) for CUDA compute capability `arch` (90: H100).
 
     Raises whatever Triton raises on a compile error (CompilationError with the offending line).
     """
@@ -78,7 +78,7 @@ def compile_for_target(model: nn.Module, *, event: bool = False, weight_dtype: t
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lrnn_lightning.rollout.fused.kernels.rollout import fused_rollout_kernel
+    from lrnn_lightning.rollout.fused.kernels import rollout as kernels
 
     config = config or KernelConfig()
     width = model.d_input
@@ -87,9 +87,10 @@ def compile_for_target(model: nn.Module, *, event: bool = False, weight_dtype: t
         x0 = torch.zeros(batch, width, device=packed.common["enc_b"].device)
         dt = torch.ones(batch, 2, device=x0.device) if event else None
         call = build_call(packed, x0, None, 2, dt, precision, config, interpreted=False)
-    signature, constexprs, attrs = _specialize(fused_rollout_kernel, call)
+    fn = getattr(kernels, call.kernel)
+    signature, constexprs, attrs = _specialize(fn, call)
     start = time.perf_counter()
-    kernel = triton.compile(ASTSource(fused_rollout_kernel, signature, constexprs, attrs),
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                             target=GPUTarget("cuda", arch, 32), options={"num_warps": call.num_warps, "num_stages": 1})
     shared = int(kernel.metadata.shared)
     return CompileInfo(call.constexprs, shared, time.perf_counter() - start,

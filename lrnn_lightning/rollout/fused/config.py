@@ -35,7 +35,7 @@ tiles are used for "ieee" up to MAX_SMALL_ROWS_PER_SM rows per SM, tl.dot tiles 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,6 +45,9 @@ BLOCK_BS = SMALL_BLOCK_BS + DOT_BLOCK_BS
 SMALL_TILE = 4096  # elements of a small tile's (rows, block_n, block_k) product
 CPU_PROCESSORS = 1  # the Triton interpreter runs one program at a time
 MAX_SMALL_ROWS_PER_SM = 2  # beyond this, 16-row tl.dot tiles were faster on an H100 (module doc)
+WIDE_D_MODEL = 128  # from this width on, 8 warps beat 4 in the register kernel (H100: 136 vs 167 µs/step fp32,
+# 74 vs 110 bf16, LRU (32, 128, 64, 4)); at d_model 32 4 warps were best (RESULTS.md, 2026-11-27)
+ACTIVATIONS = ("auto", "registers", "scratch")
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,17 @@ class KernelConfig:
         block_k: reduction block of every tiled matmul (a power of two >= 16); Triton's fp32
             FMA dot keeps whole K-slices in registers, so small is better there.
         num_warps: warps per program.
+        activations: where a step's activations live: "registers" (the register-resident
+            kernel, kernels/registers.py: LRU and S5 models narrow enough for a register tile),
+            "scratch" (per-program scratch memory, kernels/rollout.py: every covered mixer and
+            width), or "auto" (registers where they fit, see `launch.registers_fit`).
     """
 
     block_b: int = 16
     block_n: int = 64
     block_k: int = 16
     num_warps: int = 4
+    activations: str = "auto"
 
 
 def small_tile_config(block_b: int) -> KernelConfig:
@@ -85,7 +93,7 @@ def dot_tile_config(block_b: int, tensor_cores: bool) -> KernelConfig:
 
 
 def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precision: str = "ieee", *,
-                   n_sms: int | None = None) -> KernelConfig:
+                   n_sms: int | None = None, d_model: int | None = None) -> KernelConfig:
     """The launch shape for `batch` rows on a GPU of `n_sms` SMs (see the module doc for the rule).
 
     Args:
@@ -94,6 +102,8 @@ def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precis
         precision: tl.dot input precision for float32 weights ("ieee", "tf32x3", "tf32").
         n_sms: streaming multiprocessors (132 on an H100 SXM); None asks the current CUDA
             device, or takes 1 without one (the interpreter runs one program at a time).
+        d_model: the model's width, if known: from WIDE_D_MODEL on, 8 warps a program (each
+            program then streams more weight bytes per step, and more warps keep more in flight).
 
     Example:
         >>> [default_config(b, n_sms=132).block_b for b in (32, 256, 1024, 4096)]
@@ -107,8 +117,12 @@ def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precis
     block_b = 1 << (rows_per_sm - 1).bit_length()  # the smallest power of two >= batch / n_sms: one wave
     tensor_cores = weight_dtype == torch.bfloat16 or precision != "ieee"
     if not tensor_cores and block_b <= MAX_SMALL_ROWS_PER_SM:
-        return small_tile_config(block_b)
-    return dot_tile_config(32 if tensor_cores and block_b >= 32 else 16, tensor_cores)
+        config = small_tile_config(block_b)
+    else:
+        config = dot_tile_config(32 if tensor_cores and block_b >= 32 else 16, tensor_cores)
+    if d_model is not None and d_model >= WIDE_D_MODEL and (tensor_cores or config.block_b < 16):
+        return replace(config, num_warps=8)
+    return config
 
 
 def processor_count(device: torch.device) -> int:

@@ -3,7 +3,8 @@
     out = fused_rollout(model, context, horizon=200, dt=dt)   # (B, 200, H), same numbers as rollout_loop
     ys = fused_steps(model, x0, state, num_steps=199)         # the step part only, from any state
 
-Per launch: the live weights are packed (`pack.py`, PyTorch), the prefilled state is laid
+Per launch: the live weights are packed (`pack.py`; on a GPU a replayed CUDA graph of that packing,
+`pack_graph.py`), the prefilled state is laid
 out per program, and one kernel runs every step of every layer with the state and the
 activations in per-program scratch. The Triton kernel module is imported on first use.
 """
@@ -25,6 +26,7 @@ from lrnn_lightning.rollout.checks import (
     feature_size,
 )
 from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig and default_config live on here)
+    ACTIVATIONS,
     BLOCK_BS,
     KernelConfig,
     default_config,
@@ -36,16 +38,18 @@ from lrnn_lightning.rollout.fused.pack import (
     RGLRU_ID,
     S4D_ID,
     PackedModel,
-    pack_model,
     rows_to_state,
     state_to_rows,
 )
+from lrnn_lightning.rollout.fused.pack_graph import pack_live
 from lrnn_lightning.rollout.fused.support import KERNEL_MODULE, fused_support
 from lrnn_lightning.rollout.inference import rollout_mode
 from lrnn_lightning.rollout.state import State
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 TILE_3D = 2048  # elements of the S4D / Mamba state tiles per program
+REGISTER_TILE = 512  # elements per warp of one weight tile (and of a small tile's product) in the register kernel
+REGISTER_ROWS = 1024  # elements per warp of one (rows, d_model) activation: h, a, y and z are live at once
 
 
 class FusedKernelError(RuntimeError):
@@ -80,6 +84,47 @@ def kernel_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
     elif packed.mixer_id == RGLRU_ID:
         mixer.update(BM0=_block(md[0], cap), BM4=max(2, _pow2(md[1])))
     return {**blocks, **mixer}
+
+
+def registers_fit(packed: PackedModel, config: KernelConfig, precision: str = "ieee") -> tuple[bool, str]:
+    """Whether the register-resident kernel (kernels/registers.py) can run `packed` under `config`, and why not."""
+    if packed.mixer_id != MODAL:
+        return False, "it implements LRU and S5 (modal) mixers only"
+    if config.block_b >= 16 and precision == "ieee" and packed.common["up_w"].dtype == torch.float32:
+        # Triton's exact-fp32 tl.dot holds whole K-slices of both operands: with the register kernel's
+        # d_model-wide tiles it spills (ptxas, sm_90), and the scratch kernel was faster (H100, RESULTS.md)
+        return False, "exact-fp32 tl.dot tiles (block_b >= 16) spill its registers"
+    bd, bw = _block(packed.d_model, 1 << 30), _block(packed.width, 1 << 30)
+    if config.block_b * bd > REGISTER_ROWS * config.num_warps:
+        return False, (f"{config.block_b} rows x d_model {packed.d_model} exceed {REGISTER_ROWS} activations "
+                       f"a warp ({config.num_warps} warps)")
+    if 16 * max(bd, bw) > REGISTER_TILE * config.num_warps:
+        return False, (f"d_model {packed.d_model} / width {packed.width} exceed a "
+                       f"{REGISTER_TILE * config.num_warps}-element tile ({config.num_warps} warps)")
+    return True, ""
+
+
+def register_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
+    """Block-size constexprs of the register kernel: whole rows of D and W, modes and hidden units in
+    blocks of at most `config.block_n` that keep a weight tile (and a small tile's (rows, block, D)
+    product) within REGISTER_TILE elements a warp (the mixer holds four such tiles at once)."""
+    bd, bw = _block(packed.d_model, 1 << 30), _block(packed.width, 1 << 30)
+    per_block = bd * (config.block_b if config.block_b < 16 else 1)
+    cap = max(16, min(config.block_n, REGISTER_TILE * config.num_warps // per_block))
+    return {"BD": bd, "BW": bw, "BP": _block(packed.sizes[0], cap), "BF": _block(packed.d_ff, cap)}
+
+
+def uses_registers(packed: PackedModel, config: KernelConfig, precision: str = "ieee") -> bool:
+    """Which kernel `config.activations` picks for `packed`; "registers" where they do not fit is an error."""
+    if config.activations not in ACTIVATIONS:
+        raise ValueError(f"fused_steps: activations must be one of {ACTIVATIONS}, got {config.activations!r}.")
+    if config.activations == "scratch":
+        return False
+    fits, why = registers_fit(packed, config, precision)
+    if config.activations == "registers" and not fits:
+        raise ValueError(f"fused_steps: activations='registers' cannot run this model: {why}. "
+                         "HINT: activations='auto' takes the scratch kernel where registers do not fit.")
+    return fits
 
 
 def kernel_module():
@@ -135,10 +180,14 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
     if event and tuple(dt_steps.shape) != (batch, num_steps):
         raise ValueError(f"fused_steps: expected dt_steps of shape ({batch}, {num_steps}), "
                          f"got {tuple(dt_steps.shape)}.")
-    config = config or default_config(batch, weight_dtype, precision, n_sms=processor_count(x0.device))
+    config = config or default_config(batch, weight_dtype, precision, n_sms=processor_count(x0.device),
+                                      d_model=model.d_model)
     if config.block_b not in BLOCK_BS:
         raise ValueError(f"fused_steps: block_b must be one of {BLOCK_BS}, got {config.block_b}. HINT: 1-8 rows per "
                          "program multiply without tl.dot (small batches), 16-64 with it.")
+    if config.activations not in ACTIVATIONS:
+        raise ValueError(f"fused_steps: activations must be one of {ACTIVATIONS}, got {config.activations!r}. "
+                         "HINT: 'auto' keeps activations in registers where the model fits.")
     for name in ("block_n", "block_k"):
         value = getattr(config, name)
         if value < 16 or value & (value - 1):
@@ -149,7 +198,7 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
         return (empty, _copy_state(state, model, batch, x0)) if return_state else empty
 
     with torch.no_grad():
-        packed = packed or pack_model(model, weight_dtype, event)
+        packed = packed or pack_live(model, weight_dtype, event)
         out, final_rows = _launch(packed, x0, state, num_steps, dt_steps, precision, config)
     result = out[:, 1:].to(x0.dtype)
     if not return_state:
@@ -175,6 +224,7 @@ def _copy_state(state: State | None, model: nn.Module, batch: int, x0: Tensor) -
 class KernelCall:
     """One launch of the fused kernel, ready to go: grid, arguments, constexprs and the buffers to read back."""
 
+    kernel: str
     grid: tuple[int]
     args: tuple
     constexprs: dict
@@ -185,7 +235,8 @@ class KernelCall:
 
 def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
                precision: str, config: KernelConfig, interpreted: bool) -> KernelCall:
-    """Allocate the output, scratch and state buffers of one launch and assemble its arguments."""
+    """Allocate the output, scratch and state buffers of one launch and assemble the arguments of the kernel
+    `config.activations` picks (`uses_registers`)."""
     device, f32 = x0.device, torch.float32
     batch, width = x0.shape
     bb = config.block_b
@@ -195,8 +246,6 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
     out = torch.empty(batch, num_steps + 1, width, device=device, dtype=f32)
     out[:, 0] = x0
     dt = dt_steps.to(f32).contiguous() if dt_steps is not None else torch.ones(1, device=device, dtype=f32)
-    per_program = bb * (3 * d_model + d_ff + packed.scratch_width)
-    scratch = torch.zeros(n_prog, per_program, device=device, dtype=f32)
     # state layout (L, programs * BB, state_width): program p owns rows [p BB, (p + 1) BB) of every layer
     states = torch.zeros(n_layers, n_prog * bb, packed.state_width, device=device, dtype=f32)
     if state is not None:
@@ -206,15 +255,27 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
             states[layer, :batch] = state_to_rows(packed.mixer_id, layer_state)
 
     c = packed.common
+    w_bf16 = c["up_w"].dtype == torch.bfloat16
+    if uses_registers(packed, config, precision):
+        args = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0,
+                states, states.stride(0), packed.state_width,
+                c["enc_w"], c["enc_b"], c["dec_w"], c["dec_b"], c["final_g"], c["final_b"],
+                c["norm1_g"], c["norm1_b"], c["norm2_g"], c["norm2_b"], c["up_w"], c["up_b"], c["down_w"],
+                c["down_b"], *packed.mixer[:6], batch, num_steps, width, d_model, d_ff, packed.sizes[0], n_layers,
+                packed.eps)
+        constexprs = dict(RULE=packed.rule, EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale, BB=bb,
+                          PREC=precision, W_BF16=w_bf16, EMULATE_BF16=interpreted, **register_blocks(packed, config))
+        return KernelCall("modal_rollout_kernel", (n_prog,), args, constexprs, config.num_warps, out, states)
+    scratch = torch.zeros(n_prog, bb * (3 * d_model + d_ff + packed.scratch_width), device=device, dtype=f32)
     args = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0,
             scratch, scratch.stride(0), states, bb * packed.state_width, states.stride(0), packed.state_width,
             c["enc_w"], c["enc_b"], c["dec_w"], c["dec_b"], c["final_g"], c["final_b"],
             c["norm1_g"], c["norm1_b"], c["norm2_g"], c["norm2_b"], c["up_w"], c["up_b"], c["down_w"], c["down_b"],
             *packed.mixer, batch, num_steps, width, d_model, d_ff, n_layers, *packed.sizes, packed.eps)
     constexprs = dict(MIXER=packed.mixer_id, RULE=packed.rule, EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale,
-                      BB=bb, PREC=precision, W_BF16=c["up_w"].dtype == torch.bfloat16, EMULATE_BF16=interpreted,
+                      BB=bb, PREC=precision, W_BF16=w_bf16, EMULATE_BF16=interpreted,
                       **kernel_blocks(packed, config))
-    return KernelCall((n_prog,), args, constexprs, config.num_warps, out, states)
+    return KernelCall("fused_rollout_kernel", (n_prog,), args, constexprs, config.num_warps, out, states)
 
 
 def _launch(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
@@ -225,11 +286,11 @@ def _launch(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int
                          "HINT: set TRITON_INTERPRET=1 before importing the kernel to interpret it on the CPU.")
     call = build_call(packed, x0, state, num_steps, dt_steps, precision, config, kernels.INTERPRETED)
     try:
-        kernels.fused_rollout_kernel[call.grid](*call.args, **call.constexprs, num_warps=call.num_warps,
+        getattr(kernels, call.kernel)[call.grid](*call.args, **call.constexprs, num_warps=call.num_warps,
                                                 num_stages=1)
     except Exception as error:
         raise FusedKernelError(
-            f"fused rollout kernel failed ({type(error).__name__}: {str(error).strip()[:2000]}) with "
+            f"fused rollout kernel {call.kernel} failed ({type(error).__name__}: {str(error).strip()[:2000]}) with "
             f"{call.constexprs}, num_warps={call.num_warps}, {call.grid[0]} programs. HINT: a smaller "
             "KernelConfig(block_b=16, block_n=32, block_k=16) needs fewer resources; or use the graph backend."
         ) from error

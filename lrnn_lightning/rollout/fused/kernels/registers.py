@@ -1,0 +1,194 @@
+"""The register-resident fused rollout of LRU / S5 models: activations never leave the registers.
+
+The scratch kernel (`rollout.py`) passes every activation through a per-program memory area
+with a barrier between stages: about ten dependent memory round trips per layer per step,
+which made it latency-bound (13 µs/step at (32, 32, 16, 1) on an H100, where the step's
+arithmetic is well under a microsecond). Here one program keeps its BB rows' residual
+stream h (BB, D) in registers for the whole rollout, and each matmul whose output feeds
+another is fused with it block by block, so no intermediate is ever materialised:
+
+    per layer:  a = LN1(h)
+                for each block of modes p:   u_p = B_p a;  s_p = decay_p s_p + scale_p u_p   (state in memory)
+                                             y += C_p s_p
+                h = h + y + D_skip a;  a = LN2(h)
+                for each block of hidden units f:   g_f = (Wv_f a + bv_f) * gelu(Wg_f a + bg_f)
+                                                    z += Wdown_f g_f
+                h = h + z + b_down
+    x = decoder(LN_final(h))  -> written out and fed back in registers
+
+Only the recurrent state (read and written once per mode block per step) and the weights
+(read per block, from L1/L2) touch memory. The price is that D (and the input width W)
+must fit one register tile: `launch.registers_fit` decides, and wider models take the
+scratch kernel.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lrnn_lightning.rollout.fused.kernels.common import gelu, product, row_sum
+from lrnn_lightning.rollout.fused.kernels.lti import discretize
+
+
+@triton.jit
+def normalize(h, g_ptr, b_ptr, D, eps, BD: tl.constexpr):
+    """LayerNorm over the D valid columns of h (BB, BD); the padded columns come out zero."""
+    ds = tl.arange(0, BD)
+    d_ok = (ds < D)[None, :]
+    mean = row_sum(tl.where(d_ok, h, 0.0), axis=1) / D
+    centred = tl.where(d_ok, h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt_rn(row_sum(centred * centred, axis=1) / D + eps)
+    g = tl.load(g_ptr + ds, mask=ds < D, other=0.0)
+    b = tl.load(b_ptr + ds, mask=ds < D, other=0.0)
+    return centred * rstd[:, None] * g[None, :] + b[None, :]
+
+
+@triton.jit
+def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a, coef_b, steps,
+                RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr, BB: tl.constexpr,
+                BD: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
+                EMULATE_BF16: tl.constexpr):
+    """C s' (BB, BD) for the normalised input a (BB, BD), with s' = decay s + scale B a per mode, in place.
+
+    win (2P, D) is B as [Re; Im] rows, readout (D, 2P) the real map [C_re, -C_im] (times
+    LRU's output scale); the state (BB, 2P) at `state` holds [s_re, s_im] per row; the
+    coefficients are as in `lti.modal_update`.
+    """
+    ds = tl.arange(0, BD)
+    d_ok = ds < D
+    y = tl.full((BB, BD), 0.0, tl.float32)
+    for p0 in range(0, P, BP):
+        ps = p0 + tl.arange(0, BP)
+        p_ok = ps < P
+        in_mask = p_ok[:, None] & d_ok[None, :]
+        b_re = tl.load(win + ps[:, None] * D + ds[None, :], mask=in_mask, other=0.0)
+        b_im = tl.load(win + (P + ps)[:, None] * D + ds[None, :], mask=in_mask, other=0.0)
+        out_mask = d_ok[:, None] & p_ok[None, :]
+        c_re = tl.load(readout + ds[:, None] * (2 * P) + ps[None, :], mask=out_mask, other=0.0)
+        c_im = tl.load(readout + ds[:, None] * (2 * P) + (P + ps)[None, :], mask=out_mask, other=0.0)
+        a_re = tl.load(coef_a + ps, mask=p_ok, other=0.0)[None, :]
+        a_im = tl.load(coef_a + P + ps, mask=p_ok, other=0.0)[None, :]
+        k_re = tl.load(coef_b + ps, mask=p_ok, other=1.0)[None, :]
+        k_im = tl.load(coef_b + P + ps, mask=p_ok, other=0.0)[None, :]
+        s_mask = row_ok[:, None] & p_ok[None, :]
+        s_re_ptr = state + rows[:, None] * s_stride + ps[None, :]
+        s_re = tl.load(s_re_ptr, mask=s_mask, other=0.0)
+        s_im = tl.load(s_re_ptr + P, mask=s_mask, other=0.0)
+        if EVENT:
+            delta = tl.load(steps + ps, mask=p_ok, other=0.0)[None, :]
+            decay_re, decay_im, scale_re, scale_im = discretize(dt[:, None], a_re, a_im, k_re, k_im, delta, RULE)
+        else:
+            decay_re, decay_im, scale_re, scale_im = a_re, a_im, k_re, k_im
+        u_re = product(a, b_re, BB, PREC, W_BF16, EMULATE_BF16)
+        u_im = product(a, b_im, BB, PREC, W_BF16, EMULATE_BF16)
+        if HAS_SCALE:
+            u_re, u_im = u_re * scale_re - u_im * scale_im, u_im * scale_re + u_re * scale_im
+        new_re = u_re + decay_re * s_re - decay_im * s_im
+        new_im = u_im + decay_re * s_im + decay_im * s_re
+        tl.debug_barrier()  # threads holding copies of one state element must all read it before anyone writes
+        tl.store(s_re_ptr, new_re, mask=s_mask)
+        tl.store(s_re_ptr + P, new_im, mask=s_mask)
+        y += product(new_re, c_re, BB, PREC, W_BF16, EMULATE_BF16)
+        y += product(new_im, c_im, BB, PREC, W_BF16, EMULATE_BF16)
+    return y
+
+
+@triton.jit
+def mlp_tiles(up_w, up_b, down_w, D, F, f0, BD: tl.constexpr, BF: tl.constexpr):
+    """Hidden units [f0, f0 + BF) of the gated MLP: Wv (BF, BD), Wg (BF, BD), Wdown (BD, BF), bv and bg (1, BF).
+
+    Beyond F everything is masked to zero (and no memory is read), so the block after the
+    last can be "prefetched" harmlessly.
+    """
+    ds = tl.arange(0, BD)
+    d_ok = ds < D
+    fs = f0 + tl.arange(0, BF)
+    f_ok = fs < F
+    up_mask = f_ok[:, None] & d_ok[None, :]
+    w_value = tl.load(up_w + fs[:, None] * D + ds[None, :], mask=up_mask, other=0.0)
+    w_gate = tl.load(up_w + (F + fs)[:, None] * D + ds[None, :], mask=up_mask, other=0.0)
+    w_down = tl.load(down_w + ds[:, None] * F + fs[None, :], mask=d_ok[:, None] & f_ok[None, :], other=0.0)
+    b_value = tl.load(up_b + fs, mask=f_ok, other=0.0)[None, :]
+    b_gate = tl.load(up_b + F + fs, mask=f_ok, other=0.0)[None, :]
+    return w_value, w_gate, w_down, b_value, b_gate
+
+
+@triton.jit
+def gated_mlp(a, D, F, up_w, up_b, down_w, w_value, w_gate, w_down, b_value, b_gate,
+              BB: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+              PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Wdown ((Wv a + bv) * gelu(Wg a + bg)) (BB, BD) without its bias; up (2F, D) holds Wv then Wg, down (D, F).
+
+    w_value .. b_gate are the first block's tiles (`mlp_tiles(.., 0)`), loaded by the caller
+    ahead of time; each iteration loads the next block's tiles before it computes, so that
+    one block's weights stream in while the previous one is multiplied.
+    """
+    z = tl.full((BB, BD), 0.0, tl.float32)
+    for f0 in range(0, F, BF):
+        n_value, n_gate, n_down, nb_value, nb_gate = mlp_tiles(up_w, up_b, down_w, D, F, f0 + BF, BD, BF)
+        value = product(a, w_value, BB, PREC, W_BF16, EMULATE_BF16) + b_value
+        gate = product(a, w_gate, BB, PREC, W_BF16, EMULATE_BF16) + b_gate
+        z += product(value * gelu(gate), w_down, BB, PREC, W_BF16, EMULATE_BF16)  # padded units: 0 * gelu(0)
+        w_value, w_gate, w_down, b_value, b_gate = n_value, n_gate, n_down, nb_value, nb_gate
+    return z
+
+
+# batch, horizon and strides vary from call to call (see rollout.py); the widths stay specialised
+@triton.jit(do_not_specialize=["out_stride_b", "out_stride_t", "dt_stride_b", "state_stride_layer", "B", "n_steps"])
+def modal_rollout_kernel(
+    out_ptr, out_stride_b, out_stride_t, dt_ptr, dt_stride_b,
+    state_ptr, state_stride_layer, state_stride_row,
+    enc_w, enc_b, dec_w, dec_b, final_g, final_b,
+    norm1_g, norm1_b, norm2_g, norm2_b, up_w, up_b, down_w, down_b,
+    win, readout, skip, coef_a, coef_b, steps,
+    B, n_steps, W, D, F, P, n_layers, eps,
+    RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BB: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, BF: tl.constexpr,
+    PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """Grid (cdiv(B, BB),). out (B, n_steps + 1, W) holds x0 in column 0 and receives step t's output in
+    column t + 1; dt (B, n_steps) fp32 when EVENT; state (L, B, 2P) fp32, updated in place; weights as
+    packed by `pack_model` for a modal mixer (m0..m5 are win, readout, skip, coef_a, coef_b, steps)."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    row_ok = rows < B
+    rows = rows.to(tl.int64)
+    ws = tl.arange(0, BW)
+    w_ok = ws < W
+    ds = tl.arange(0, BD)
+    d_ok = ds < D
+    io_mask = row_ok[:, None] & w_ok[None, :]
+    out_rows = out_ptr + rows[:, None] * out_stride_b + ws[None, :]
+    # the encoder and decoder are the same at every step: loaded once, kept in registers
+    enc = tl.load(enc_w + ds[:, None] * W + ws[None, :], mask=d_ok[:, None] & w_ok[None, :], other=0.0)
+    enc_bias = tl.load(enc_b + ds, mask=d_ok, other=0.0)[None, :]
+    dec = tl.load(dec_w + ws[:, None] * D + ds[None, :], mask=w_ok[:, None] & d_ok[None, :], other=0.0)
+    dec_bias = tl.load(dec_b + ws, mask=w_ok, other=0.0)[None, :]
+    x = tl.load(out_rows, mask=io_mask, other=0.0)
+    for t in range(n_steps):
+        if EVENT:
+            dt = tl.load(dt_ptr + rows * dt_stride_b + t, mask=row_ok, other=1.0)
+        else:
+            dt = tl.full((BB,), 1.0, tl.float32)
+        h = product(x, enc, BB, PREC, W_BF16, EMULATE_BF16) + enc_bias
+        state = state_ptr
+        for layer in range(n_layers):
+            layer_up_w = up_w + layer * (2 * F * D)
+            layer_up_b = up_b + layer * (2 * F)
+            layer_down_w = down_w + layer * (D * F)
+            # the MLP's first weight block is loaded now, to arrive while the mixer runs
+            w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(layer_up_w, layer_up_b, layer_down_w, D, F, 0, BD, BF)
+            a = normalize(h, norm1_g + layer * D, norm1_b + layer * D, D, eps, BD)
+            y = modal_mixer(a, state, state_stride_row, rows, row_ok, dt, D, P, win + layer * (2 * P * D),
+                            readout + layer * (2 * P * D), coef_a + layer * (2 * P), coef_b + layer * (2 * P),
+                            steps + layer * P, RULE, EVENT, HAS_SCALE, BB, BD, BP, PREC, W_BF16, EMULATE_BF16)
+            d_skip = tl.load(skip + layer * D + ds, mask=d_ok, other=0.0)[None, :]
+            h = h + (y + d_skip * a)
+            a = normalize(h, norm2_g + layer * D, norm2_b + layer * D, D, eps, BD)
+            z = gated_mlp(a, D, F, layer_up_w, layer_up_b, layer_down_w, w_value, w_gate, w_down, b_value, b_gate,
+                          BB, BD, BF, PREC, W_BF16, EMULATE_BF16)
+            h = h + (z + tl.load(down_b + layer * D + ds, mask=d_ok, other=0.0)[None, :])
+            state += state_stride_layer  # a pointer step: (layer * stride) could overflow int32
+        a = normalize(h, final_g, final_b, D, eps, BD)
+        x = product(a, dec, BB, PREC, W_BF16, EMULATE_BF16) + dec_bias
+        tl.store(out_rows + (t + 1) * out_stride_t, x, mask=io_mask)
