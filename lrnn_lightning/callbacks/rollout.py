@@ -122,7 +122,8 @@ class RolloutCallback(Callback):
     exceeds `threshold`, the "valid prediction time"), `persistence_valid_steps`,
     `diverged_fraction`, `first_diverged_step` (0-based; the horizon when none diverged),
     `steps_per_second` (all processes together), `capture_ms`, `uses_graph` (1 when every
-    process replayed a graph) and `uses_fused` (1 when every process ran the fused kernel).
+    process replayed a graph), `uses_fused` (1 when every process ran the fused kernel) and
+    `uses_loop` (1 when every process ran the plain loop; all three 0: processes differed).
     With a `WandbLogger`, global rank zero also logs the error-vs-horizon chart, sample plots,
     a table of the samples and the timing (with the path, "mixed" when processes took different
     ones, each process's path, and why rank zero took its own); its text line says which path
