@@ -39,20 +39,25 @@ def dot_block(x, w, PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.c
 
 
 @triton.jit
-def small_product(x, w):
+def small_product(x, w, BB: tl.constexpr):
     """x (BB, K) fp32 times the weight tile w (N, K) (fp32 or bf16, row-major as stored) -> (BB, N) fp32.
 
     The (BB, N, K) broadcast product summed over K, without tl.dot: for tiles of fewer than 16
-    rows, where one program per few batch rows keeps every SM busy at small batch sizes.
+    rows, where one program per few batch rows keeps every SM busy at small batch sizes. One
+    row multiplies in the weight tile's own (N, K) layout: only the K-vector x moves between
+    threads, where a 3-D product would send the whole tile through shared memory.
     """
-    return row_sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if BB == 1:
+        return row_sum(w.to(tl.float32) * x, axis=1)[None, :]
+    else:
+        return row_sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
 
 @triton.jit
 def product(x, w, BB: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """x (BB, K) fp32 times the weight tile w (N, K) -> (BB, N) fp32: tl.dot for BB >= 16, else `small_product`."""
     if BB < 16:
-        return small_product(x, w)
+        return small_product(x, w, BB)
     else:
         return dot_block(x, tl.trans(w), PREC, W_BF16, EMULATE_BF16)
 
