@@ -35,7 +35,7 @@ from lrnn_lightning.rollout.fused import (
     support,
 )
 from lrnn_lightning.rollout.fused.config import (
-    MAX_SMALL_ROWS_PER_SM,
+    MAX_ONE_ROW_PROGRAMS_PER_SM,
     SMALL_BLOCK_BS,
     SMALL_TILE,
     processor_count,
@@ -153,20 +153,21 @@ def test_fused_support_rejects_unsupported_weights(monkeypatch):
 
 def test_default_config_on_an_h100():
     h100 = 132
-    # exact fp32: one wave of small tiles up to two rows per SM (32 rows -> 32 programs of one row, 256 -> 128 of
-    # two), 16-row tl.dot tiles beyond (where they measured faster)
+    # exact fp32: one-row programs up to two per SM (8 warps while each has its SM to itself, then 4), 16-row
+    # tl.dot tiles beyond
     assert [default_config(b, n_sms=h100).block_b for b in (1, 32, 132, 133, 256, 264, 265, 1024)] == \
-        [1, 1, 1, 2, 2, 2, 16, 16]
-    assert default_config(265, n_sms=h100) == KernelConfig(block_b=16, block_n=64, block_k=16, num_warps=4)
+        [1, 1, 1, 1, 1, 1, 16, 16]
+    assert default_config(32, n_sms=h100) == KernelConfig(block_b=1, block_n=64, block_k=64, num_warps=8)
+    assert default_config(256, n_sms=h100).num_warps == 4
+    assert default_config(265, n_sms=h100, d_model=512) == KernelConfig(block_b=16, block_n=64, block_k=16,
+                                                                        num_warps=4)
     assert default_config(100_000, n_sms=h100).block_b == 16
-    # from d_model 128 on, 8 warps (small tiles and tensor-core tiles; exact-fp32 tl.dot tiles keep 4)
-    assert default_config(32, n_sms=h100, d_model=128).num_warps == 8
-    assert default_config(32, n_sms=h100, d_model=64).num_warps == 4
-    assert default_config(32, torch.bfloat16, n_sms=h100, d_model=128) == KernelConfig(16, 64, 32, 8)
-    assert default_config(265, n_sms=h100, d_model=512).num_warps == 4
-    # tensor cores: tl.dot tiles at every batch, 32 rows (8 warps) past 16 rows per SM
+    # tensor cores: one-row programs up to one per SM, then tl.dot tiles, 32 rows (8 warps) past 16 rows per SM,
+    # and 8 warps from d_model 128 on
     for weight_dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32x3"), (torch.float32, "tf32")):
-        assert default_config(32, weight_dtype, precision, n_sms=h100) == KernelConfig(16, 64, 32, 4)
+        assert default_config(132, weight_dtype, precision, n_sms=h100) == default_config(132, n_sms=h100)
+        assert default_config(133, weight_dtype, precision, n_sms=h100) == KernelConfig(16, 64, 32, 4)
+        assert default_config(133, weight_dtype, precision, n_sms=h100, d_model=128) == KernelConfig(16, 64, 32, 8)
         assert default_config(2112, weight_dtype, precision, n_sms=h100) == KernelConfig(16, 64, 32, 4)
         assert default_config(2113, weight_dtype, precision, n_sms=h100) == KernelConfig(32, 64, 32, 8)
 
@@ -175,13 +176,11 @@ def test_default_config_on_an_h100():
 def test_default_config_rule(n_sms):
     for batch in list(range(1, 300)) + [1000, 5000, 20000]:
         config = default_config(batch, n_sms=n_sms)
-        programs = -(-batch // config.block_b)
-        if config.block_b in SMALL_BLOCK_BS:
-            assert programs <= n_sms and config.block_b <= MAX_SMALL_ROWS_PER_SM, (batch, config)  # one wave
-            assert config.block_b == 1 or -(-batch // (config.block_b // 2)) > n_sms, (batch, config)  # fullest
-            assert config == small_tile_config(config.block_b)
+        if config.block_b == 1:  # at most MAX_ONE_ROW_PROGRAMS_PER_SM one-row programs on every SM
+            assert batch <= MAX_ONE_ROW_PROGRAMS_PER_SM * n_sms, (batch, config)
+            assert config.num_warps == (8 if batch <= n_sms else 4), (batch, config)
         else:
-            assert batch > MAX_SMALL_ROWS_PER_SM * n_sms and config.block_b == 16, (batch, config)
+            assert batch > MAX_ONE_ROW_PROGRAMS_PER_SM * n_sms and config.block_b == 16, (batch, config)
 
 
 def test_small_tiles_keep_their_product_in_registers():

@@ -1,36 +1,28 @@
 """Launch shape of the fused kernel: `KernelConfig`, and `default_config`, the rule that picks one.
 
-    config = default_config(batch=256, n_sms=132)     # KernelConfig(block_b=2, ...): 128 programs, one per SM
+    config = default_config(batch=32, n_sms=132)     # KernelConfig(block_b=1, ..., num_warps=8): 32 programs
 
 Why the rule looks as it does. One program owns `block_b` batch rows for the whole rollout
-and streams every weight of the model (from L2) at every step, so a step costs each SM
-about (programs on it) x (weight bytes) / (its L2 bandwidth), and the whole GPU about
-programs x weight bytes / (L2 bandwidth). Hence:
+and streams every weight of the model (from L1/L2) at every step. What an H100 measured
+(experiments/RESULTS.md, 2026-11-27, LRU, µs per step of the kernel) decided the rule:
 
-- one wave: the smallest block_b (a power of two) with at most one program per SM, i.e.
-  block_b >= batch / n_sms. Fewer rows per program would put two programs (two weight
-  streams) on an SM for no gain: a probe with one row a program took 30 µs/step for LRU
-  (32, 128, 64, 4) on an H100 and 61 µs for B=256, twice the streams in twice the time.
-  More rows would leave SMs idle. At small batch this means 1 or 2 rows a program (see the
-  measurements below for why not 4 or 8);
-- tiles of fewer than 16 rows multiply without tl.dot (broadcast product summed over K on
-  the FMA units; tl.dot needs 16 rows): at B=32 on a 132-SM H100 that is 32 programs of one
-  row instead of 2 programs of 16;
-- beyond MAX_SMALL_ROWS_PER_SM rows per SM in exact fp32, tl.dot tiles of 16 rows ("ieee"
-  runs on the FMA units, which want short tiles; several waves then); for the tensor-core
-  precisions (tf32x3, tf32, bf16 weights) tl.dot tiles at every batch, 16 rows, or 32 with
-  8 warps beyond 16 rows per SM.
+- one row a program, 8 warps, while there is at most one row per SM: the one-row product
+  runs in the weight tile's own register layout (kernels/common.py), so a program spends
+  its time streaming weights, and more programs stream in parallel: (32, 128, 64, 4) took
+  47 µs with 32 one-row programs against 67-78 µs for two 16-row tl.dot programs (bf16,
+  tensor cores) and 464 µs for two exact-fp32 ones; 8 warps beat 4 (7.0 vs 10.5 µs at
+  (32, 32, 16, 1), 55 vs 75 at (32, 128, 64, 4)); bf16 weights the same (7.0 vs 7.9 µs);
+- exact fp32 ("ieee") keeps one-row programs up to MAX_ONE_ROW_PROGRAMS_PER_SM per SM,
+  then with 4 warps: B=256 (two per SM) took 84 µs against 231 for 128 programs of two rows
+  and 233 for tl.dot tiles; beyond, 16-row tl.dot tiles (B=1024: 14.5 ms; the 2-8 row
+  tiles, a broadcast product through shared memory, were slower everywhere);
+- tensor-core precisions (tf32x3, tf32, bf16 weights) past one row per SM: tl.dot tiles of
+  16 rows (B=256 bf16: 73 µs vs 88 for one-row programs), 32 with 8 warps beyond 16 rows
+  per SM, and 8 warps from d_model WIDE_D_MODEL on (74 vs 110 µs at d_model 128).
 
-The small tiles are sized so the (rows, block_n, block_k) product stays at 4096 elements,
-32 fp32 registers a thread with 4 warps. `experiments/benchmark_fused.py --block-bs` times
-other block_b values against this choice on a GPU.
-
-What the H100 measured (experiments/RESULTS.md, 2026-11-27) narrowed the rule: small tiles
-won only in exact fp32 ("ieee") and only at one or two rows per SM (LRU (32, 128, 64, 4):
-1 row 183 µs/step vs 16 rows 479; B=256: 2 rows 256 vs 480), while at 8 rows per SM (B=1024)
-they lost to 16-row tl.dot tiles (25287 vs 14640), and with tensor cores (tf32x3, bf16) the
-16-row tl.dot tile won at every batch (B=32: 206 / 153 µs vs 192 / 174 for one row). So small
-tiles are used for "ieee" up to MAX_SMALL_ROWS_PER_SM rows per SM, tl.dot tiles otherwise.
+`experiments/benchmark_fused.py --block-bs ... --warps ...` times other shapes against this
+choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their
+(rows, block_n, block_k) product is sized to SMALL_TILE elements.
 """
 
 from __future__ import annotations
@@ -44,9 +36,9 @@ DOT_BLOCK_BS = (16, 32, 64)  # rows per program multiplied with tl.dot
 BLOCK_BS = SMALL_BLOCK_BS + DOT_BLOCK_BS
 SMALL_TILE = 4096  # elements of a small tile's (rows, block_n, block_k) product
 CPU_PROCESSORS = 1  # the Triton interpreter runs one program at a time
-MAX_SMALL_ROWS_PER_SM = 2  # beyond this, 16-row tl.dot tiles were faster on an H100 (module doc)
-WIDE_D_MODEL = 128  # from this width on, 8 warps beat 4 in the register kernel (H100: 136 vs 167 µs/step fp32,
-# 74 vs 110 bf16, LRU (32, 128, 64, 4)); at d_model 32 4 warps were best (RESULTS.md, 2026-11-27)
+MAX_ONE_ROW_PROGRAMS_PER_SM = 2  # exact fp32: one-row programs up to this many per SM (module doc)
+ONE_ROW_WARPS = 8  # warps of a one-row program when it has its SM to itself (module doc)
+WIDE_D_MODEL = 128  # from this width on, tensor-core tl.dot tiles run with 8 warps (module doc)
 ACTIVATIONS = ("auto", "registers", "scratch")
 
 
@@ -102,25 +94,23 @@ def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precis
         precision: tl.dot input precision for float32 weights ("ieee", "tf32x3", "tf32").
         n_sms: streaming multiprocessors (132 on an H100 SXM); None asks the current CUDA
             device, or takes 1 without one (the interpreter runs one program at a time).
-        d_model: the model's width, if known: from WIDE_D_MODEL on, 8 warps a program (each
-            program then streams more weight bytes per step, and more warps keep more in flight).
+        d_model: the model's width, if known: tensor-core tl.dot tiles take 8 warps from
+            WIDE_D_MODEL on.
 
     Example:
         >>> [default_config(b, n_sms=132).block_b for b in (32, 256, 1024, 4096)]
-        [1, 2, 16, 16]
+        [1, 1, 16, 16]
     """
     if n_sms is None:
         n_sms = processor_count(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if n_sms < 1 or batch < 1:
         raise ValueError(f"default_config: batch and n_sms must be >= 1, got batch={batch}, n_sms={n_sms}.")
     rows_per_sm = -(-batch // n_sms)
-    block_b = 1 << (rows_per_sm - 1).bit_length()  # the smallest power of two >= batch / n_sms: one wave
     tensor_cores = weight_dtype == torch.bfloat16 or precision != "ieee"
-    if not tensor_cores and block_b <= MAX_SMALL_ROWS_PER_SM:
-        config = small_tile_config(block_b)
-    else:
-        config = dot_tile_config(32 if tensor_cores and block_b >= 32 else 16, tensor_cores)
-    if d_model is not None and d_model >= WIDE_D_MODEL and (tensor_cores or config.block_b < 16):
+    if rows_per_sm <= (1 if tensor_cores else MAX_ONE_ROW_PROGRAMS_PER_SM):
+        return replace(small_tile_config(1), num_warps=ONE_ROW_WARPS if rows_per_sm == 1 else 4)
+    config = dot_tile_config(32 if tensor_cores and rows_per_sm > 16 else 16, tensor_cores)
+    if tensor_cores and d_model is not None and d_model >= WIDE_D_MODEL:
         return replace(config, num_warps=8)
     return config
 
