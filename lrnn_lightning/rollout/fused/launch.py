@@ -47,7 +47,7 @@ from lrnn_lightning.rollout.inference import rollout_mode
 from lrnn_lightning.rollout.state import State
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
-TILE_3D = 2048  # elements of the S4D / Mamba state tiles per program
+TILE_3D = 512  # elements per warp of the S4D / Mamba state tiles (2048 with 4 warps)
 REGISTER_TILE = 512  # elements per warp of one weight tile (and of a small tile's product) in the register kernel
 REGISTER_ROWS = 1024  # elements per warp of one (rows, d_model) activation: h, a, y and z are live at once
 
@@ -67,6 +67,7 @@ def _block(n: int, cap: int) -> int:
 def kernel_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
     """The kernel's block-size constexprs for `packed` under `config`."""
     cap, bb = config.block_n, config.block_b
+    tile_3d = TILE_3D * config.num_warps
     blocks = {"BK": config.block_k, "BD": _block(packed.d_model, cap), "BW": _block(packed.width, cap),
               "BF": _block(packed.d_ff, cap)}
     mixer = dict.fromkeys(("BM0", "BM1", "BM2", "BM3", "BM4"), 16)
@@ -75,12 +76,12 @@ def kernel_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
         mixer.update(BM0=_block(2 * md[0], cap), BM1=_block(md[0], cap))
     elif packed.mixer_id == S4D_ID:
         modes = max(2, min(64, _pow2(md[0])))
-        mixer.update(BM0=max(2, min(_pow2(packed.d_model), TILE_3D // (bb * modes))), BM1=modes)
+        mixer.update(BM0=max(2, min(_pow2(packed.d_model), tile_3d // (bb * modes))), BM1=modes)
     elif packed.mixer_id == MAMBA:
         inner, n_state, rank, taps = md
         modes = max(2, _pow2(n_state))
         mixer.update(BM0=_block(inner, cap), BM1=_block(rank + 2 * n_state, cap),
-                     BM2=max(2, min(_pow2(inner), TILE_3D // (bb * modes))), BM3=modes, BM4=max(2, _pow2(taps)))
+                     BM2=max(2, min(_pow2(inner), tile_3d // (bb * modes))), BM3=modes, BM4=max(2, _pow2(taps)))
     elif packed.mixer_id == RGLRU_ID:
         mixer.update(BM0=_block(md[0], cap), BM4=max(2, _pow2(md[1])))
     return {**blocks, **mixer}
