@@ -297,13 +297,13 @@ def test_several_programs_and_padded_rows(interpreter):
     assert relative_error(default, out) < FUSED_TOL
 
 
-MODAL_CASES = [case for case in LTI_CASES if case[0] != "s4d"]
+REGISTER_CASES = [case for case in CASES if case[0] not in ("s4d", "rglru")]  # LRU, S5, Mamba
 
 
 @pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
-@pytest.mark.parametrize("case", MODAL_CASES, ids=case_id)
+@pytest.mark.parametrize("case", REGISTER_CASES, ids=case_id)
 def test_register_and_scratch_kernels_equal_the_loop(interpreter, case, event):
-    # LRU / S5 run the register kernel by default on small tiles; the scratch kernel stays for wide models
+    # LRU, S5 and Mamba run the register kernel by default on small tiles; the scratch kernel stays for the rest
     model = make_model(*case)
     context, dt = make_data(event=event)
     ref = loop_rollout(model, context, HORIZON, dt)
@@ -327,24 +327,28 @@ def test_register_kernel_over_several_blocks_and_on_tensor_cores(interpreter):
 
 
 def test_which_kernel_runs_and_why_not(interpreter):
-    lru, mamba = make_model("lru"), make_model("mamba")
+    lru, rglru = make_model("lru"), make_model("rglru")
     x0 = torch.randn(B, W)
     packed = pack_model(lru, torch.float32, event=False)
     small, dot = small_tile_config(1), KernelConfig(block_b=16)
-    assert build_call(packed, x0, None, 2, None, "ieee", small, True).kernel == "modal_rollout_kernel"
+    assert build_call(packed, x0, None, 2, None, "ieee", small, True).kernel == "register_rollout_kernel"
     assert build_call(packed, x0, None, 2, None, "ieee", dot, True).kernel == "fused_rollout_kernel"
-    assert build_call(packed, x0, None, 2, None, "tf32x3", dot, True).kernel == "modal_rollout_kernel"
+    assert build_call(packed, x0, None, 2, None, "tf32x3", dot, True).kernel == "register_rollout_kernel"
     assert build_call(packed, x0, None, 2, None, "ieee", replace(small, activations="scratch"), True).kernel \
         == "fused_rollout_kernel"
-    assert registers_fit(pack_model(mamba, torch.float32, False), small) == (
-        False, "it implements LRU and S5 (modal) mixers only")
+    assert registers_fit(pack_model(rglru, torch.float32, False), small) == (
+        False, "it implements LRU, S5 (modal) and Mamba mixers only")
+    assert registers_fit(pack_model(make_model("mamba"), torch.float32, False), small) == (True, "")
+    narrow = replace(small, num_warps=1)
+    fits, why = registers_fit(pack_model(make_model("mamba", d_state=80), torch.float32, False), narrow)
+    assert not fits and "Mamba's d_state 80 exceeds a 512-element state tile (1 warps)" in why
     fits, why = registers_fit(packed, dot)
     assert not fits and "exact-fp32 tl.dot tiles" in why
     wide = pack_model(make_model("lru", d_model=600, n_layers=1), torch.float32, event=False)
     fits, why = registers_fit(wide, small)
     assert not fits and "d_model 600" in why and "2048-element tile (4 warps)" in why
-    with pytest.raises(ValueError, match="activations='registers' cannot run this model: it implements LRU and S5"):
-        fused_steps(mamba, x0, None, 2, config=replace(small, activations="registers"))
+    with pytest.raises(ValueError, match="activations='registers' cannot run this model: it implements LRU, S5"):
+        fused_steps(rglru, x0, None, 2, config=replace(small, activations="registers"))
     with pytest.raises(ValueError, match="activations must be one of .*got 'smem'"):
         fused_steps(lru, x0, None, 2, config=replace(small, activations="smem"))
 

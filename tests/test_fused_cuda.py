@@ -268,10 +268,12 @@ def test_the_packing_graph_follows_the_live_weights_and_recaptures():
     assert_fp32_accurate(model, context, HORIZON, dt, fused_rollout(model, context, HORIZON, dt))
 
 
+@pytest.mark.parametrize("name", ["lru", "mamba"])
 @pytest.mark.parametrize("num_warps", [4, 8])
-def test_register_kernel_at_the_benchmark_widths(num_warps):
-    # d_model 128, 64 modes, MLP hidden 256: several mode and hidden-unit blocks, one row a program
-    model = gpu_model("lru", d_model=128, d_state=64, n_layers=2)
+def test_register_kernel_at_the_benchmark_widths(num_warps, name):
+    # d_model 128, 64 modes / states, MLP hidden 256, Mamba's 256 channels: several blocks of each, one row a
+    # program
+    model = gpu_model(name, d_model=128, d_state=64, n_layers=2)
     context, dt = gpu_data(event=True)
     config = replace(small_tile_config(1), num_warps=num_warps, activations="registers")
     assert_fp32_accurate(model, context, HORIZON, dt, fused_rollout(model, context, HORIZON, dt, config=config))

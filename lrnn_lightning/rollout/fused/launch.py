@@ -89,8 +89,8 @@ def kernel_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
 
 def registers_fit(packed: PackedModel, config: KernelConfig, precision: str = "ieee") -> tuple[bool, str]:
     """Whether the register-resident kernel (kernels/registers.py) can run `packed` under `config`, and why not."""
-    if packed.mixer_id != MODAL:
-        return False, "it implements LRU and S5 (modal) mixers only"
+    if packed.mixer_id not in (MODAL, MAMBA):
+        return False, "it implements LRU, S5 (modal) and Mamba mixers only"
     if config.block_b >= 16 and precision == "ieee" and packed.common["up_w"].dtype == torch.float32:
         # Triton's exact-fp32 tl.dot holds whole K-slices of both operands: with the register kernel's
         # d_model-wide tiles it spills (ptxas, sm_90), and the scratch kernel was faster (H100, RESULTS.md)
@@ -99,20 +99,35 @@ def registers_fit(packed: PackedModel, config: KernelConfig, precision: str = "i
     if config.block_b * bd > REGISTER_ROWS * config.num_warps:
         return False, (f"{config.block_b} rows x d_model {packed.d_model} exceed {REGISTER_ROWS} activations "
                        f"a warp ({config.num_warps} warps)")
-    if 16 * max(bd, bw) > REGISTER_TILE * config.num_warps:
+    budget = REGISTER_TILE * config.num_warps
+    if 16 * max(bd, bw) > budget:
         return False, (f"d_model {packed.d_model} / width {packed.width} exceed a "
-                       f"{REGISTER_TILE * config.num_warps}-element tile ({config.num_warps} warps)")
+                       f"{budget}-element tile ({config.num_warps} warps)")
+    if packed.mixer_id == MAMBA and 16 * config.block_b * _block(packed.sizes[1], 1 << 30) > budget:
+        return False, (f"Mamba's d_state {packed.sizes[1]} exceeds a {budget}-element state tile "
+                       f"({config.num_warps} warps)")
     return True, ""
 
 
 def register_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
-    """Block-size constexprs of the register kernel: whole rows of D and W, modes and hidden units in
-    blocks of at most `config.block_n` that keep a weight tile (and a small tile's (rows, block, D)
-    product) within REGISTER_TILE elements a warp (the mixer holds four such tiles at once)."""
-    bd, bw = _block(packed.d_model, 1 << 30), _block(packed.width, 1 << 30)
+    """Block-size constexprs of the register kernel: whole rows of D and W (and Mamba's N, R and conv
+    taps), modes, hidden units and Mamba's channels in blocks of at most `config.block_n` that keep a
+    weight tile, a small tile's (rows, block, D) product and Mamba's (rows, block, N) state tile within
+    REGISTER_TILE elements a warp (the modal mixer holds four such tiles at once)."""
+    whole = 1 << 30
+    bd, bw = _block(packed.d_model, whole), _block(packed.width, whole)
+    budget = REGISTER_TILE * config.num_warps
     per_block = bd * (config.block_b if config.block_b < 16 else 1)
-    cap = max(16, min(config.block_n, REGISTER_TILE * config.num_warps // per_block))
-    return {"BD": bd, "BW": bw, "BP": _block(packed.sizes[0], cap), "BF": _block(packed.d_ff, cap)}
+    cap = max(16, min(config.block_n, budget // per_block))
+    blocks = {"BD": bd, "BW": bw, "BP": 16, "BF": _block(packed.d_ff, cap), "BE": 16, "BR": 16, "BN": 16, "BKC": 2}
+    if packed.mixer_id == MODAL:
+        blocks["BP"] = _block(packed.sizes[0], cap)
+    else:
+        inner, n_state, rank, taps = packed.sizes
+        bn = _block(n_state, whole)
+        blocks.update(BE=_block(inner, max(16, min(cap, budget // (config.block_b * bn)))), BR=_block(rank, whole),
+                      BN=bn, BKC=max(2, _pow2(taps)))
+    return blocks
 
 
 def uses_registers(packed: PackedModel, config: KernelConfig, precision: str = "ieee") -> bool:
@@ -258,15 +273,19 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
     c = packed.common
     w_bf16 = c["up_w"].dtype == torch.bfloat16
     if uses_registers(packed, config, precision):
+        # Mamba's conv outputs cross between its two passes through these rows (kernels/register_mamba.py)
+        mixer_rows = torch.empty(n_prog * bb, packed.sizes[0] if packed.mixer_id == MAMBA else 1, device=device,
+                                 dtype=f32)
         args = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0,
-                states, states.stride(0), packed.state_width,
+                states, states.stride(0), packed.state_width, mixer_rows,
                 c["enc_w"], c["enc_b"], c["dec_w"], c["dec_b"], c["final_g"], c["final_b"],
                 c["norm1_g"], c["norm1_b"], c["norm2_g"], c["norm2_b"], c["up_w"], c["up_b"], c["down_w"],
-                c["down_b"], *packed.mixer[:6], batch, num_steps, width, d_model, d_ff, packed.sizes[0], n_layers,
+                c["down_b"], *packed.mixer, batch, num_steps, width, d_model, d_ff, n_layers, *packed.sizes,
                 packed.eps)
-        constexprs = dict(RULE=packed.rule, EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale, BB=bb,
-                          PREC=precision, W_BF16=w_bf16, EMULATE_BF16=interpreted, **register_blocks(packed, config))
-        return KernelCall("modal_rollout_kernel", (n_prog,), args, constexprs, config.num_warps, out, states)
+        constexprs = dict(MIXER=packed.mixer_id, RULE=packed.rule, EVENT=dt_steps is not None,
+                          HAS_SCALE=packed.has_scale, BB=bb, PREC=precision, W_BF16=w_bf16, EMULATE_BF16=interpreted,
+                          **register_blocks(packed, config))
+        return KernelCall("register_rollout_kernel", (n_prog,), args, constexprs, config.num_warps, out, states)
     scratch = torch.zeros(n_prog, bb * (3 * d_model + d_ff + packed.scratch_width), device=device, dtype=f32)
     args = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0,
             scratch, scratch.stride(0), states, bb * packed.state_width, states.stride(0), packed.state_width,

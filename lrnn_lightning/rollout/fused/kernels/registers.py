@@ -29,6 +29,7 @@ import triton.language as tl
 
 from lrnn_lightning.rollout.fused.kernels.common import gelu, product, row_sum
 from lrnn_lightning.rollout.fused.kernels.lti import discretize
+from lrnn_lightning.rollout.fused.kernels.register_mamba import mamba_mixer
 
 
 @triton.jit
@@ -136,20 +137,22 @@ def gated_mlp(a, D, F, up_w, up_b, down_w, w_value, w_gate, w_down, b_value, b_g
 
 # batch, horizon and strides vary from call to call (see rollout.py); the widths stay specialised
 @triton.jit(do_not_specialize=["out_stride_b", "out_stride_t", "dt_stride_b", "state_stride_layer", "B", "n_steps"])
-def modal_rollout_kernel(
+def register_rollout_kernel(
     out_ptr, out_stride_b, out_stride_t, dt_ptr, dt_stride_b,
-    state_ptr, state_stride_layer, state_stride_row,
+    state_ptr, state_stride_layer, state_stride_row, scratch_ptr,
     enc_w, enc_b, dec_w, dec_b, final_g, final_b,
     norm1_g, norm1_b, norm2_g, norm2_b, up_w, up_b, down_w, down_b,
-    win, readout, skip, coef_a, coef_b, steps,
-    B, n_steps, W, D, F, P, n_layers, eps,
-    RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BB: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, BF: tl.constexpr,
+    m0, m1, m2, m3, m4, m5, m6, m7, m8,
+    B, n_steps, W, D, F, n_layers, md0, md1, md2, md3, eps,
+    MIXER: tl.constexpr, RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BB: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+    BP: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BKC: tl.constexpr,
     PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     """Grid (cdiv(B, BB),). out (B, n_steps + 1, W) holds x0 in column 0 and receives step t's output in
-    column t + 1; dt (B, n_steps) fp32 when EVENT; state (L, B, 2P) fp32, updated in place; weights as
-    packed by `pack_model` for a modal mixer (m0..m5 are win, readout, skip, coef_a, coef_b, steps)."""
+    column t + 1; dt (B, n_steps) fp32 when EVENT; state (L, B, state width) fp32, updated in place;
+    scratch (B, md0) fp32 for Mamba's conv outputs; weights and mixer slots m0..m8, md0..md3 as packed by
+    `pack_model`. MIXER 0: LRU / S5 (`modal_mixer`, BP), 2: Mamba (`mamba_mixer`, BE, BR, BN, BKC)."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     row_ok = rows < B
     rows = rows.to(tl.int64)
@@ -179,11 +182,17 @@ def modal_rollout_kernel(
             # the MLP's first weight block is loaded now, to arrive while the mixer runs
             w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(layer_up_w, layer_up_b, layer_down_w, D, F, 0, BD, BF)
             a = normalize(h, norm1_g + layer * D, norm1_b + layer * D, D, eps, BD)
-            y = modal_mixer(a, state, state_stride_row, rows, row_ok, dt, D, P, win + layer * (2 * P * D),
-                            readout + layer * (2 * P * D), coef_a + layer * (2 * P), coef_b + layer * (2 * P),
-                            steps + layer * P, RULE, EVENT, HAS_SCALE, BB, BD, BP, PREC, W_BF16, EMULATE_BF16)
-            d_skip = tl.load(skip + layer * D + ds, mask=d_ok, other=0.0)[None, :]
-            h = h + (y + d_skip * a)
+            if MIXER == 0:
+                P = md0
+                y = modal_mixer(a, state, state_stride_row, rows, row_ok, dt, D, P, m0 + layer * (2 * P * D),
+                                m1 + layer * (2 * P * D), m3 + layer * (2 * P), m4 + layer * (2 * P), m5 + layer * P,
+                                RULE, EVENT, HAS_SCALE, BB, BD, BP, PREC, W_BF16, EMULATE_BF16)
+                y += tl.load(m2 + layer * D + ds, mask=d_ok, other=0.0)[None, :] * a
+            else:
+                y = mamba_mixer(a, state, state_stride_row, scratch_ptr, rows, row_ok, dt, layer, D, md0, md1, md2, md3,
+                                m0, m1, m2, m3, m4, m5, m6, m7, m8, EVENT, BB, BD, BE, BR, BN, BKC,
+                                PREC, W_BF16, EMULATE_BF16)
+            h = h + y
             a = normalize(h, norm2_g + layer * D, norm2_b + layer * D, D, eps, BD)
             z = gated_mlp(a, D, F, layer_up_w, layer_up_b, layer_down_w, w_value, w_gate, w_down, b_value, b_gate,
                           BB, BD, BF, PREC, W_BF16, EMULATE_BF16)

@@ -1,0 +1,113 @@
+"""Mamba's step for the register-resident kernel (registers.py): activations in registers, blocks of channels.
+
+One step of a Mamba mixer on the normalised input a (BB, D), over the E inner channels in
+blocks of BE, in two passes because the selection (Delta's low-rank input, B and C)
+sums over every channel's conv output:
+
+    pass 1, per block e:  x_e = W_in[x] a;  u_e = silu(conv(window_e, x_e))  (window shifted in place)
+                          dt_low += W_x[dt] u_e;  B += W_x[B] u_e;  C += W_x[C] u_e;  u_e -> scratch
+    pass 2, per block e:  z_e = W_in[z] a;  delta_e = softplus(W_dt dt_low + b_dt)
+                          h_e = exp(delta_e A_e) h_e + delta_e u_e B      (exp(dt A_e) with event dt)
+                          y += W_out[:, e] ((h_e C + D_skip u_e) silu(z_e))
+
+as `Mamba.step` computes it. The conv window and h live in the row's state (conv window
+(E, KC-1) oldest first, then h (E, N)); u crosses from pass 1 to pass 2 through the
+program's scratch rows (one barrier), everything else stays in registers.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lrnn_lightning.rollout.fused.kernels.common import product, row_sum, silu, softplus
+
+
+@triton.jit
+def mamba_mixer(a, state, s_stride, scratch, rows, row_ok, dt, layer, D, E, N, R, KC,
+                in_w, conv_w, conv_b, x_w, dt_w, dt_b, a_mat, d_skip, out_w,
+                EVENT: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr,
+                BN: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
+                EMULATE_BF16: tl.constexpr):
+    """Mamba(a) (BB, BD) for one step, the state updated in place.
+
+    Weights (stacked over layers, `layer` selects): in_w (2E, D), conv_w (E, KC), conv_b (E,),
+    x_w (R+2N, E), dt_w (E, R), dt_b (E,), a_mat = -exp(A_log) (E, N), d_skip (E,), out_w (D, E).
+    scratch (B, E) holds u between the passes; dt (BB,) is the step's event timestep.
+    """
+    in_w += layer * (2 * E * D)
+    conv_w += layer * (E * KC)
+    conv_b += layer * E
+    x_w += layer * ((R + 2 * N) * E)
+    dt_w += layer * (E * R)
+    dt_b += layer * E
+    a_mat += layer * (E * N)
+    d_skip += layer * E
+    out_w += layer * (D * E)
+    ds = tl.arange(0, BD)
+    d_ok = ds < D
+    rs = tl.arange(0, BR)
+    r_ok = rs < R
+    ns = tl.arange(0, BN)
+    n_ok = ns < N
+    taps = tl.arange(0, BKC)
+    keep = KC - 1
+
+    dt_low = tl.full((BB, BR), 0.0, tl.float32)
+    b_sel = tl.full((BB, BN), 0.0, tl.float32)
+    c_sel = tl.full((BB, BN), 0.0, tl.float32)
+    for e0 in range(0, E, BE):
+        es = e0 + tl.arange(0, BE)
+        e_ok = es < E
+        x_e = product(a, tl.load(in_w + es[:, None] * D + ds[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0),
+                      BB, PREC, W_BF16, EMULATE_BF16)
+        window = state + rows[:, None, None] * s_stride + es[None, :, None] * keep + taps[None, None, :]
+        mask3 = row_ok[:, None, None] & e_ok[None, :, None]
+        old = tl.load(window, mask=mask3 & (taps < keep)[None, None, :], other=0.0)
+        old = tl.where((taps == keep)[None, None, :], x_e[:, :, None], old)
+        weight = tl.load(conv_w + es[:, None] * KC + taps[None, :], mask=e_ok[:, None] & (taps < KC)[None, :],
+                         other=0.0)
+        u_e = silu(row_sum(old * weight[None, :, :], axis=2) + tl.load(conv_b + es, mask=e_ok, other=0.0)[None, :])
+        shifted = tl.load(window + 1, mask=mask3 & (taps + 1 < keep)[None, None, :], other=0.0)
+        shifted = tl.where((taps + 1 == keep)[None, None, :], x_e[:, :, None], shifted)
+        tl.debug_barrier()  # every thread has read the old window before it is overwritten
+        tl.store(window, shifted, mask=mask3 & (taps < keep)[None, None, :])
+        tl.store(scratch + rows[:, None] * E + es[None, :], u_e, mask=row_ok[:, None] & e_ok[None, :])
+        x_cols = x_w + es[None, :]
+        dt_low += product(u_e, tl.load(x_cols + rs[:, None] * E, mask=r_ok[:, None] & e_ok[None, :], other=0.0),
+                          BB, PREC, W_BF16, EMULATE_BF16)
+        sel_mask = n_ok[:, None] & e_ok[None, :]
+        b_sel += product(u_e, tl.load(x_cols + (R + ns)[:, None] * E, mask=sel_mask, other=0.0),
+                         BB, PREC, W_BF16, EMULATE_BF16)
+        c_sel += product(u_e, tl.load(x_cols + (R + N + ns)[:, None] * E, mask=sel_mask, other=0.0),
+                         BB, PREC, W_BF16, EMULATE_BF16)
+    tl.debug_barrier()  # u goes through scratch to whichever thread holds it in pass 2
+
+    y = tl.full((BB, BD), 0.0, tl.float32)
+    h_rows = state + keep * E + rows[:, None, None] * s_stride
+    for e0 in range(0, E, BE):
+        es = e0 + tl.arange(0, BE)
+        e_ok = es < E
+        row_mask = row_ok[:, None] & e_ok[None, :]
+        u_e = tl.load(scratch + rows[:, None] * E + es[None, :], mask=row_mask, other=0.0)
+        z_e = product(a, tl.load(in_w + (E + es)[:, None] * D + ds[None, :], mask=e_ok[:, None] & d_ok[None, :],
+                                 other=0.0), BB, PREC, W_BF16, EMULATE_BF16)
+        w_dt = tl.load(dt_w + es[:, None] * R + rs[None, :], mask=e_ok[:, None] & r_ok[None, :], other=0.0)
+        delta = softplus(product(dt_low, w_dt, BB, PREC, W_BF16, EMULATE_BF16)
+                         + tl.load(dt_b + es, mask=e_ok, other=0.0)[None, :])
+        param_mask = (e_ok[:, None] & n_ok[None, :])[None, :, :]
+        rates = tl.load(a_mat + es[None, :, None] * N + ns[None, None, :], mask=param_mask, other=0.0)
+        if EVENT:
+            decay = tl.exp(dt[:, None, None] * rates)
+        else:
+            decay = tl.exp(delta[:, :, None] * rates)
+        cell = h_rows + es[None, :, None] * N + ns[None, None, :]
+        cell_mask = row_ok[:, None, None] & param_mask
+        h = tl.load(cell, mask=cell_mask, other=0.0)
+        h = h * decay + (delta * u_e)[:, :, None] * b_sel[:, None, :]
+        tl.debug_barrier()  # threads holding copies of one state element must all read it before anyone writes
+        tl.store(cell, h, mask=cell_mask)
+        y_e = row_sum(h * c_sel[:, None, :], axis=2) + tl.load(d_skip + es, mask=e_ok, other=0.0)[None, :] * u_e
+        w_out = tl.load(out_w + ds[:, None] * E + es[None, :], mask=d_ok[:, None] & e_ok[None, :], other=0.0)
+        y += product(y_e * silu(z_e), w_out, BB, PREC, W_BF16, EMULATE_BF16)
+    return y
