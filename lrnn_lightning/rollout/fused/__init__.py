@@ -5,9 +5,12 @@
     out = fused_rollout(model, context, horizon=200)       # (B, 200, H), same contract as RolloutEngine.rollout
 
 Modules: `support` (coverage, Triton and device checks; imports no Triton), `selection`
-(backend choice), `pack` (live weights -> kernel tensors), `config` (launch shape: rows per
-program from the batch and the GPU's SM count), `launch` (prefill, state layout, launch),
-`aot` (compile for a GPU on the host), `kernels/` (the Triton source, imported on first launch).
+(backend choice), `pack` (live weights -> kernel tensors), `pack_graph` (that packing replayed
+as a CUDA graph), `config` (launch shape: rows per program from the batch and the GPU's SM
+count), `launch` (which kernel, state layout, launch), `aot` (compile for a GPU on the host),
+`kernels/` (the Triton source, imported on first launch: `registers.py`, activations in
+registers, for LRU, S5 and Mamba where their width fits; `rollout.py`, activations through
+per-program memory, for every covered mixer and width).
 
 Wired into `RolloutEngine(fused=False|True|"auto", fused_precision=None)` and the callback
 (`generation.fused`, issue #6): inside `rollout` and its `rollout_mode` block the engine asks

@@ -3,10 +3,11 @@
     out = fused_rollout(model, context, horizon=200, dt=dt)   # (B, 200, H), same numbers as rollout_loop
     ys = fused_steps(model, x0, state, num_steps=199)         # the step part only, from any state
 
-Per launch: the live weights are packed (`pack.py`; on a GPU a replayed CUDA graph of that packing,
-`pack_graph.py`), the prefilled state is laid
-out per program, and one kernel runs every step of every layer with the state and the
-activations in per-program scratch. The Triton kernel module is imported on first use.
+Per launch: the live weights are packed (`pack.py`; on a GPU a replayed CUDA graph of that
+packing, `pack_graph.py`), the prefilled state is laid out in rows, and one kernel runs every
+step of every layer: the register-resident kernel where `registers_fit` says the model fits
+its register tiles (LRU, S5, Mamba), else the scratch kernel (`KernelConfig.activations`
+overrides). The Triton kernel module is imported on first use.
 """
 
 from __future__ import annotations

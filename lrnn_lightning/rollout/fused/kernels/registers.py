@@ -1,4 +1,4 @@
-"""The register-resident fused rollout of LRU / S5 models: activations never leave the registers.
+"""The register-resident fused rollout of LRU, S5 and Mamba models: activations never leave the registers.
 
 The scratch kernel (`rollout.py`) passes every activation through a per-program memory area
 with a barrier between stages: about ten dependent memory round trips per layer per step,
@@ -9,7 +9,7 @@ another is fused with it block by block, so no intermediate is ever materialised
 
     per layer:  a = LN1(h)
                 for each block of modes p:   u_p = B_p a;  s_p = decay_p s_p + scale_p u_p   (state in memory)
-                                             y += C_p s_p
+                                             y += C_p s_p                    (LRU / S5; Mamba: register_mamba.py)
                 h = h + y + D_skip a;  a = LN2(h)
                 for each block of hidden units f:   g_f = (Wv_f a + bv_f) * gelu(Wg_f a + bg_f)
                                                     z += Wdown_f g_f
@@ -19,7 +19,9 @@ another is fused with it block by block, so no intermediate is ever materialised
 Only the recurrent state (read and written once per mode block per step) and the weights
 (read per block, from L1/L2) touch memory. The price is that D (and the input width W)
 must fit one register tile: `launch.registers_fit` decides, and wider models take the
-scratch kernel.
+scratch kernel. With one row a program (`config.default_config` at small batch) every
+product runs in the weight tile's own layout (`common.small_product`), which made the
+(32, 128, 64, 4) LRU step 2.7x faster than a 3-D broadcast product (RESULTS.md).
 """
 
 from __future__ import annotations
