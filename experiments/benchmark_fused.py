@@ -96,10 +96,8 @@ def weight_bytes(model: SequenceModel, weight_dtype: torch.dtype) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def candidate_configs(variant: str, batch: int, tune: bool) -> list[KernelConfig]:
-    """The tl.dot shapes of the tuning (tune), or the default shape for this batch on this machine."""
-    if not tune:
-        return [default_config(batch, *FUSED[variant])]
+def candidate_configs(variant: str, batch: int) -> list[KernelConfig]:
+    """The tl.dot shapes of the tuning (--tune)."""
     key = "ieee" if FUSED[variant] == (torch.float32, "ieee") else "mma"
     configs = [KernelConfig(block_b=b, block_n=n, block_k=k, num_warps=w) for b, n, k, w in CANDIDATES[key]]
     return [c for c in configs if c.block_b <= max(16, batch)]
@@ -120,7 +118,7 @@ def launch_shapes(variant: str, batch: int, n_sms: int, block_bs: list[int], tun
     base = [("default", default_config(batch, *FUSED[variant], n_sms=n_sms, d_model=d_model))]
     base += [(f"block_b={b}", block_b_config(variant, b)) for b in block_bs]
     if tune:
-        base += [("tune", c) for c in candidate_configs(variant, batch, tune=True)]
+        base += [("tune", c) for c in candidate_configs(variant, batch)]
     shapes = []
     for label, config in base:
         for kind in activations:

@@ -4,8 +4,9 @@ kernel itself under the Triton interpreter against the plain step loop.
 Semantics under test (lrnn_lightning/rollout/fused/launch.py): fused_rollout(model, context, T, dt)
 == rollout_loop(model, context, T, dt) for every covered mixer and discretisation, with and
 without event dt, from a real prefilled state, and again after an optimizer step, with
-tl.dot tiles (16 rows a program) and with the small tiles (1, 2, 4, 8 rows, no tl.dot); and
-the launch-shape rule of config.py.
+tl.dot tiles (16 rows a program) and with the small tiles (1, 2, 4, 8 rows, no tl.dot), through
+both kernels (the register-resident one for LRU, S5 and Mamba, the scratch one for every mixer;
+which one runs, and why not, is tested too); and the launch-shape rule of config.py.
 
 Interpreter tests need Triton and run only where no GPU is present (on a GPU the compiled
 kernel is tested by test_fused_cuda.py); they are tiny because the interpreter is slow.
@@ -245,14 +246,19 @@ def test_small_tiles_equal_the_loop(interpreter, case, block_b, event):
     assert relative_error(ref[:, -1], ref[:, 1]) > 1e-2
 
 
+ONE_ROW = KernelConfig(block_b=1, block_n=16, block_k=16)  # the register kernel for S5 and Mamba, in 16-wide blocks
+
+
+@pytest.mark.parametrize("config", [None, ONE_ROW], ids=["default", "one-row"])
 @pytest.mark.parametrize("case", [("s5", {"discretization": "zoh"}), ("mamba", {}), ("rglru", {})], ids=case_id)
-def test_fused_steps_leave_the_loops_final_state(interpreter, case):
-    model = make_model(*case)
+def test_fused_steps_leave_the_loops_final_state(interpreter, case, config):
+    # d_model 24: Mamba's 48 channels in three blocks of 16 on one-row programs
+    model = make_model(*case, d_model=24)
     context, dt = make_data(event=True)
     with rollout_mode(model, "cpu"):
         y, state = model.prefill(context, dt[:, :C])
         dt_steps = dt[:, C:C + HORIZON - 1]
-        ys, final = fused_steps(model, y[:, -1], state, HORIZON - 1, dt_steps, return_state=True)
+        ys, final = fused_steps(model, y[:, -1], state, HORIZON - 1, dt_steps, return_state=True, config=config)
         loop_state = clone_state(state)
         ref = run_steps(model, y[:, -1], loop_state, HORIZON - 1, dt_steps)
     assert relative_error(ys, ref) < FUSED_TOL
@@ -260,7 +266,7 @@ def test_fused_steps_leave_the_loops_final_state(interpreter, case):
     for key, value in loop_state.items():
         assert relative_error(final[key], value) < FUSED_TOL, key
         assert relative_error(final[key], state[key]) > 1e-3, key  # the state did advance
-    zero_start = fused_steps(model, y[:, -1], None, 3)
+    zero_start = fused_steps(model, y[:, -1], None, 3, config=config)
     with rollout_mode(model, "cpu"):
         ref_zero = run_steps(model, y[:, -1], model.allocate_state(B, "cpu"), 3)
     assert relative_error(zero_start, ref_zero) < FUSED_TOL
@@ -337,11 +343,14 @@ def test_which_kernel_runs_and_why_not(interpreter):
     assert build_call(packed, x0, None, 2, None, "ieee", replace(small, activations="scratch"), True).kernel \
         == "fused_rollout_kernel"
     assert registers_fit(pack_model(rglru, torch.float32, False), small) == (
-        False, "it implements LRU, S5 (modal) and Mamba mixers only")
+        False, "it implements LRU, S5 (modal) and Mamba mixers only, not RG-LRU")
     assert registers_fit(pack_model(make_model("mamba"), torch.float32, False), small) == (True, "")
     narrow = replace(small, num_warps=1)
     fits, why = registers_fit(pack_model(make_model("mamba", d_state=80), torch.float32, False), narrow)
-    assert not fits and "Mamba's d_state 80 exceeds a 512-element state tile (1 warps)" in why
+    assert not fits and "Mamba's d_state 80 exceeds a 512-element state tile (1 warp)" in why
+    fits, why = registers_fit(pack_model(make_model("lru", d_model=128, width=64), torch.float32, False),
+                              replace(small, num_warps=8))
+    assert not fits and "the encoder and decoder (d_model 128 x width 64, twice) exceed 4096 elements" in why
     fits, why = registers_fit(packed, dot)
     assert not fits and "exact-fp32 tl.dot tiles" in why
     wide = pack_model(make_model("lru", d_model=600, n_layers=1), torch.float32, event=False)
@@ -364,12 +373,14 @@ def test_multi_block_features(interpreter, case, block_b):
     assert relative_error(out[:, 1:], loop_rollout(model, context, HORIZON, dt)[:, 1:]) < FUSED_TOL
 
 
+@pytest.mark.parametrize("activations", ["registers", "scratch"])
 @pytest.mark.parametrize("block_b", [16, 2], ids=["dot", "small"])
-def test_bf16_weights_stay_close_to_the_fp32_loop(interpreter, block_b):
+def test_bf16_weights_stay_close_to_the_fp32_loop(interpreter, block_b, activations):
     # tl.dot tiles round the activations to bf16 too (tensor cores); small tiles widen the bf16 weights to fp32
     model = make_model("s5")
     context, _ = make_data()
     config = KernelConfig(block_b=16) if block_b == 16 else small_tile_config(block_b)
+    config = replace(config, activations=activations)
     out = fused_rollout(model, context, HORIZON, weight_dtype=torch.bfloat16, config=config)
     ref = loop_rollout(model, context, HORIZON)
     error = relative_error(out[:, 1:], ref[:, 1:])

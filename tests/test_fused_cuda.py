@@ -1,7 +1,8 @@
 """The fused rollout kernel compiled on a GPU: against the plain loop (and the CUDA-graph engine) for
 every covered mixer and discretisation, with and without event dt, with small tiles (1 and 4 rows
 a program, no tl.dot) and tl.dot tiles (16 rows and more), after an optimizer step, in tf32x3 and
-bf16, over several programs and feature blocks, and the backend choice.
+bf16, over several programs and feature blocks, through both kernels (register-resident and
+scratch, see launch.registers_fit), the packing replayed as a CUDA graph, and the backend choice.
 
 Run: pytest -m cuda tests/test_fused_cuda.py
 
@@ -41,7 +42,7 @@ from lrnn_lightning.rollout.fused import KernelConfig, choose_backend, fused_rol
 from lrnn_lightning.rollout.fused.config import small_tile_config
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.fused.pack_graph import _GRAPHS as PACK_GRAPHS
-from lrnn_lightning.rollout.fused.pack_graph import pack_live
+from lrnn_lightning.rollout.fused.pack_graph import MAX_RECAPTURES, PackGraph, pack_live, release_packing
 from tests.conftest import relative_error
 from tests.helpers import perturb_parameters
 from tests.test_fused import CASES, case_id, loop_rollout, make_model, take_an_optimizer_step
@@ -167,8 +168,9 @@ def test_fused_follows_an_optimizer_step_on_gpu():
     assert relative_error(after[:, 1:], before[:, 1:]) > 1e-3
 
 
+@pytest.mark.parametrize("activations", ["registers", "scratch"])
 @pytest.mark.parametrize("case", [("lru", {}), ("s5", {"discretization": "zoh"})], ids=case_id)
-def test_tf32x3_and_bf16_on_gpu(case):
+def test_tf32x3_and_bf16_on_gpu(case, activations):
     """tf32x3 is about fp32 over the whole rollout; bf16 is checked over the first BF16_STEPS steps.
 
     bf16 rounding errs ~5e-3-1e-2 at the first step for LRU and S5 alike, and then grows at the
@@ -184,12 +186,12 @@ def test_tf32x3_and_bf16_on_gpu(case):
     model = gpu_model(*case)
     context, dt = gpu_data(event=True)
     ref = loop_rollout(model, context, HORIZON, dt)
-    dot = KernelConfig(block_b=16, block_k=32)  # tensor cores need tl.dot tiles
+    dot = KernelConfig(block_b=16, block_k=32, activations=activations)  # tensor cores need tl.dot tiles
     tf32x3 = fused_rollout(model, context, HORIZON, dt, precision="tf32x3", config=dot)
     error = relative_error(tf32x3[:, 1:], ref[:, 1:])
     assert error < TF32X3_TOL, f"tf32x3 relative error {error:.2e}"
     # bf16: on tl.dot tiles (activations rounded to bf16 too) and on small tiles (weights widened to fp32)
-    for config in (dot, small_tile_config(1)):
+    for config in (dot, replace(small_tile_config(1), activations=activations)):
         bf16 = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=config)
         error = relative_error(bf16[:, 1:BF16_STEPS + 1], ref[:, 1:BF16_STEPS + 1])
         assert 1e-5 < error < BF16_TOL, f"bf16 relative error {error:.2e} over {BF16_STEPS} steps, {config}"
@@ -208,12 +210,12 @@ def test_kernel_configs_agree(config):
 
 
 def test_large_model_on_gpu():
-    # the benchmark's widest shapes: d_model 512, MLP hidden 1024, 128 modes; 300 rows: the default's small
-    # tiles (4 rows a program on a 132-SM H100: 75 programs)
+    # the benchmark's widest shapes: d_model 512, MLP hidden 1024, 128 modes (too wide for the register
+    # kernel); 300 rows: the default's 16-row tl.dot tiles (19 programs), and 4-row small tiles (75 programs)
     model = gpu_model("lru", d_model=512, d_state=128, n_layers=2)
     context, _ = gpu_data(batch=300)
     assert_fp32_accurate(model, context, 20, None, fused_rollout(model, context, 20))
-    assert_fp32_accurate(model, context, 20, None, fused_rollout(model, context, 20, config=KernelConfig(block_b=16)))
+    assert_fp32_accurate(model, context, 20, None, fused_rollout(model, context, 20, config=small_tile_config(4)))
 
 
 def test_fused_equals_the_graph_engine():
@@ -253,27 +255,42 @@ def test_the_packing_graph_follows_the_live_weights_and_recaptures():
     context, dt = gpu_data(event=True)
     key = (torch.float32, True)
     assert_packs_equal(pack_live(model, *key), pack_model(model, *key))
-    graph = PACK_GRAPHS[model][key]
+    (graph,) = PACK_GRAPHS[model].values()  # one packing: this dtype, event mode and stream
     take_an_optimizer_step(model, context, dt)  # in place: the same graph, replayed on the new values
     model.eval()
     packed = pack_live(model, *key)
-    assert PACK_GRAPHS[model][key] is graph
+    assert list(PACK_GRAPHS[model].values()) == [graph]
     assert_packs_equal(packed, pack_model(model, *key))
     # new storage (load_state_dict(assign=True)) is a new fingerprint: captured again, never the old memory
     model.load_state_dict({name: value.clone() for name, value in model.state_dict().items()}, assign=True)
     perturb_parameters(model, scale=0.01, seed=7)  # and values the old graph never saw
     packed = pack_live(model, *key)
-    assert PACK_GRAPHS[model][key] is not graph
+    assert graph not in PACK_GRAPHS[model].values() and len(PACK_GRAPHS[model]) == 1
     assert_packs_equal(packed, pack_model(model, *key))
     assert_fp32_accurate(model, context, HORIZON, dt, fused_rollout(model, context, HORIZON, dt))
+    release_packing(model)
+    assert model not in PACK_GRAPHS
 
 
+def test_a_model_replaced_at_every_rollout_is_packed_eagerly():
+    model = gpu_model("lru")
+    key = (torch.float32, False)
+    with pytest.warns(UserWarning, match=f"replaced {MAX_RECAPTURES} times; packing its weights eagerly"):
+        for _ in range(MAX_RECAPTURES + 1):
+            model.load_state_dict({name: value.clone() for name, value in model.state_dict().items()}, assign=True)
+            pack_live(model, *key)
+    perturb_parameters(model, scale=0.01, seed=3)
+    assert_packs_equal(pack_live(model, *key), pack_model(model, *key))
+    assert not any(isinstance(entry, PackGraph) for entry in PACK_GRAPHS[model].values())
+
+
+@pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
 @pytest.mark.parametrize("name", ["lru", "mamba"])
 @pytest.mark.parametrize("num_warps", [4, 8])
-def test_register_kernel_at_the_benchmark_widths(num_warps, name):
+def test_register_kernel_at_the_benchmark_widths(num_warps, name, event):
     # d_model 128, 64 modes / states, MLP hidden 256, Mamba's 256 channels: several blocks of each, one row a
     # program
     model = gpu_model(name, d_model=128, d_state=64, n_layers=2)
-    context, dt = gpu_data(event=True)
+    context, dt = gpu_data(event=event)
     config = replace(small_tile_config(1), num_warps=num_warps, activations="registers")
     assert_fp32_accurate(model, context, HORIZON, dt, fused_rollout(model, context, HORIZON, dt, config=config))

@@ -44,6 +44,7 @@ from lrnn_lightning.rollout.checks import (
 from lrnn_lightning.rollout.errors import CaptureError, StaleGraphError, describe_capture_failure
 from lrnn_lightning.rollout.fused import FusedKernelError, fused_steps
 from lrnn_lightning.rollout.fused.launch import PRECISIONS
+from lrnn_lightning.rollout.fused.pack_graph import release_packing
 from lrnn_lightning.rollout.fused.selection import BackendChoice, FusedChoice, choose_fused, graph_or_loop
 from lrnn_lightning.rollout.inference import AUTOCAST_DTYPES, matmul_tf32_enabled, rollout_mode
 from lrnn_lightning.rollout.loop import prefill_context, rollout_loop
@@ -216,11 +217,13 @@ class RolloutEngine:
         return out
 
     def release(self) -> None:
-        """Free the captured graph and its memory pool; the next graph rollout captures again (and a
-        fused="auto" engine whose kernel failed tries the kernel again)."""
+        """Free the captured graph and its memory pool and the fused backend's captured weight packing
+        (`fused.pack_graph`); the next rollout captures again (and a fused="auto" engine whose kernel
+        failed tries the kernel again)."""
         if self._graph is not None:
             self._graph.release()
             self._graph = None
+        release_packing(self.model)
         self._fell_back = False
         self._fused_failed = False
 

@@ -49,12 +49,14 @@ class KernelConfig:
     Attributes:
         block_b: batch rows per program: 1, 2, 4 or 8 (matmuls as broadcast products on the
             FMA units) or 16, 32, 64 (tl.dot).
-        block_n: largest output-feature block of a tiled matmul (a power of two >= 16).
-        block_k: reduction block of every tiled matmul (a power of two >= 16); Triton's fp32
-            FMA dot keeps whole K-slices in registers, so small is better there.
-        num_warps: warps per program.
+        block_n: largest output-feature block of a tiled matmul (a power of two >= 16); in the
+            register kernel, the largest block of modes, MLP hidden units and Mamba channels.
+        block_k: reduction block of every tiled matmul of the scratch kernel (a power of two >=
+            16); Triton's fp32 FMA dot keeps whole K-slices in registers, so small is better
+            there. The register kernel reduces over whole rows and ignores it.
+        num_warps: warps per program (a power of two, 1-32).
         activations: where a step's activations live: "registers" (the register-resident
-            kernel, kernels/registers.py: LRU and S5 models narrow enough for a register tile),
+            kernel, kernels/registers.py: LRU, S5 and Mamba models narrow enough for its tiles),
             "scratch" (per-program scratch memory, kernels/rollout.py: every covered mixer and
             width), or "auto" (registers where they fit, see `launch.registers_fit`).
     """

@@ -35,6 +35,7 @@ from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig an
 )
 from lrnn_lightning.rollout.fused.pack import (
     MAMBA,
+    MIXER_NAMES,
     MODAL,
     RGLRU_ID,
     S4D_ID,
@@ -91,7 +92,7 @@ def kernel_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
 def registers_fit(packed: PackedModel, config: KernelConfig, precision: str = "ieee") -> tuple[bool, str]:
     """Whether the register-resident kernel (kernels/registers.py) can run `packed` under `config`, and why not."""
     if packed.mixer_id not in (MODAL, MAMBA):
-        return False, "it implements LRU, S5 (modal) and Mamba mixers only"
+        return False, f"it implements LRU, S5 (modal) and Mamba mixers only, not {MIXER_NAMES[packed.mixer_id]}"
     if config.block_b >= 16 and precision == "ieee" and packed.common["up_w"].dtype == torch.float32:
         # Triton's exact-fp32 tl.dot holds whole K-slices of both operands: with the register kernel's
         # d_model-wide tiles it spills (ptxas, sm_90), and the scratch kernel was faster (H100, RESULTS.md)
@@ -101,12 +102,14 @@ def registers_fit(packed: PackedModel, config: KernelConfig, precision: str = "i
         return False, (f"{config.block_b} rows x d_model {packed.d_model} exceed {REGISTER_ROWS} activations "
                        f"a warp ({config.num_warps} warps)")
     budget = REGISTER_TILE * config.num_warps
+    warps = f"{config.num_warps} warp{'s' if config.num_warps > 1 else ''}"
     if 16 * max(bd, bw) > budget:
-        return False, (f"d_model {packed.d_model} / width {packed.width} exceed a "
-                       f"{budget}-element tile ({config.num_warps} warps)")
+        return False, f"d_model {packed.d_model} / width {packed.width} exceed a {budget}-element tile ({warps})"
+    if 2 * bd * bw > budget:  # the encoder and decoder tiles stay in registers for the whole rollout
+        return False, (f"the encoder and decoder (d_model {packed.d_model} x width {packed.width}, twice) exceed "
+                       f"{budget} elements ({warps})")
     if packed.mixer_id == MAMBA and 16 * config.block_b * _block(packed.sizes[1], 1 << 30) > budget:
-        return False, (f"Mamba's d_state {packed.sizes[1]} exceeds a {budget}-element state tile "
-                       f"({config.num_warps} warps)")
+        return False, f"Mamba's d_state {packed.sizes[1]} exceeds a {budget}-element state tile ({warps})"
     return True, ""
 
 
@@ -205,6 +208,9 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
     if config.activations not in ACTIVATIONS:
         raise ValueError(f"fused_steps: activations must be one of {ACTIVATIONS}, got {config.activations!r}. "
                          "HINT: 'auto' keeps activations in registers where the model fits.")
+    if config.num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"fused_steps: num_warps must be a power of two from 1 to 32, got {config.num_warps}. "
+                         "HINT: 4 or 8.")
     for name in ("block_n", "block_k"):
         value = getattr(config, name)
         if value < 16 or value & (value - 1):
@@ -313,7 +319,8 @@ def _launch(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int
         raise FusedKernelError(
             f"fused rollout kernel {call.kernel} failed ({type(error).__name__}: {str(error).strip()[:2000]}) with "
             f"{call.constexprs}, num_warps={call.num_warps}, {call.grid[0]} programs. HINT: a smaller "
-            "KernelConfig(block_b=16, block_n=32, block_k=16) needs fewer resources; or use the graph backend."
+            "KernelConfig(block_b=16, block_n=32, block_k=16) needs fewer resources, and activations='scratch' "
+            "takes the other kernel; or use the graph backend."
         ) from error
     batch = x0.shape[0]
     return call.out, [call.states[layer, :batch] for layer in range(packed.n_layers)]

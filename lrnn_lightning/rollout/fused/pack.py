@@ -39,6 +39,7 @@ from lrnn_lightning.models.s5 import S5
 
 MODAL, S4D_ID, MAMBA, RGLRU_ID = 0, 1, 2, 3
 MIXER_IDS: dict[type, int] = {LRU: MODAL, S5: MODAL, S4D: S4D_ID, Mamba: MAMBA, RGLRU: RGLRU_ID}
+MIXER_NAMES = {MODAL: "LRU/S5", S4D_ID: "S4D", MAMBA: "Mamba", RGLRU_ID: "RG-LRU"}
 RULES = {"dirac": 0, "zoh": 1, "bilinear": 2}
 N_SLOTS = 9
 

@@ -1,9 +1,11 @@
 """Triton building blocks of the fused rollout: tiled linear maps, LayerNorm and scalar math.
 
-Every helper works on one program's tile of BB batch rows. Activations travel between
-stages through a per-program fp32 scratch area (rows of a fixed stride, L1/L2-resident),
-so a stage can loop over blocks of any width; the caller puts a `tl.debug_barrier()`
-between a stage that writes scratch and the next one that reads it. `row_ok` (BB,) masks
+Every helper works on one program's tile of BB batch rows. `product` (and the scalar math)
+serve both kernels; the memory-to-memory helpers (`linear`, `gated_up`, `layer_norm`) serve
+the scratch kernel (rollout.py), where activations travel between stages through a
+per-program fp32 scratch area (rows of a fixed stride, L1/L2-resident), so a stage can loop
+over blocks of any width; the caller puts a `tl.debug_barrier()` between a stage that writes
+scratch and the next one that reads it. `row_ok` (BB,) masks
 the rows beyond the batch: they are neither loaded (zeros instead) nor stored.
 
 Weight matrices are row-major (N, K), as in `nn.Linear`, in fp32 or bf16; everything

@@ -33,7 +33,9 @@ def mamba_mixer(a, state, s_stride, scratch, rows, row_ok, dt, layer, D, E, N, R
 
     Weights (stacked over layers, `layer` selects): in_w (2E, D), conv_w (E, KC), conv_b (E,),
     x_w (R+2N, E), dt_w (E, R), dt_b (E,), a_mat = -exp(A_log) (E, N), d_skip (E,), out_w (D, E).
-    scratch (B, E) holds u between the passes; dt (BB,) is the step's event timestep.
+    scratch (programs * BB, E) holds u between the passes; dt (BB,) is the step's event timestep. The
+    next layer's pass 1 overwrites the scratch rows only after the barrier in this layer's last pass-2
+    block, so every thread has read its u by then.
     """
     in_w += layer * (2 * E * D)
     conv_w += layer * (E * KC)

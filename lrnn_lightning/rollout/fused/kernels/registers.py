@@ -152,9 +152,10 @@ def register_rollout_kernel(
     PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     """Grid (cdiv(B, BB),). out (B, n_steps + 1, W) holds x0 in column 0 and receives step t's output in
-    column t + 1; dt (B, n_steps) fp32 when EVENT; state (L, B, state width) fp32, updated in place;
-    scratch (B, md0) fp32 for Mamba's conv outputs; weights and mixer slots m0..m8, md0..md3 as packed by
-    `pack_model`. MIXER 0: LRU / S5 (`modal_mixer`, BP), 2: Mamba (`mamba_mixer`, BE, BR, BN, BKC)."""
+    column t + 1; dt (B, n_steps) fp32 when EVENT; state (L, programs * BB, state width) fp32, updated in
+    place; scratch (programs * BB, md0) fp32 for Mamba's conv outputs; weights and mixer slots m0..m8,
+    md0..md3 as packed by `pack_model`. MIXER 0: LRU / S5 (`modal_mixer`, BP), 2: Mamba (`mamba_mixer`, BE,
+    BR, BN, BKC)."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     row_ok = rows < B
     rows = rows.to(tl.int64)
@@ -171,6 +172,9 @@ def register_rollout_kernel(
     dec_bias = tl.load(dec_b + ws, mask=w_ok, other=0.0)[None, :]
     x = tl.load(out_rows, mask=io_mask, other=0.0)
     for t in range(n_steps):
+        # the state a thread reads this step may have been written by another thread last step: explicit,
+        # rather than relying on the barriers Triton happens to emit for its layout conversions
+        tl.debug_barrier()
         if EVENT:
             dt = tl.load(dt_ptr + rows * dt_stride_b + t, mask=row_ok, other=1.0)
         else:

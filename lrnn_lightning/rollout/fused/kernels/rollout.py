@@ -1,8 +1,11 @@
-"""The fused rollout kernel: T autoregressive steps of a whole `SequenceModel` in one launch.
+"""The scratch fused rollout kernel: T autoregressive steps of a whole `SequenceModel` in one launch.
 
-One program owns BB batch rows for the whole rollout: 1, 2, 4 or 8 (its matmuls then run
-without tl.dot, see common.py) or 16, 32, 64 (tl.dot); `config.default_config` picks BB so
-that the programs fill the GPU's SMs. Per step:
+This kernel passes activations between stages through per-program memory, so it runs every
+covered mixer at any width; LRU, S5 and Mamba models that fit the register kernel's tiles run
+`registers.register_rollout_kernel` instead (imported here, so one import gives both; see
+`launch.registers_fit`). One program owns BB batch rows for the whole rollout: 1, 2, 4 or 8
+(its matmuls then run without tl.dot, see common.py) or 16, 32, 64 (tl.dot);
+`config.default_config` picks BB from the batch and the GPU's SM count. Per step:
 
     x = out[:, t]                                   (the previous output, fed back)
     h = encoder(x)                                  -> H0
