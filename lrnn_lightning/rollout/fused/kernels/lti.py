@@ -41,14 +41,39 @@ def discretize(dt, zeta_re, zeta_im, lam_re, lam_im, step, RULE: tl.constexpr):
 
 
 @triton.jit
+def mode_coefficients(dt, coef_a_ptr, coef_b_ptr, step_ptr, ps, p_ok, P, RULE: tl.constexpr, EVENT: tl.constexpr):
+    """(decay_re, decay_im, scale_re, scale_im) of the modes ps (BP,) of LRU / S5: (1, BP), or (BB, BP) with EVENT.
+
+    With EVENT, coef_a is zeta (2, P) and coef_b is lam (2, P), step (P,) is Delta, discretised
+    here for the timesteps dt (BB,); else coef_a is the decay (2, P) and coef_b the input scale.
+    """
+    a_re = tl.load(coef_a_ptr + ps, mask=p_ok, other=0.0)[None, :]
+    a_im = tl.load(coef_a_ptr + P + ps, mask=p_ok, other=0.0)[None, :]
+    b_re = tl.load(coef_b_ptr + ps, mask=p_ok, other=1.0)[None, :]
+    b_im = tl.load(coef_b_ptr + P + ps, mask=p_ok, other=0.0)[None, :]
+    if EVENT:
+        step = tl.load(step_ptr + ps, mask=p_ok, other=0.0)[None, :]
+        return discretize(dt[:, None], a_re, a_im, b_re, b_im, step, RULE)
+    else:
+        return a_re, a_im, b_re, b_im
+
+
+@triton.jit
+def advance_modes(u_re, u_im, h_re, h_im, decay_re, decay_im, scale_re, scale_im, HAS_SCALE: tl.constexpr):
+    """decay * h + scale * u for complex modes given as (re, im) pairs -> (new_re, new_im)."""
+    if HAS_SCALE:
+        u_re, u_im = u_re * scale_re - u_im * scale_im, u_im * scale_re + u_re * scale_im
+    return u_re + decay_re * h_re - decay_im * h_im, u_im + decay_re * h_im + decay_im * h_re
+
+
+@triton.jit
 def modal_update(u_ptr, u_stride, s_ptr, s_stride, P, dt, row_ok, coef_a_ptr, coef_b_ptr, step_ptr,
                  RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr,
                  BB: tl.constexpr, BP: tl.constexpr):
     """h <- decay * h + scale * u for the P complex modes of LRU / S5, in place.
 
-    u (BB, 2P) holds [Re(B x), Im(B x)]; the state s (BB, 2P) holds [h_re, h_im]. With EVENT,
-    coef_a is zeta (2, P) and coef_b is lam (2, P), step (P,) is Delta; else coef_a is the
-    decay (2, P) and coef_b the input scale (2, P). dt (BB,) is the step's timestep.
+    u (BB, 2P) holds [Re(B x), Im(B x)]; the state s (BB, 2P) holds [h_re, h_im]; the
+    coefficients are as in `mode_coefficients`; dt (BB,) is the step's timestep.
     """
     rows = tl.arange(0, BB)
     for p0 in range(0, P, BP):
@@ -57,21 +82,11 @@ def modal_update(u_ptr, u_stride, s_ptr, s_stride, P, dt, row_ok, coef_a_ptr, co
         mask = row_ok[:, None] & p_ok[None, :]
         u_re = tl.load(u_ptr + rows[:, None] * u_stride + ps[None, :], mask=mask, other=0.0)
         u_im = tl.load(u_ptr + rows[:, None] * u_stride + (P + ps)[None, :], mask=mask, other=0.0)
-        a_re = tl.load(coef_a_ptr + ps, mask=p_ok, other=0.0)[None, :]
-        a_im = tl.load(coef_a_ptr + P + ps, mask=p_ok, other=0.0)[None, :]
-        b_re = tl.load(coef_b_ptr + ps, mask=p_ok, other=1.0)[None, :]
-        b_im = tl.load(coef_b_ptr + P + ps, mask=p_ok, other=0.0)[None, :]
-        if EVENT:
-            step = tl.load(step_ptr + ps, mask=p_ok, other=0.0)[None, :]
-            decay_re, decay_im, scale_re, scale_im = discretize(dt[:, None], a_re, a_im, b_re, b_im, step, RULE)
-        else:
-            decay_re, decay_im, scale_re, scale_im = a_re, a_im, b_re, b_im
-        if HAS_SCALE:
-            u_re, u_im = u_re * scale_re - u_im * scale_im, u_im * scale_re + u_re * scale_im
+        decay_re, decay_im, scale_re, scale_im = mode_coefficients(dt, coef_a_ptr, coef_b_ptr, step_ptr, ps, p_ok, P,
+                                                                   RULE, EVENT)
         h_re = tl.load(s_ptr + rows[:, None] * s_stride + ps[None, :], mask=mask, other=0.0)
         h_im = tl.load(s_ptr + rows[:, None] * s_stride + (P + ps)[None, :], mask=mask, other=0.0)
-        new_re = u_re + decay_re * h_re - decay_im * h_im
-        new_im = u_im + decay_re * h_im + decay_im * h_re
+        new_re, new_im = advance_modes(u_re, u_im, h_re, h_im, decay_re, decay_im, scale_re, scale_im, HAS_SCALE)
         tl.debug_barrier()  # threads holding copies of one element must all read it before anyone writes
         tl.store(s_ptr + rows[:, None] * s_stride + ps[None, :], new_re, mask=mask)
         tl.store(s_ptr + rows[:, None] * s_stride + (P + ps)[None, :], new_im, mask=mask)

@@ -14,6 +14,24 @@ from lrnn_lightning.rollout.fused.kernels.common import expm1, gelu, linear, row
 
 
 @triton.jit
+def conv_window_step(window, mask3, taps, keep, x, weight):
+    """One causal-conv step of a (BB, BC) tile of channels, without the bias: sum_j w_j [window, x]_j.
+
+    window: pointers (BB, BC, BKC) to each channel's KC-1 = `keep` past inputs, oldest first, plus
+    the tap offsets `taps` (BKC,); mask3 (BB, BC, 1) the valid rows and channels; x (BB, BC) the
+    new inputs; weight (BC, BKC) the taps' weights. The window is shifted in place to end with x.
+    """
+    old = tl.load(window, mask=mask3 & (taps < keep)[None, None, :], other=0.0)
+    old = tl.where((taps == keep)[None, None, :], x[:, :, None], old)
+    y = row_sum(old * weight[None, :, :], axis=2)
+    shifted = tl.load(window + 1, mask=mask3 & (taps + 1 < keep)[None, None, :], other=0.0)
+    shifted = tl.where((taps + 1 == keep)[None, None, :], x[:, :, None], shifted)
+    tl.debug_barrier()  # every thread has read the old window before it is overwritten
+    tl.store(window, shifted, mask=mask3 & (taps < keep)[None, None, :])
+    return y
+
+
+@triton.jit
 def conv_step(x_ptr, x_stride, win_ptr, win_stride, w_ptr, b_ptr, C, KC, out_ptr, out_stride, row_ok,
               SILU: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr, BKC: tl.constexpr):
     """y = b + sum_j w_j taps_j with taps = [window, x]; the window (BB, C, KC-1) shifts in place to end with x."""
@@ -25,18 +43,11 @@ def conv_step(x_ptr, x_stride, win_ptr, win_stride, w_ptr, b_ptr, C, KC, out_ptr
         c_ok = cs < C
         mask2 = row_ok[:, None] & c_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] * x_stride + cs[None, :], mask=mask2, other=0.0)
-        window = win_ptr + rows[:, None, None] * win_stride + cs[None, :, None] * keep
-        mask3 = mask2[:, :, None]
-        taps = tl.load(window + taps_idx[None, None, :], mask=mask3 & (taps_idx < keep)[None, None, :], other=0.0)
-        taps = tl.where((taps_idx == keep)[None, None, :], x[:, :, None], taps)
+        window = win_ptr + rows[:, None, None] * win_stride + cs[None, :, None] * keep + taps_idx[None, None, :]
         weight = tl.load(w_ptr + cs[:, None] * KC + taps_idx[None, :], mask=c_ok[:, None] & (taps_idx < KC)[None, :],
                          other=0.0)
-        y = row_sum(taps * weight[None, :, :], axis=2) + tl.load(b_ptr + cs, mask=c_ok, other=0.0)[None, :]
-        shifted = tl.load(window + taps_idx[None, None, :] + 1, mask=mask3 & (taps_idx + 1 < keep)[None, None, :],
-                          other=0.0)
-        shifted = tl.where((taps_idx + 1 == keep)[None, None, :], x[:, :, None], shifted)
-        tl.debug_barrier()  # every thread has read the old window before it is overwritten
-        tl.store(window + taps_idx[None, None, :], shifted, mask=mask3 & (taps_idx < keep)[None, None, :])
+        y = conv_window_step(window, mask2[:, :, None], taps_idx, keep, x, weight) \
+            + tl.load(b_ptr + cs, mask=c_ok, other=0.0)[None, :]
         if SILU:
             y = silu(y)
         tl.store(out_ptr + rows[:, None] * out_stride + cs[None, :], y, mask=mask2)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from lrnn_lightning.rollout.fused.kernels.common import product, row_sum, silu, softplus
+from lrnn_lightning.rollout.fused.kernels.ltv import conv_window_step
 
 
 @triton.jit
@@ -64,16 +65,11 @@ def mamba_mixer(a, state, s_stride, scratch, rows, row_ok, dt, layer, D, E, N, R
         x_e = product(a, tl.load(in_w + es[:, None] * D + ds[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0),
                       BB, PREC, W_BF16, EMULATE_BF16)
         window = state + rows[:, None, None] * s_stride + es[None, :, None] * keep + taps[None, None, :]
-        mask3 = row_ok[:, None, None] & e_ok[None, :, None]
-        old = tl.load(window, mask=mask3 & (taps < keep)[None, None, :], other=0.0)
-        old = tl.where((taps == keep)[None, None, :], x_e[:, :, None], old)
         weight = tl.load(conv_w + es[:, None] * KC + taps[None, :], mask=e_ok[:, None] & (taps < KC)[None, :],
                          other=0.0)
-        u_e = silu(row_sum(old * weight[None, :, :], axis=2) + tl.load(conv_b + es, mask=e_ok, other=0.0)[None, :])
-        shifted = tl.load(window + 1, mask=mask3 & (taps + 1 < keep)[None, None, :], other=0.0)
-        shifted = tl.where((taps + 1 == keep)[None, None, :], x_e[:, :, None], shifted)
-        tl.debug_barrier()  # every thread has read the old window before it is overwritten
-        tl.store(window, shifted, mask=mask3 & (taps < keep)[None, None, :])
+        mask3 = row_ok[:, None, None] & e_ok[None, :, None]
+        u_e = silu(conv_window_step(window, mask3, taps, keep, x_e, weight)
+                   + tl.load(conv_b + es, mask=e_ok, other=0.0)[None, :])
         tl.store(scratch + rows[:, None] * E + es[None, :], u_e, mask=row_ok[:, None] & e_ok[None, :])
         x_cols = x_w + es[None, :]
         dt_low += product(u_e, tl.load(x_cols + rs[:, None] * E, mask=r_ok[:, None] & e_ok[None, :], other=0.0),

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from lrnn_lightning.rollout.fused.kernels.common import gelu, product, row_sum
-from lrnn_lightning.rollout.fused.kernels.lti import discretize
+from lrnn_lightning.rollout.fused.kernels.lti import advance_modes, mode_coefficients
 from lrnn_lightning.rollout.fused.kernels.register_mamba import mamba_mixer
 
 
@@ -56,7 +56,7 @@ def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a
 
     win (2P, D) is B as [Re; Im] rows, readout (D, 2P) the real map [C_re, -C_im] (times
     LRU's output scale); the state (BB, 2P) at `state` holds [s_re, s_im] per row; the
-    coefficients are as in `lti.modal_update`.
+    coefficients are as in `lti.mode_coefficients`.
     """
     ds = tl.arange(0, BD)
     d_ok = ds < D
@@ -70,25 +70,15 @@ def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a
         out_mask = d_ok[:, None] & p_ok[None, :]
         c_re = tl.load(readout + ds[:, None] * (2 * P) + ps[None, :], mask=out_mask, other=0.0)
         c_im = tl.load(readout + ds[:, None] * (2 * P) + (P + ps)[None, :], mask=out_mask, other=0.0)
-        a_re = tl.load(coef_a + ps, mask=p_ok, other=0.0)[None, :]
-        a_im = tl.load(coef_a + P + ps, mask=p_ok, other=0.0)[None, :]
-        k_re = tl.load(coef_b + ps, mask=p_ok, other=1.0)[None, :]
-        k_im = tl.load(coef_b + P + ps, mask=p_ok, other=0.0)[None, :]
+        decay_re, decay_im, scale_re, scale_im = mode_coefficients(dt, coef_a, coef_b, steps, ps, p_ok, P, RULE,
+                                                                   EVENT)
         s_mask = row_ok[:, None] & p_ok[None, :]
         s_re_ptr = state + rows[:, None] * s_stride + ps[None, :]
         s_re = tl.load(s_re_ptr, mask=s_mask, other=0.0)
         s_im = tl.load(s_re_ptr + P, mask=s_mask, other=0.0)
-        if EVENT:
-            delta = tl.load(steps + ps, mask=p_ok, other=0.0)[None, :]
-            decay_re, decay_im, scale_re, scale_im = discretize(dt[:, None], a_re, a_im, k_re, k_im, delta, RULE)
-        else:
-            decay_re, decay_im, scale_re, scale_im = a_re, a_im, k_re, k_im
         u_re = product(a, b_re, BB, PREC, W_BF16, EMULATE_BF16)
         u_im = product(a, b_im, BB, PREC, W_BF16, EMULATE_BF16)
-        if HAS_SCALE:
-            u_re, u_im = u_re * scale_re - u_im * scale_im, u_im * scale_re + u_re * scale_im
-        new_re = u_re + decay_re * s_re - decay_im * s_im
-        new_im = u_im + decay_re * s_im + decay_im * s_re
+        new_re, new_im = advance_modes(u_re, u_im, s_re, s_im, decay_re, decay_im, scale_re, scale_im, HAS_SCALE)
         tl.debug_barrier()  # threads holding copies of one state element must all read it before anyone writes
         tl.store(s_re_ptr, new_re, mask=s_mask)
         tl.store(s_re_ptr + P, new_im, mask=s_mask)
