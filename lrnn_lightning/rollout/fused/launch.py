@@ -66,6 +66,11 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, _pow2(n)))
 
 
+def _whole(n: int) -> int:
+    """The block that holds all of n (a power of two, at least 16)."""
+    return max(16, _pow2(n))
+
+
 def kernel_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
     """The kernel's block-size constexprs for `packed` under `config`."""
     cap, bb = config.block_n, config.block_b
@@ -97,7 +102,7 @@ def registers_fit(packed: PackedModel, config: KernelConfig, precision: str = "i
         # Triton's exact-fp32 tl.dot holds whole K-slices of both operands: with the register kernel's
         # d_model-wide tiles it spills (ptxas, sm_90), and the scratch kernel was faster (H100, RESULTS.md)
         return False, "exact-fp32 tl.dot tiles (block_b >= 16) spill its registers"
-    bd, bw = _block(packed.d_model, 1 << 30), _block(packed.width, 1 << 30)
+    bd, bw = _whole(packed.d_model), _whole(packed.width)
     if config.block_b * bd > REGISTER_ROWS * config.num_warps:
         return False, (f"{config.block_b} rows x d_model {packed.d_model} exceed {REGISTER_ROWS} activations "
                        f"a warp ({config.num_warps} warps)")
@@ -111,7 +116,7 @@ def registers_fit(packed: PackedModel, config: KernelConfig, precision: str = "i
     if bd * bw > budget:
         return False, (f"the encoder / decoder tile (d_model {packed.d_model} x width {packed.width}) exceeds "
                        f"{budget} elements ({warps})")
-    if packed.mixer_id == MAMBA and 16 * config.block_b * _block(packed.sizes[1], 1 << 30) > budget:
+    if packed.mixer_id == MAMBA and 16 * config.block_b * _whole(packed.sizes[1]) > budget:
         return False, f"Mamba's d_state {packed.sizes[1]} exceeds a {budget}-element state tile ({warps})"
     return True, ""
 
@@ -121,8 +126,7 @@ def register_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]
     taps), modes, hidden units and Mamba's channels in blocks of at most `config.block_n` that keep a
     weight tile, a small tile's (rows, block, D) product and Mamba's (rows, block, N) state tile within
     REGISTER_TILE elements a warp (the modal mixer holds four such tiles at once)."""
-    whole = 1 << 30
-    bd, bw = _block(packed.d_model, whole), _block(packed.width, whole)
+    bd, bw = _whole(packed.d_model), _whole(packed.width)
     budget = REGISTER_TILE * config.num_warps
     per_block = bd * (config.block_b if config.block_b < 16 else 1)
     cap = max(16, min(config.block_n, budget // per_block))
@@ -131,8 +135,8 @@ def register_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]
         blocks["BP"] = _block(packed.sizes[0], cap)
     else:
         inner, n_state, rank, taps = packed.sizes
-        bn = _block(n_state, whole)
-        blocks.update(BE=_block(inner, max(16, min(cap, budget // (config.block_b * bn)))), BR=_block(rank, whole),
+        bn = _whole(n_state)
+        blocks.update(BE=_block(inner, max(16, min(cap, budget // (config.block_b * bn)))), BR=_whole(rank),
                       BN=bn, BKC=max(2, _pow2(taps)))
     return blocks
 
@@ -281,31 +285,24 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
             states[layer, :batch] = state_to_rows(packed.mixer_id, layer_state)
 
     c = packed.common
-    w_bf16 = c["up_w"].dtype == torch.bfloat16
+    io = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0)
+    weights = (c["enc_w"], c["enc_b"], c["dec_w"], c["dec_b"], c["final_g"], c["final_b"], c["norm1_g"],
+               c["norm1_b"], c["norm2_g"], c["norm2_b"], c["up_w"], c["up_b"], c["down_w"], c["down_b"],
+               *packed.mixer, batch, num_steps, width, d_model, d_ff, n_layers, *packed.sizes, packed.eps)
+    constexprs = dict(MIXER=packed.mixer_id, RULE=packed.rule, EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale,
+                      BB=bb, PREC=precision, W_BF16=c["up_w"].dtype == torch.bfloat16, EMULATE_BF16=interpreted)
     if uses_registers(packed, config, precision):
         # Mamba's conv outputs cross between its two passes through these rows (kernels/register_mamba.py)
         mixer_rows = torch.empty(n_prog * bb, packed.sizes[0] if packed.mixer_id == MAMBA else 1, device=device,
                                  dtype=f32)
-        args = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0,
-                states, states.stride(0), packed.state_width, mixer_rows,
-                c["enc_w"], c["enc_b"], c["dec_w"], c["dec_b"], c["final_g"], c["final_b"],
-                c["norm1_g"], c["norm1_b"], c["norm2_g"], c["norm2_b"], c["up_w"], c["up_b"], c["down_w"],
-                c["down_b"], *packed.mixer, batch, num_steps, width, d_model, d_ff, n_layers, *packed.sizes,
-                packed.eps)
-        constexprs = dict(MIXER=packed.mixer_id, RULE=packed.rule, EVENT=dt_steps is not None,
-                          HAS_SCALE=packed.has_scale, BB=bb, PREC=precision, W_BF16=w_bf16, EMULATE_BF16=interpreted,
-                          **register_blocks(packed, config))
-        return KernelCall("register_rollout_kernel", (n_prog,), args, constexprs, config.num_warps, out, states)
+        args = (*io, states, states.stride(0), packed.state_width, mixer_rows, *weights)
+        return KernelCall("register_rollout_kernel", (n_prog,), args, {**constexprs, **register_blocks(packed, config)},
+                          config.num_warps, out, states)
     scratch = torch.zeros(n_prog, bb * (3 * d_model + d_ff + packed.scratch_width), device=device, dtype=f32)
-    args = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0,
-            scratch, scratch.stride(0), states, bb * packed.state_width, states.stride(0), packed.state_width,
-            c["enc_w"], c["enc_b"], c["dec_w"], c["dec_b"], c["final_g"], c["final_b"],
-            c["norm1_g"], c["norm1_b"], c["norm2_g"], c["norm2_b"], c["up_w"], c["up_b"], c["down_w"], c["down_b"],
-            *packed.mixer, batch, num_steps, width, d_model, d_ff, n_layers, *packed.sizes, packed.eps)
-    constexprs = dict(MIXER=packed.mixer_id, RULE=packed.rule, EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale,
-                      BB=bb, PREC=precision, W_BF16=w_bf16, EMULATE_BF16=interpreted,
-                      **kernel_blocks(packed, config))
-    return KernelCall("fused_rollout_kernel", (n_prog,), args, constexprs, config.num_warps, out, states)
+    args = (*io, scratch, scratch.stride(0), states, bb * packed.state_width, states.stride(0), packed.state_width,
+            *weights)
+    return KernelCall("fused_rollout_kernel", (n_prog,), args, {**constexprs, **kernel_blocks(packed, config)},
+                      config.num_warps, out, states)
 
 
 def _launch(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
