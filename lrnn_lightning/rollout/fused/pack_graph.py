@@ -58,7 +58,6 @@ class _EagerPacking:
     """A packing that is not replayed (capture failed, or too many re-captures): `pack_model` at every call."""
 
     def __init__(self, model: nn.Module, weight_dtype: torch.dtype, event: bool):
-        self.fingerprint = None  # never compared: an eager packing is always fresh
         self.model = weakref.ref(model)
         self.weight_dtype, self.event = weight_dtype, event
 
