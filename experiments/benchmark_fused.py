@@ -112,9 +112,10 @@ def block_b_config(variant: str, block_b: int) -> KernelConfig:
 
 def launch_shapes(variant: str, batch: int, n_sms: int, block_bs: list[int], tune: bool,
                   activations: list[str] = ("auto",), warps: list[int] = (),
-                  d_model: int | None = None) -> list[tuple[str, KernelConfig]]:
+                  d_model: int | None = None, splits: list[int] = ()) -> list[tuple[str, KernelConfig]]:
     """(label, shape) to time, the default first, without repeats; every shape once per `activations`
-    value (kernel choice) and, besides its own num_warps, once per `warps`."""
+    value (kernel choice), besides its own num_warps once per `warps`, and besides its own (default)
+    split once per `splits`."""
     base = [("default", default_config(batch, *FUSED[variant], n_sms=n_sms, d_model=d_model))]
     base += [(f"block_b={b}", block_b_config(variant, b)) for b in block_bs]
     if tune:
@@ -123,9 +124,11 @@ def launch_shapes(variant: str, batch: int, n_sms: int, block_bs: list[int], tun
     for label, config in base:
         for kind in activations:
             for num_warps in [config.num_warps, *warps]:
-                shape = replace(config, activations=kind, num_warps=num_warps)
-                suffix = "" if shape == config else f" {kind} w{num_warps}"
-                shapes.append((label + suffix, shape))
+                for split in [config.split, *splits]:
+                    shape = replace(config, activations=kind, num_warps=num_warps, split=split)
+                    suffix = "" if shape == config else f" {kind} w{num_warps}"
+                    suffix += f" split{split}" if split is not None else ""
+                    shapes.append((label + suffix, shape))
     seen, unique = set(), []
     for label, config in shapes:
         if config not in seen:
@@ -136,7 +139,7 @@ def launch_shapes(variant: str, batch: int, n_sms: int, block_bs: list[int], tun
 
 def shape_label(config: dict, programs: int) -> str:
     return (f"b{config['block_b']} n{config['block_n']} k{config['block_k']} w{config['num_warps']} "
-            f"{config.get('activations', 'auto')} ({programs} prog.)")
+            f"{config.get('activations', 'auto')} split {config.get('split') or 'auto'} ({programs} row tiles)")
 
 
 def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
@@ -151,7 +154,7 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
     best = None
     n_sms = processor_count(x0.device)
     for label, config in launch_shapes(variant, x0.shape[0], n_sms, args.block_bs, args.tune, args.activations,
-                                       args.warps, model.d_model):
+                                       args.warps, model.d_model, args.splits):
         if best is not None and time.perf_counter() > deadline:
             tried.append({"config": vars(config), "label": label, "skipped": "time budget"})
             continue
@@ -181,11 +184,10 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
                                args.repeats) / args.steps
     # the launch alone, on buffers built once (the state keeps evolving between runs: same cost)
     call = build_call(packed, x0, None, args.steps, None, precision, best[1], interpreted=False)
-    kernel = getattr(kernel_module(), call.kernel)
-    kernel_only = cuda_median_seconds(lambda: kernel[call.grid](*call.args, **call.constexprs, num_warps=call.num_warps,
-                                                           num_stages=1), args.repeats) / args.steps
+    kernels = kernel_module()
+    kernel_only = cuda_median_seconds(lambda: call.launch(kernels), args.repeats) / args.steps
     return {"seconds": seconds, "prepacked": prepacked, "kernel": kernel_only, "config": best[1], "tried": tried,
-            "out": best[2]()}
+            "kernel_name": call.kernel, "split": call.constexprs.get("SPLIT", 1), "out": best[2]()}
 
 
 def bench_config(name: str, config: tuple[int, int, int, int], args, deadline: float) -> list[dict]:
@@ -207,7 +209,9 @@ def bench_config(name: str, config: tuple[int, int, int, int], args, deadline: f
                     row["us_per_step_prepacked"] = 1e6 * timing["prepacked"]
                     row["us_per_step_kernel"] = 1e6 * timing["kernel"]
                     n_programs = -(-batch // best.block_b)
-                    row.update(config=vars(best), tried=timing["tried"], programs=n_programs,
+                    # the split the launch resolved (None: default_split's choice), and which kernel ran
+                    row.update(config=vars(replace(best, split=timing["split"])), kernel=timing["kernel_name"],
+                               tried=timing["tried"], programs=n_programs,
                                weight_bytes=weight_bytes(model, FUSED[variant][0]))
                     row["bytes_read_per_step"] = n_programs * row["weight_bytes"]
                     print_shapes(variant, batch, timing["tried"])
@@ -315,6 +319,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "(auto, registers, scratch; comma-separated; registers is skipped where it does not fit)")
     parser.add_argument("--warps", type=lambda text: [int(v) for v in text.split(",") if v.strip()], default=[],
                         help="fused: also time each shape with these num_warps (comma-separated)")
+    parser.add_argument("--splits", type=lambda text: [int(v) for v in text.split(",") if v.strip()], default=[],
+                        help="fused: also time each shape split over these programs per row tile (comma-separated; "
+                             "the register kernel only)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop trying further launch shapes after this many seconds (each shape compiles)")
     parser.add_argument("--out", default=None, help="write the rows as JSON to this path")

@@ -35,14 +35,18 @@ from lrnn_lightning.rollout.fused import (
     model_coverage,
     support,
 )
+from lrnn_lightning.rollout.fused import launch
 from lrnn_lightning.rollout.fused.config import (
     MAX_ONE_ROW_PROGRAMS_PER_SM,
+    MAX_SPLIT,
     SMALL_BLOCK_BS,
     SMALL_TILE,
+    SPLIT_MIN_WEIGHT_BYTES,
+    default_split,
     processor_count,
     small_tile_config,
 )
-from lrnn_lightning.rollout.fused.launch import build_call, registers_fit
+from lrnn_lightning.rollout.fused.launch import build_call, registers_fit, weight_bytes
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.inference import rollout_mode
 from tests.conftest import relative_error
@@ -365,6 +369,48 @@ def test_which_kernel_runs_and_why_not(interpreter):
         fused_steps(rglru, x0, None, 2, config=replace(small, activations="registers"))
     with pytest.raises(ValueError, match="activations must be one of .*got 'smem'"):
         fused_steps(lru, x0, None, 2, config=replace(small, activations="smem"))
+
+
+
+def test_default_split_rule():
+    big, small_step = SPLIT_MIN_WEIGHT_BYTES, SPLIT_MIN_WEIGHT_BYTES - 1
+    # one-row tiles on 132 SMs: as many programs a tile as stay resident together, up to MAX_SPLIT
+    assert [default_split(tiles, 132, big, blocks=16) for tiles in (1, 16, 17, 32, 33, 34, 66, 67, 132)] == \
+        [MAX_SPLIT, 8, 4, 4, 4, 2, 2, 1, 1]
+    assert default_split(32, 132, small_step, blocks=16) == 1  # too little to stream to be worth the exchanges
+    assert default_split(1, 132, big, blocks=2) == 2  # no program without a block of its own
+    assert default_split(1, 1, big, blocks=16) == 1
+
+
+def test_split_steps_choice_and_errors(interpreter, monkeypatch):
+    model = make_model("lru", d_model=128, d_state=64, n_layers=2)  # 64 modes, 256 hidden units
+    packed = pack_model(model, torch.float32, event=False)
+    assert weight_bytes(packed) >= SPLIT_MIN_WEIGHT_BYTES
+    x0 = torch.randn(B, W)
+    one_row = replace(small_tile_config(1), num_warps=8)  # default_config's one-row programs on an H100
+    # the interpreter runs one program at a time: no split unless asked, and asking is an error
+    call = build_call(packed, x0, None, 2, None, "ieee", one_row, True)
+    assert call.grid == (B,) and call.constexprs["SPLIT"] == 1 and not call.cooperative
+    with pytest.raises(ValueError, match="split=2 needs a GPU.*the Triton interpreter runs one program at a time"):
+        build_call(packed, x0, None, 2, None, "ieee", replace(one_row, split=2), True)
+    # on a (pretend) 132-SM GPU: B=5 one-row tiles split 8 ways by default, blocks shrunk so every rank has some
+    monkeypatch.setattr(launch, "processor_count", lambda device: 132)
+    call = build_call(packed, x0, None, 2, None, "ieee", one_row, False)
+    assert call.grid == (B * MAX_SPLIT,) and call.cooperative and call.constexprs["SPLIT"] == MAX_SPLIT
+    assert call.constexprs["BP"] == 16 and call.constexprs["BF"] == 32  # 64 modes, 256 units over 8 ranks
+    call = build_call(packed, x0, None, 2, None, "ieee", replace(one_row, split=2), False)
+    assert call.grid == (2 * B,) and call.constexprs["BP"] == 32
+    with pytest.raises(ValueError, match=r"split=8 x 20 row tiles = 160 programs, more than the 132 SMs"):
+        build_call(packed, torch.randn(20, W), None, 2, None, "ieee", replace(one_row, split=8), False)
+    with pytest.raises(ValueError, match="split=2 splits the register kernel's steps, but this launch takes the "
+                                         "scratch kernel"):
+        build_call(packed, x0, None, 2, None, "ieee", replace(one_row, split=2, activations="scratch"), False)
+    for bad in (0, MAX_SPLIT + 1, 2.0):
+        with pytest.raises(ValueError, match=f"split must be None or an int from 1 to {MAX_SPLIT}, got {bad!r}"):
+            fused_steps(model, x0, None, 2, config=replace(one_row, split=bad))
+    # a small model's step is not split
+    tiny = pack_model(make_model("lru"), torch.float32, event=False)
+    assert build_call(tiny, x0, None, 2, None, "ieee", one_row, False).constexprs["SPLIT"] == 1
 
 
 @pytest.mark.slow

@@ -53,7 +53,7 @@ def test_targets_and_table(bench):
     table = bench.markdown_table(rows)
     assert "| lru | 32 | 32 | 16 | 1 | fused | 2.50 |  | 1.50 | 26.70x |" in table
     assert "kernel <= 2 µs/step: met" in table and "error: OutOfResources" in table
-    assert "b16 n64 k16 w4 auto (2 prog.)" in table
+    assert "b16 n64 k16 w4 auto split auto (2 row tiles)" in table
 
 
 def test_launch_shapes_to_try(bench):

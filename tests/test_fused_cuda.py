@@ -40,6 +40,7 @@ import torch
 from lrnn_lightning.rollout import RolloutEngine, run_steps
 from lrnn_lightning.rollout.fused import KernelConfig, choose_backend, fused_rollout, fused_steps, fused_support
 from lrnn_lightning.rollout.fused.config import small_tile_config
+from lrnn_lightning.rollout.fused.launch import build_call
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.fused.pack_graph import _GRAPHS as PACK_GRAPHS
 from lrnn_lightning.rollout.fused.pack_graph import MAX_RECAPTURES, PackGraph, pack_live, release_packing
@@ -294,3 +295,53 @@ def test_register_kernel_at_the_benchmark_widths(num_warps, name, event):
     context, dt = gpu_data(event=event)
     config = replace(small_tile_config(1), num_warps=num_warps, activations="registers")
     assert_fp32_accurate(model, context, HORIZON, dt, fused_rollout(model, context, HORIZON, dt, config=config))
+
+
+# -- split steps: several programs per row tile (kernels/group.py) ---------------------------------
+
+SPLIT_BATCH = 13  # 13 one-row tiles x 8 programs = 104: resident together on an H100 or H200
+SPLIT_CASES = [("lru", {}), ("s5", {"discretization": "bilinear"}), ("mamba", {})]
+
+
+def split_config(split: int) -> KernelConfig:
+    return replace(small_tile_config(1), num_warps=8, split=split)
+
+
+@pytest.mark.parametrize("split", [2, 4, 8])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=case_id)
+def test_split_steps_equal_the_loop(case, split):
+    # d_model 128: 64 modes, 256 MLP units (and Mamba channels), so every program has blocks of its own
+    model = gpu_model(*case, d_model=128, d_state=64)
+    context, dt = gpu_data(batch=SPLIT_BATCH, event=True)
+    out = fused_rollout(model, context, HORIZON, dt, config=split_config(split))
+    assert_fp32_accurate(model, context, HORIZON, dt, out)
+    # the barrier counters reset themselves, and every program adds the partial sums in the same order
+    assert torch.equal(fused_rollout(model, context, HORIZON, dt, config=split_config(split)), out)
+
+
+@pytest.mark.parametrize("name", ["lru", "mamba"])
+def test_split_steps_leave_the_loops_final_state(name):
+    # no dt; each program writes only its own modes / channels of the state
+    model = gpu_model(name, d_model=128, d_state=64)
+    context, _ = gpu_data(batch=SPLIT_BATCH)
+    model64, context64, _ = as_double(model, context, None)
+    steps = HORIZON - 1
+    with torch.no_grad():
+        y, state = model.prefill(context)
+        out, final = fused_steps(model, y[:, -1], state, steps, return_state=True, config=split_config(4))
+        loop_out = run_steps(model, y[:, -1], state, steps)  # the fp32 loop, in place
+        y64, state64 = model64.prefill(context64)
+        loop64 = run_steps(model64, y64[:, -1], state64, steps)
+    check_against_float64(out, loop_out, loop64)
+    for key in state:
+        check_against_float64(final[key], state[key], state64[key], f"state {key}")
+
+
+def test_the_default_splits_a_small_batch_and_refuses_a_grid_beyond_the_sms():
+    model = gpu_model("mamba", d_model=128, d_state=64)
+    packed = pack_model(model, torch.float32, event=False)
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    call = build_call(packed, torch.randn(16, W, device="cuda"), None, 2, None, "ieee", split_config(None), False)
+    assert call.constexprs["SPLIT"] == 8 and call.grid == (128,) and call.cooperative
+    with pytest.raises(ValueError, match=f"more than the {n_sms} SMs"):
+        fused_steps(model, torch.randn(n_sms, W, device="cuda"), None, 2, config=split_config(2))

@@ -20,8 +20,17 @@ and streams every weight of the model (from L1/L2) at every step. What an H100 m
   16 rows (B=256 bf16: 73 µs vs 88 for one-row programs), 32 with 8 warps beyond 16 rows
   per SM, and 8 warps from d_model WIDE_D_MODEL on (74 vs 110 µs at d_model 128).
 
-`experiments/benchmark_fused.py --block-bs ... --warps ...` times other shapes against this
-choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their
+Split steps (`KernelConfig.split`, kernels/group.py). Where row tiles leave SMs idle, the
+register kernel splits each tile's step over several programs, each streaming 1/split of the
+weights and exchanging partial sums at a barrier (2 a layer, Mamba 3). On the H100 at B=32
+(32 one-row tiles, 4 programs each): (32, 128, 64, 4) LRU 54 -> 35 µs, Mamba 176 -> 69 µs
+per step; but (32, 32, 16, 1) Mamba 7.5 -> 12 µs, where the barriers cost more than the
+streaming they share. So `default_split` splits only steps that stream at least
+SPLIT_MIN_WEIGHT_BYTES (256 KB: the 1-layer d_model 32 models stream 40-70 KB, the 4-layer
+d_model 128 ones 2-4 MB; between, unmeasured), as far as all programs stay resident.
+
+`experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
+against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their
 (rows, block_n, block_k) product is sized to SMALL_TILE elements.
 """
 
@@ -40,6 +49,8 @@ MAX_ONE_ROW_PROGRAMS_PER_SM = 2  # exact fp32: one-row programs up to this many 
 ONE_ROW_WARPS = 8  # warps of a one-row program when it has its SM to itself (module doc)
 WIDE_D_MODEL = 128  # from this width on, tensor-core tl.dot tiles run with 8 warps (module doc)
 ACTIVATIONS = ("auto", "registers", "scratch")
+MAX_SPLIT = 8  # programs a row tile's step may be split over (kernels/group.py)
+SPLIT_MIN_WEIGHT_BYTES = 1 << 18  # split only steps that stream at least this many weight bytes (module doc)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,10 @@ class KernelConfig:
             kernel, kernels/registers.py: LRU, S5 and Mamba models narrow enough for its tiles),
             "scratch" (per-program scratch memory, kernels/rollout.py: every covered mixer and
             width), or "auto" (registers where they fit, see `launch.registers_fit`).
+        split: programs that share one row tile's step in the register kernel, each streaming
+            1/split of the weights (kernels/group.py): 1 to MAX_SPLIT, with every program of
+            the grid resident at once (grid <= SMs). None lets `default_split` choose; the
+            scratch kernel runs unsplit.
     """
 
     block_b: int = 16
@@ -66,6 +81,7 @@ class KernelConfig:
     block_k: int = 16
     num_warps: int = 4
     activations: str = "auto"
+    split: int | None = None
 
 
 def small_tile_config(block_b: int) -> KernelConfig:
@@ -115,6 +131,18 @@ def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precis
     if tensor_cores and d_model is not None and d_model >= WIDE_D_MODEL:
         return replace(config, num_warps=8)
     return config
+
+
+def default_split(tiles: int, n_sms: int, weight_bytes: int, blocks: int) -> int:
+    """Programs per row tile for the register kernel (kernels/group.py): the largest power of two up to
+    MAX_SPLIT that keeps all `tiles * split` programs on the `n_sms` SMs at once and gives every program
+    one of the step's `blocks` (blocks of its widest blocked loop), for steps that stream at least
+    SPLIT_MIN_WEIGHT_BYTES of `weight_bytes`; else 1."""
+    split = 1
+    if weight_bytes >= SPLIT_MIN_WEIGHT_BYTES:
+        while 2 * split <= MAX_SPLIT and tiles * 2 * split <= n_sms and 2 * split <= blocks:
+            split *= 2
+    return split
 
 
 def processor_count(device: torch.device) -> int:

@@ -7,7 +7,9 @@ Per launch: the live weights are packed (`pack.py`; on a GPU a replayed CUDA gra
 packing, `pack_graph.py`), the prefilled state is laid out in rows, and one kernel runs every
 step of every layer: the register-resident kernel where `registers_fit` says the model fits
 its register tiles (LRU, S5, Mamba), else the scratch kernel (`KernelConfig.activations`
-overrides). The Triton kernel module is imported on first use.
+overrides); the register kernel may split each row tile's step over several programs
+(`KernelConfig.split`, `resolve_split`), launched cooperatively. The Triton kernel module is
+imported on first use.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from lrnn_lightning.rollout.checks import (
 from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig and default_config live on here)
     ACTIVATIONS,
     BLOCK_BS,
+    MAX_SPLIT,
     KernelConfig,
     default_config,
+    default_split,
     processor_count,
 )
 from lrnn_lightning.rollout.fused.pack import (
@@ -121,24 +125,42 @@ def registers_fit(packed: PackedModel, config: KernelConfig, precision: str = "i
     return True, ""
 
 
-def register_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
+def register_blocks(packed: PackedModel, config: KernelConfig, split: int = 1) -> dict[str, int]:
     """Block-size constexprs of the register kernel: whole rows of D and W (and Mamba's N, R and conv
     taps), modes, hidden units and Mamba's channels in blocks of at most `config.block_n` that keep a
     weight tile, a small tile's (rows, block, D) product and Mamba's (rows, block, N) state tile within
-    REGISTER_TILE elements a warp (the modal mixer holds four such tiles at once)."""
+    REGISTER_TILE elements a warp (the modal mixer holds four such tiles at once); in a step split over
+    `split` programs, small enough that each program gets a block where it can. BX is the width of a
+    split step's exchange rows (kernels/group.py)."""
     bd, bw = _whole(packed.d_model), _whole(packed.width)
     budget = REGISTER_TILE * config.num_warps
     per_block = bd * (config.block_b if config.block_b < 16 else 1)
     cap = max(16, min(config.block_n, budget // per_block))
-    blocks = {"BD": bd, "BW": bw, "BP": 16, "BF": _block(packed.d_ff, cap), "BE": 16, "BR": 16, "BN": 16, "BKC": 2}
+
+    def block(n: int, limit: int) -> int:
+        return _block(n, min(limit, _pow2(-(-n // split))))
+
+    blocks = {"BD": bd, "BW": bw, "BP": 16, "BF": block(packed.d_ff, cap), "BE": 16, "BR": 16, "BN": 16, "BKC": 2,
+              "SPLIT": split, "BX": bd}
     if packed.mixer_id == MODAL:
-        blocks["BP"] = _block(packed.sizes[0], cap)
+        blocks["BP"] = block(packed.sizes[0], cap)
     else:
         inner, n_state, rank, taps = packed.sizes
-        bn = _whole(n_state)
-        blocks.update(BE=_block(inner, max(16, min(cap, budget // (config.block_b * bn)))), BR=_whole(rank),
-                      BN=bn, BKC=max(2, _pow2(taps)))
+        bn, br = _whole(n_state), _whole(rank)
+        blocks.update(BE=block(inner, max(16, min(cap, budget // (config.block_b * bn)))), BR=br,
+                      BN=bn, BKC=max(2, _pow2(taps)), BX=max(bd, br + 2 * bn))
     return blocks
+
+
+def split_blocks(packed: PackedModel) -> int:
+    """Blocks of 16 in the register kernel's widest split loop (modes, Mamba channels or MLP hidden units)."""
+    return -(-max(packed.d_ff, packed.sizes[0]) // 16)
+
+
+def weight_bytes(packed: PackedModel) -> int:
+    """Bytes of packed weights (and parameters) one step of one row streams."""
+    tensors = [*packed.common.values(), *packed.mixer]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
 def uses_registers(packed: PackedModel, config: KernelConfig, precision: str = "ieee") -> bool:
@@ -222,6 +244,9 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
         value = getattr(config, name)
         if value < 16 or value & (value - 1):
             raise ValueError(f"fused_steps: {name} must be a power of two >= 16, got {value}.")
+    if config.split is not None and (not isinstance(config.split, int) or not 1 <= config.split <= MAX_SPLIT):
+        raise ValueError(f"fused_steps: split must be None or an int from 1 to {MAX_SPLIT}, got {config.split!r}. "
+                         "HINT: None lets default_split choose.")
 
     if num_steps == 0:
         empty = x0.new_empty(batch, 0, width)
@@ -261,6 +286,29 @@ class KernelCall:
     num_warps: int
     out: Tensor
     states: Tensor
+    cooperative: bool = False  # a split step: every program must be resident (kernels/group.py)
+
+    def launch(self, kernels) -> None:
+        """Launch it from the kernel module `kernels` (`kernel_module()`)."""
+        options = {"launch_cooperative_grid": True} if self.cooperative else {}
+        getattr(kernels, self.kernel)[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
+                                                 num_stages=1, **options)
+
+
+def resolve_split(packed: PackedModel, config: KernelConfig, tiles: int, device: torch.device,
+                  interpreted: bool) -> int:
+    """The register kernel's programs per row tile under `config` (see `KernelConfig.split`)."""
+    n_sms = processor_count(device)
+    if config.split is None:
+        return 1 if interpreted else default_split(tiles, n_sms, weight_bytes(packed), split_blocks(packed))
+    if config.split > 1 and interpreted:
+        raise ValueError(f"fused_steps: split={config.split} needs a GPU: its programs wait for each other, and "
+                         "the Triton interpreter runs one program at a time. HINT: split=1 (or None).")
+    if tiles * config.split > n_sms:
+        raise ValueError(f"fused_steps: split={config.split} x {tiles} row tiles = {tiles * config.split} programs, "
+                         f"more than the {n_sms} SMs that can hold them all at once (a split step's programs wait "
+                         "for each other). HINT: a smaller split, a larger block_b, or split=None.")
+    return config.split
 
 
 def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
@@ -270,7 +318,7 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
     device, f32 = x0.device, torch.float32
     batch, width = x0.shape
     bb = config.block_b
-    n_prog = -(-batch // bb)
+    n_prog = -(-batch // bb)  # row tiles
     n_layers, d_model, d_ff = packed.n_layers, packed.d_model, packed.d_ff
 
     out = torch.empty(batch, num_steps + 1, width, device=device, dtype=f32)
@@ -292,12 +340,19 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
     constexprs = dict(MIXER=packed.mixer_id, RULE=packed.rule, EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale,
                       BB=bb, PREC=precision, W_BF16=c["up_w"].dtype == torch.bfloat16, EMULATE_BF16=interpreted)
     if uses_registers(packed, config, precision):
+        split = resolve_split(packed, config, n_prog, device, interpreted)
+        blocks = register_blocks(packed, config, split)
         # Mamba's conv outputs cross between its two passes through these rows (kernels/register_mamba.py)
-        mixer_rows = torch.empty(n_prog * bb, packed.sizes[0] if packed.mixer_id == MAMBA else 1, device=device,
-                                 dtype=f32)
-        args = (*io, states, states.stride(0), packed.state_width, mixer_rows, *weights)
-        return KernelCall("register_rollout_kernel", (n_prog,), args, {**constexprs, **register_blocks(packed, config)},
-                          config.num_warps, out, states)
+        mixer_rows = torch.empty(n_prog * split * bb, packed.sizes[0] if packed.mixer_id == MAMBA else 1,
+                                 device=device, dtype=f32)
+        part = torch.empty(n_prog * 2 * split * bb * blocks["BX"] if split > 1 else 1, device=device, dtype=f32)
+        sem = torch.zeros(n_prog, device=device, dtype=torch.int32)
+        args = (*io, states, states.stride(0), packed.state_width, mixer_rows, part, sem, *weights)
+        return KernelCall("register_rollout_kernel", (n_prog * split,), args, {**constexprs, **blocks},
+                          config.num_warps, out, states, cooperative=split > 1)
+    if config.split not in (None, 1):
+        raise ValueError(f"fused_steps: split={config.split} splits the register kernel's steps, but this launch "
+                         "takes the scratch kernel (see registers_fit). HINT: split=None.")
     scratch = torch.zeros(n_prog, bb * (3 * d_model + d_ff + packed.scratch_width), device=device, dtype=f32)
     args = (*io, scratch, scratch.stride(0), states, bb * packed.state_width, states.stride(0), packed.state_width,
             *weights)
@@ -313,14 +368,13 @@ def _launch(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int
                          "HINT: set TRITON_INTERPRET=1 before importing the kernel to interpret it on the CPU.")
     call = build_call(packed, x0, state, num_steps, dt_steps, precision, config, kernels.INTERPRETED)
     try:
-        getattr(kernels, call.kernel)[call.grid](*call.args, **call.constexprs, num_warps=call.num_warps,
-                                                num_stages=1)
+        call.launch(kernels)
     except Exception as error:
         raise FusedKernelError(
             f"fused rollout kernel {call.kernel} failed ({type(error).__name__}: {str(error).strip()[:2000]}) with "
             f"{call.constexprs}, num_warps={call.num_warps}, {call.grid[0]} programs. HINT: a smaller "
-            "KernelConfig(block_b=16, block_n=32, block_k=16) needs fewer resources, and activations='scratch' "
-            "takes the other kernel; or use the graph backend."
+            "KernelConfig(block_b=16, block_n=32, block_k=16) needs fewer resources, activations='scratch' "
+            "takes the other kernel and split=1 launches without co-residency; or use the graph backend."
         ) from error
     batch = x0.shape[0]
     return call.out, [call.states[layer, :batch] for layer in range(packed.n_layers)]

@@ -12,7 +12,9 @@ sums over every channel's conv output:
 
 as `Mamba.step` computes it. The conv window and h live in the row's state (conv window
 (E, KC-1) oldest first, then h (E, N)); u crosses from pass 1 to pass 2 through the
-program's scratch rows (one barrier), everything else stays in registers.
+program's scratch rows (one barrier), everything else stays in registers. In a split step
+(group.py) each rank takes every SPLIT-th block of channels, in both passes, and the ranks
+add up their selection sums between the passes.
 """
 
 from __future__ import annotations
@@ -21,20 +23,22 @@ import triton
 import triton.language as tl
 
 from lrnn_lightning.rollout.fused.kernels.common import product, row_sum, silu, softplus
+from lrnn_lightning.rollout.fused.kernels.group import gather, group_barrier, publish
 from lrnn_lightning.rollout.fused.kernels.ltv import conv_window_step
 
 
 @triton.jit
-def mamba_mixer(a, state, s_stride, scratch, rows, row_ok, dt, layer, D, E, N, R, KC,
-                in_w, conv_w, conv_b, x_w, dt_w, dt_b, a_mat, d_skip, out_w,
+def mamba_mixer(a, state, s_stride, scratch, slots, rows, row_ok, dt, layer, D, E, N, R, KC,
+                in_w, conv_w, conv_b, x_w, dt_w, dt_b, a_mat, d_skip, out_w, rank, part, sem, exchange,
                 EVENT: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr,
-                BN: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
-                EMULATE_BF16: tl.constexpr):
+                BN: tl.constexpr, BKC: tl.constexpr, SPLIT: tl.constexpr, BX: tl.constexpr, PREC: tl.constexpr,
+                W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """Mamba(a) (BB, BD) for one step, the state updated in place.
 
     Weights (stacked over layers, `layer` selects): in_w (2E, D), conv_w (E, KC), conv_b (E,),
     x_w (R+2N, E), dt_w (E, R), dt_b (E,), a_mat = -exp(A_log) (E, N), d_skip (E,), out_w (D, E).
-    scratch (programs * BB, E) holds u between the passes; dt (BB,) is the step's event timestep. The
+    scratch (programs * BB, E) holds u between the passes, this program's rows at `slots`; dt (BB,) is the
+    step's event timestep; rank, part, sem and exchange as in group.py (the result is rank's partial sum). The
     next layer's pass 1 overwrites the scratch rows only after the barrier in this layer's last pass-2
     block, so every thread has read its u by then.
     """
@@ -59,7 +63,7 @@ def mamba_mixer(a, state, s_stride, scratch, rows, row_ok, dt, layer, D, E, N, R
     dt_low = tl.full((BB, BR), 0.0, tl.float32)
     b_sel = tl.full((BB, BN), 0.0, tl.float32)
     c_sel = tl.full((BB, BN), 0.0, tl.float32)
-    for e0 in range(0, E, BE):
+    for e0 in range(rank * BE, E, BE * SPLIT):
         es = e0 + tl.arange(0, BE)
         e_ok = es < E
         x_e = product(a, tl.load(in_w + es[:, None] * D + ds[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0),
@@ -70,7 +74,7 @@ def mamba_mixer(a, state, s_stride, scratch, rows, row_ok, dt, layer, D, E, N, R
         mask3 = row_ok[:, None, None] & e_ok[None, :, None]
         u_e = silu(conv_window_step(window, mask3, taps, keep, x_e, weight)
                    + tl.load(conv_b + es, mask=e_ok, other=0.0)[None, :])
-        tl.store(scratch + rows[:, None] * E + es[None, :], u_e, mask=row_ok[:, None] & e_ok[None, :])
+        tl.store(scratch + slots[:, None] * E + es[None, :], u_e, mask=row_ok[:, None] & e_ok[None, :])
         x_cols = x_w + es[None, :]
         dt_low += product(u_e, tl.load(x_cols + rs[:, None] * E, mask=r_ok[:, None] & e_ok[None, :], other=0.0),
                           BB, PREC, W_BF16, EMULATE_BF16)
@@ -80,14 +84,23 @@ def mamba_mixer(a, state, s_stride, scratch, rows, row_ok, dt, layer, D, E, N, R
         c_sel += product(u_e, tl.load(x_cols + (R + N + ns)[:, None] * E, mask=sel_mask, other=0.0),
                          BB, PREC, W_BF16, EMULATE_BF16)
     tl.debug_barrier()  # u goes through scratch to whichever thread holds it in pass 2
+    if SPLIT > 1:  # the selection sums over every channel: add up the ranks' parts
+        slot = part + (exchange % 2) * (SPLIT * BB * BX)
+        publish(dt_low, slot, rank, 0, BB, BR, BX)
+        publish(b_sel, slot, rank, BR, BB, BN, BX)
+        publish(c_sel, slot, rank, BR + BN, BB, BN, BX)
+        group_barrier(sem, rank, SPLIT)
+        dt_low = gather(slot, 0, SPLIT, BB, BR, BX)
+        b_sel = gather(slot, BR, SPLIT, BB, BN, BX)
+        c_sel = gather(slot, BR + BN, SPLIT, BB, BN, BX)
 
     y = tl.full((BB, BD), 0.0, tl.float32)
     h_rows = state + keep * E + rows[:, None, None] * s_stride
-    for e0 in range(0, E, BE):
+    for e0 in range(rank * BE, E, BE * SPLIT):
         es = e0 + tl.arange(0, BE)
         e_ok = es < E
         row_mask = row_ok[:, None] & e_ok[None, :]
-        u_e = tl.load(scratch + rows[:, None] * E + es[None, :], mask=row_mask, other=0.0)
+        u_e = tl.load(scratch + slots[:, None] * E + es[None, :], mask=row_mask, other=0.0)
         z_e = product(a, tl.load(in_w + (E + es)[:, None] * D + ds[None, :], mask=e_ok[:, None] & d_ok[None, :],
                                  other=0.0), BB, PREC, W_BF16, EMULATE_BF16)
         w_dt = tl.load(dt_w + es[:, None] * R + rs[None, :], mask=e_ok[:, None] & r_ok[None, :], other=0.0)

@@ -21,7 +21,9 @@ Only the recurrent state (read and written once per mode block per step) and the
 must fit one register tile: `launch.registers_fit` decides, and wider models take the
 scratch kernel. With one row a program (`config.default_config` at small batch) every
 product runs in the weight tile's own layout (`common.small_product`), which made the
-(32, 128, 64, 4) LRU step 2.7x faster than a 3-D broadcast product (RESULTS.md).
+(32, 128, 64, 4) LRU step 2.7x faster than a 3-D broadcast product (RESULTS.md). With SPLIT > 1
+several programs share a row tile's step, each taking every SPLIT-th block of modes, Mamba
+channels and hidden units, and add up their partial sums at a barrier (group.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import triton
 import triton.language as tl
 
 from lrnn_lightning.rollout.fused.kernels.common import gelu, product, row_sum
+from lrnn_lightning.rollout.fused.kernels.group import group_sum
 from lrnn_lightning.rollout.fused.kernels.lti import advance_modes, mode_coefficients
 from lrnn_lightning.rollout.fused.kernels.register_mamba import mamba_mixer
 
@@ -48,11 +51,13 @@ def normalize(h, g_ptr, b_ptr, D, eps, BD: tl.constexpr):
 
 
 @triton.jit
-def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a, coef_b, steps,
+def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a, coef_b, steps, rank,
                 RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr, BB: tl.constexpr,
-                BD: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
+                BD: tl.constexpr, BP: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
                 EMULATE_BF16: tl.constexpr):
     """C s' (BB, BD) for the normalised input a (BB, BD), with s' = decay s + scale B a per mode, in place.
+
+    Only rank's mode blocks (every SPLIT-th, group.py): the result is this rank's partial sum.
 
     win (2P, D) is B as [Re; Im] rows, readout (D, 2P) the real map [C_re, -C_im] (times
     LRU's output scale); the state (BB, 2P) at `state` holds [s_re, s_im] per row; the
@@ -61,7 +66,7 @@ def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a
     ds = tl.arange(0, BD)
     d_ok = ds < D
     y = tl.full((BB, BD), 0.0, tl.float32)
-    for p0 in range(0, P, BP):
+    for p0 in range(rank * BP, P, BP * SPLIT):
         ps = p0 + tl.arange(0, BP)
         p_ok = ps < P
         in_mask = p_ok[:, None] & d_ok[None, :]
@@ -108,18 +113,19 @@ def mlp_tiles(up_w, up_b, down_w, D, F, f0, BD: tl.constexpr, BF: tl.constexpr):
 
 
 @triton.jit
-def gated_mlp(a, D, F, up_w, up_b, down_w, w_value, w_gate, w_down, b_value, b_gate,
-              BB: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+def gated_mlp(a, D, F, up_w, up_b, down_w, w_value, w_gate, w_down, b_value, b_gate, rank,
+              BB: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, SPLIT: tl.constexpr,
               PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """Wdown ((Wv a + bv) * gelu(Wg a + bg)) (BB, BD) without its bias; up (2F, D) holds Wv then Wg, down (D, F).
 
-    w_value .. b_gate are the first block's tiles (`mlp_tiles(.., 0)`), loaded by the caller
-    ahead of time; each iteration loads the next block's tiles before it computes, so that
-    one block's weights stream in while the previous one is multiplied.
+    Only rank's blocks of hidden units (every SPLIT-th, group.py): the result is its partial sum.
+    w_value .. b_gate are rank's first block's tiles (`mlp_tiles(.., rank * BF)`), loaded by the
+    caller ahead of time; each iteration loads the next block's tiles before it computes, so
+    that one block's weights stream in while the previous one is multiplied.
     """
     z = tl.full((BB, BD), 0.0, tl.float32)
-    for f0 in range(0, F, BF):
-        n_value, n_gate, n_down, nb_value, nb_gate = mlp_tiles(up_w, up_b, down_w, D, F, f0 + BF, BD, BF)
+    for f0 in range(rank * BF, F, BF * SPLIT):
+        n_value, n_gate, n_down, nb_value, nb_gate = mlp_tiles(up_w, up_b, down_w, D, F, f0 + BF * SPLIT, BD, BF)
         value = product(a, w_value, BB, PREC, W_BF16, EMULATE_BF16) + b_value
         gate = product(a, w_gate, BB, PREC, W_BF16, EMULATE_BF16) + b_gate
         z += product(value * gelu(gate), w_down, BB, PREC, W_BF16, EMULATE_BF16)  # padded units: 0 * gelu(0)
@@ -131,7 +137,7 @@ def gated_mlp(a, D, F, up_w, up_b, down_w, w_value, w_gate, w_down, b_value, b_g
 @triton.jit(do_not_specialize=["out_stride_b", "out_stride_t", "dt_stride_b", "state_stride_layer", "B", "n_steps"])
 def register_rollout_kernel(
     out_ptr, out_stride_b, out_stride_t, dt_ptr, dt_stride_b,
-    state_ptr, state_stride_layer, state_stride_row, scratch_ptr,
+    state_ptr, state_stride_layer, state_stride_row, scratch_ptr, part_ptr, sem_ptr,
     enc_w, enc_b, dec_w, dec_b, final_g, final_b,
     norm1_g, norm1_b, norm2_g, norm2_b, up_w, up_b, down_w, down_b,
     m0, m1, m2, m3, m4, m5, m6, m7, m8,
@@ -139,21 +145,30 @@ def register_rollout_kernel(
     MIXER: tl.constexpr, RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr,
     BB: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
     BP: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BKC: tl.constexpr,
-    PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    SPLIT: tl.constexpr, BX: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
-    """Grid (cdiv(B, BB),). out (B, n_steps + 1, W) holds x0 in column 0 and receives step t's output in
-    column t + 1; dt (B, n_steps) fp32 when EVENT; state (L, programs * BB, state width) fp32, updated in
-    place; scratch (programs * BB, md0) fp32 for Mamba's conv outputs; weights and mixer slots m0..m8,
-    md0..md3 as packed by `pack_model`. MIXER 0: LRU / S5 (`modal_mixer`, BP), 2: Mamba (`mamba_mixer`, BE,
-    BR, BN, BKC)."""
-    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    """Grid (cdiv(B, BB) * SPLIT,): SPLIT programs a row tile (group.py). out (B, n_steps + 1, W) holds x0 in
+    column 0 and receives step t's output in column t + 1; dt (B, n_steps) fp32 when EVENT; state (L, row
+    tiles * BB, state width) fp32, updated in place; scratch (programs * BB, md0) fp32 for Mamba's conv
+    outputs; part (row tiles, 2, SPLIT, BB, BX) fp32 and sem (row tiles,) int32, zeroed, for the exchanges
+    of a split step (unused when SPLIT is 1); weights and mixer slots m0..m8, md0..md3 as packed by
+    `pack_model`. MIXER 0: LRU / S5 (`modal_mixer`, BP), 2: Mamba (`mamba_mixer`, BE, BR, BN, BKC)."""
+    pid = tl.program_id(0)
+    tile = pid // SPLIT
+    rank = pid % SPLIT
+    rows = tile * BB + tl.arange(0, BB)
     row_ok = rows < B
     rows = rows.to(tl.int64)
+    slots = (pid * BB + tl.arange(0, BB)).to(tl.int64)  # this program's rows of the Mamba scratch
+    part = part_ptr + tile.to(tl.int64) * (2 * SPLIT * BB * BX)
+    sem = sem_ptr + tile
+    exchanges = 2 if MIXER == 0 else 3  # per layer (see below)
     ws = tl.arange(0, BW)
     w_ok = ws < W
     ds = tl.arange(0, BD)
     d_ok = ds < D
     io_mask = row_ok[:, None] & w_ok[None, :]
+    writer = (tl.full((BB,), 0, tl.int32) + rank) == 0  # every rank holds the output; rank 0 writes it
     out_rows = out_ptr + rows[:, None] * out_stride_b + ws[None, :]
     # the encoder and decoder are the same at every step: loaded once, kept in registers
     enc = tl.load(enc_w + ds[:, None] * W + ws[None, :], mask=d_ok[:, None] & w_ok[None, :], other=0.0)
@@ -175,25 +190,30 @@ def register_rollout_kernel(
             layer_up_w = up_w + layer * (2 * F * D)
             layer_up_b = up_b + layer * (2 * F)
             layer_down_w = down_w + layer * (D * F)
+            exchange = (t * n_layers + layer) * exchanges  # running number of this layer's first exchange
             # the MLP's first weight block is loaded now, to arrive while the mixer runs
-            w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(layer_up_w, layer_up_b, layer_down_w, D, F, 0, BD, BF)
+            w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(layer_up_w, layer_up_b, layer_down_w, D, F,
+                                                                 rank * BF, BD, BF)
             a = normalize(h, norm1_g + layer * D, norm1_b + layer * D, D, eps, BD)
             if MIXER == 0:
                 P = md0
                 y = modal_mixer(a, state, state_stride_row, rows, row_ok, dt, D, P, m0 + layer * (2 * P * D),
                                 m1 + layer * (2 * P * D), m3 + layer * (2 * P), m4 + layer * (2 * P), m5 + layer * P,
-                                RULE, EVENT, HAS_SCALE, BB, BD, BP, PREC, W_BF16, EMULATE_BF16)
+                                rank, RULE, EVENT, HAS_SCALE, BB, BD, BP, SPLIT, PREC, W_BF16, EMULATE_BF16)
+                y = group_sum(y, part, sem, rank, exchange, SPLIT, BB, BD, BX)
                 y += tl.load(m2 + layer * D + ds, mask=d_ok, other=0.0)[None, :] * a
             else:
-                y = mamba_mixer(a, state, state_stride_row, scratch_ptr, rows, row_ok, dt, layer, D, md0, md1, md2, md3,
-                                m0, m1, m2, m3, m4, m5, m6, m7, m8, EVENT, BB, BD, BE, BR, BN, BKC,
-                                PREC, W_BF16, EMULATE_BF16)
+                y = mamba_mixer(a, state, state_stride_row, scratch_ptr, slots, rows, row_ok, dt, layer, D,
+                                md0, md1, md2, md3, m0, m1, m2, m3, m4, m5, m6, m7, m8, rank, part, sem, exchange,
+                                EVENT, BB, BD, BE, BR, BN, BKC, SPLIT, BX, PREC, W_BF16, EMULATE_BF16)
+                y = group_sum(y, part, sem, rank, exchange + 1, SPLIT, BB, BD, BX)
             h = h + y
             a = normalize(h, norm2_g + layer * D, norm2_b + layer * D, D, eps, BD)
             z = gated_mlp(a, D, F, layer_up_w, layer_up_b, layer_down_w, w_value, w_gate, w_down, b_value, b_gate,
-                          BB, BD, BF, PREC, W_BF16, EMULATE_BF16)
+                          rank, BB, BD, BF, SPLIT, PREC, W_BF16, EMULATE_BF16)
+            z = group_sum(z, part, sem, rank, exchange + exchanges - 1, SPLIT, BB, BD, BX)
             h = h + (z + tl.load(down_b + layer * D + ds, mask=d_ok, other=0.0)[None, :])
             state += state_stride_layer  # a pointer step: (layer * stride) could overflow int32
         a = normalize(h, final_g, final_b, D, eps, BD)
         x = product(a, dec, BB, PREC, W_BF16, EMULATE_BF16) + dec_bias
-        tl.store(out_rows + (t + 1) * out_stride_t, x, mask=io_mask)
+        tl.store(out_rows + (t + 1) * out_stride_t, x, mask=io_mask & writer[:, None])
