@@ -52,7 +52,7 @@ print(\"media keys:\", [k for k in keys if k.endswith(\"_type\")])"' ;;
       tests/test_fused_cuda.py
       TAIL=60 run fused 170 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 --budget-s 140 \
       --no-tune --block-bs 1,2,4,8,16 --out "$OUT/fused.json" ;;
-  all_tests) TAIL=30 run all_tests 290 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE ;;
+  all_tests) TAIL=30 run all_tests 480 python3 -m pytest -q -m cuda -p no:cacheprovider --no-header -rfE ;;
   fused_shapes) TAIL=80 run fused_shapes 170 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 \
       --budget-s 120 --no-tune --block-bs 1,16 --activations auto,scratch --warps 1,2,8 \
       --variants seed,graph,fused,fused-bf16 --out "$OUT/fused_shapes.json" ;;

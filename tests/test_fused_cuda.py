@@ -345,3 +345,20 @@ def test_the_default_splits_a_small_batch_and_refuses_a_grid_beyond_the_sms():
     assert call.constexprs["SPLIT"] == 8 and call.grid == (128,) and call.cooperative
     with pytest.raises(ValueError, match=f"more than the {n_sms} SMs"):
         fused_steps(model, torch.randn(n_sms, W, device="cuda"), None, 2, config=split_config(2))
+
+
+@pytest.mark.parametrize("name", ["lru", "mamba"])
+def test_split_steps_with_bf16_weights_and_on_tensor_cores(name):
+    # a split step changes only the order of fp32 sums: bf16 weights (small tiles widen them to fp32) and
+    # tf32x3 tl.dot tiles of 16 rows give, split, what they give unsplit, to fp32 summation noise
+    model = gpu_model(name, d_model=128, d_state=64)
+    context, dt = gpu_data(batch=SPLIT_BATCH, event=True)
+    shapes = [(split_config(1), {"weight_dtype": torch.bfloat16})]
+    if name == "lru":  # Mamba's 16-row state tiles do not fit the register kernel (registers_fit)
+        shapes.append((KernelConfig(block_b=16, block_k=32, split=1), {"precision": "tf32x3"}))
+    for base, options in shapes:
+        whole = fused_rollout(model, context, HORIZON, dt, config=base, **options)
+        for split in (2, 8):
+            parts = fused_rollout(model, context, HORIZON, dt, config=replace(base, split=split), **options)
+            error = relative_error(parts[:, 1:], whole[:, 1:])
+            assert error < 1e-4, f"split {split} vs unsplit, {options}: relative deviation {error:.2e}"

@@ -88,7 +88,8 @@ class RolloutEngine:
             split. None: sized by the first rollout, re-captured if a later one is larger.
         chunk: steps per graph replay (K).
         cuda_graph: "auto" (graph when the model is on a GPU), True (require it) or False (loop).
-        compile: fuse the K-step body with torch.compile before capture (graph path only).
+        compile: run each step of the K-step body through torch.compile before capture, to fuse
+            its kernels (graph path only; one step is compiled, see step_graph._step_function).
         event_mode: every rollout takes per-step timesteps dt of shape (B, C + horizon).
         autocast_dtype: torch.bfloat16 / torch.float16 to run under autocast (weights stay in
             their dtype and are cast inside each step), or None for full precision.

@@ -25,9 +25,10 @@ register kernel splits each tile's step over several programs, each streaming 1/
 weights and exchanging partial sums at a barrier (2 a layer, Mamba 3). On the H100 at B=32
 (32 one-row tiles, 4 programs each): (32, 128, 64, 4) LRU 54 -> 35 µs, Mamba 176 -> 69 µs
 per step; but (32, 32, 16, 1) Mamba 7.5 -> 12 µs, where the barriers cost more than the
-streaming they share. So `default_split` splits only steps that stream at least
-SPLIT_MIN_WEIGHT_BYTES (256 KB: the 1-layer d_model 32 models stream 40-70 KB, the 4-layer
-d_model 128 ones 2-4 MB; between, unmeasured), as far as all programs stay resident.
+streaming they share; at (32, 64, 32, 2) the LRU (0.27 MB of weights) got slower split
+(13 -> 15-20 µs) and the Mamba (0.52 MB) faster (29 -> 26). So `default_split` splits only
+steps that stream at least SPLIT_MIN_WEIGHT_BYTES (384 KB), as far as all programs stay
+resident: at B=1 and 8 the 4-layer models then run split 8 (LRU 55 -> 34 µs, Mamba 168 -> 54).
 
 `experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
 against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their
@@ -50,7 +51,7 @@ ONE_ROW_WARPS = 8  # warps of a one-row program when it has its SM to itself (mo
 WIDE_D_MODEL = 128  # from this width on, tensor-core tl.dot tiles run with 8 warps (module doc)
 ACTIVATIONS = ("auto", "registers", "scratch")
 MAX_SPLIT = 8  # programs a row tile's step may be split over (kernels/group.py)
-SPLIT_MIN_WEIGHT_BYTES = 1 << 18  # split only steps that stream at least this many weight bytes (module doc)
+SPLIT_MIN_WEIGHT_BYTES = 384 << 10  # split only steps that stream at least this many weight bytes (module doc)
 
 
 @dataclass(frozen=True)
