@@ -32,10 +32,10 @@ from lrnn_lightning.rollout.fused import (
     fused_rollout,
     fused_steps,
     fused_support,
+    launch,
     model_coverage,
     support,
 )
-from lrnn_lightning.rollout.fused import launch
 from lrnn_lightning.rollout.fused.config import (
     MAX_ONE_ROW_PROGRAMS_PER_SM,
     MAX_SPLIT,
@@ -48,6 +48,7 @@ from lrnn_lightning.rollout.fused.config import (
 )
 from lrnn_lightning.rollout.fused.launch import build_call, registers_fit, weight_bytes
 from lrnn_lightning.rollout.fused.pack import pack_model
+from lrnn_lightning.rollout.fused.selection import AUTO_MAX_ROWS_PER_SM, choose_fused
 from lrnn_lightning.rollout.inference import rollout_mode
 from tests.conftest import relative_error
 from tests.helpers import import_interpreted, perturb_parameters, random_dt
@@ -123,6 +124,20 @@ def test_choose_backend_on_the_cpu_falls_back_to_the_loop(monkeypatch):
         choose_backend(model, fused=True)
     with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA GPU"):
         choose_backend(model, fused="auto", cuda_graph=True)
+
+
+def test_auto_takes_the_kernel_up_to_two_rows_per_sm(monkeypatch):
+    monkeypatch.setattr(support, "interpreter_active", lambda: True)  # the CPU model counts as covered
+    model = make_model("lru")
+    limit = AUTO_MAX_ROWS_PER_SM * 132
+    for batch in (1, 32, limit, None):
+        assert choose_fused(model, "auto", None, on_gpu=True, batch=batch, n_sms=132).fused, batch
+    choice = choose_fused(model, "auto", None, on_gpu=True, batch=limit + 1, n_sms=132)
+    assert not choice.fused and choice.refusal is None
+    assert choice.reason == (f"fused=auto, not fused: {limit + 1} rows are more than {AUTO_MAX_ROWS_PER_SM} per SM "
+                             "(132 SMs), where the CUDA graph was faster (fused=true forces the kernel)")
+    assert choose_fused(model, True, None, on_gpu=True, batch=100_000, n_sms=132).fused
+    assert not choose_fused(model, "auto", None, on_gpu=False, batch=1, n_sms=132).fused
 
 
 def test_choose_backend_without_triton(monkeypatch):
@@ -402,6 +417,11 @@ def test_split_steps_choice_and_errors(interpreter, monkeypatch):
     assert call.grid == (2 * B,) and call.constexprs["BP"] == 32
     with pytest.raises(ValueError, match=r"split=8 x 20 row tiles = 160 programs, more than the 132 SMs"):
         build_call(packed, torch.randn(20, W), None, 2, None, "ieee", replace(one_row, split=8), False)
+    # unsplit launches need no co-residency: any number of row tiles; tl.dot tiles are not split by default
+    assert build_call(packed, torch.randn(200, W), None, 2, None, "ieee", replace(one_row, split=1),
+                      False).grid == (200,)
+    dot = build_call(packed, x0, None, 2, None, "tf32x3", KernelConfig(block_b=16, block_k=32), False)
+    assert dot.kernel == "register_rollout_kernel" and dot.constexprs["SPLIT"] == 1 and dot.grid == (1,)
     with pytest.raises(ValueError, match="split=2 splits the register kernel's steps, but this launch takes the "
                                          "scratch kernel"):
         build_call(packed, x0, None, 2, None, "ieee", replace(one_row, split=2, activations="scratch"), False)

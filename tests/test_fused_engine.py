@@ -178,8 +178,8 @@ def test_kernel_failure_under_auto_warns_once_and_falls_back(interpreter_on, mon
     real_choose = engine_module.choose_fused
     launches = []
 
-    def force_fused(model, fused, weight_dtype, on_gpu):  # as on a GPU: auto picks the kernel
-        return real_choose(model, fused, weight_dtype, on_gpu=fused == "auto" or on_gpu)
+    def force_fused(model, fused, weight_dtype, on_gpu, batch=None, n_sms=None):  # as on a GPU: auto picks it
+        return real_choose(model, fused, weight_dtype, fused == "auto" or on_gpu, batch, n_sms or 132)
 
     def broken(*args, **kwargs):
         launches.append(1)
@@ -451,3 +451,26 @@ def test_kernel_failure_on_a_gpu_warns_and_takes_the_graph(monkeypatch):
     assert engine.stats.path == "graph" and "simulated" in engine.stats.fallback_reason
     assert engine.stats.backend_reason.startswith("fused=auto, not fused: the kernel failed earlier")
     assert "; CUDA graph on cuda" in engine.stats.backend_reason
+
+
+def test_auto_leaves_a_batch_of_more_than_two_rows_per_sm_to_the_graph(interpreter_on, monkeypatch):
+    real_choose = engine_module.choose_fused
+    sms = {"n": 132}
+
+    def on_a_gpu(model, fused, weight_dtype, on_gpu, batch=None, n_sms=None):  # a GPU of sms["n"] SMs
+        return real_choose(model, fused, weight_dtype, True, batch, sms["n"])
+
+    monkeypatch.setattr(engine_module, "choose_fused", on_a_gpu)
+    monkeypatch.setattr(engine_module, "fused_steps", lambda model, x0, state, num_steps, dt_steps=None, **options:
+                        x0.new_zeros(x0.shape[0], num_steps, x0.shape[1]))
+    model = make_model("lru", d_model=16)
+    context, _ = data(False)
+    engine = RolloutEngine(model, fused="auto", cuda_graph=False)
+    engine.rollout(context, HORIZON)
+    assert engine.stats.path == "fused"
+    sms["n"] = 1  # the same rows are now more than two per SM
+    engine.rollout(context, HORIZON)
+    assert engine.stats.path == "loop"
+    reason = engine.stats.backend_reason
+    assert f"fused=auto, not fused: {context.shape[0]} rows are more than 2 per SM (1 SMs)" in reason
+    assert engine.next_backend(context.device, context.shape[0]) == ("loop", engine.stats.backend_reason)

@@ -143,8 +143,9 @@ class RolloutCallback(Callback):
         cuda_graph: "auto" (a graph when the model is on a GPU, else the step loop), True
             (a configuration error without CUDA) or False (always the loop).
         fused: run each rollout as one fused Triton kernel (`RolloutEngine(fused=...)`):
-            False, "auto" (where the kernel covers the model on a GPU, else as `cuda_graph`
-            says; a kernel failure warns once and the graph takes over) or True (a
+            False, "auto" (where the kernel covers the model on a GPU and the rollout has at
+            most two rows per SM, else as `cuda_graph` says; a kernel failure warns once and
+            the graph takes over) or True (a
             configuration error for a model the kernel does not cover, or without a GPU).
             `tf32` picks the kernel's "tf32" dots; chunk, compile and batch_size concern
             the graph path only.
@@ -391,7 +392,7 @@ class RolloutCallback(Callback):
         launches. The loop path has nothing to warm up.
         """
         windows, engine = self._windows, self._engine
-        backend = engine.next_backend(windows.engine_context.device).backend
+        backend = engine.next_backend(windows.engine_context.device, windows.engine_context.shape[0]).backend
         if backend == "graph":
             rows, horizon = engine.batch_size, 1
         elif backend == "fused" and key not in self._fused_compiled and windows.future.shape[1] > 1:

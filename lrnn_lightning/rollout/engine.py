@@ -43,6 +43,7 @@ from lrnn_lightning.rollout.checks import (
 )
 from lrnn_lightning.rollout.errors import CaptureError, StaleGraphError, describe_capture_failure
 from lrnn_lightning.rollout.fused import FusedKernelError, fused_steps
+from lrnn_lightning.rollout.fused.config import processor_count
 from lrnn_lightning.rollout.fused.launch import PRECISIONS
 from lrnn_lightning.rollout.fused.pack_graph import release_packing
 from lrnn_lightning.rollout.fused.selection import BackendChoice, FusedChoice, choose_fused, graph_or_loop
@@ -189,13 +190,13 @@ class RolloutEngine:
         dt = None if dt is None else dt.to(context.dtype)  # every path sees the same timesteps
 
         with rollout_mode(self.model, context.device.type, self.autocast_dtype, self.tf32):
-            backend, reason = self.next_backend(context.device)
+            backend, reason = self.next_backend(context.device, batch)
             out, graph = None, None
             if backend == "fused":
                 start = time.perf_counter()
                 out = self._rollout_fused(context, horizon, dt)
                 if out is None:  # fused="auto" and the kernel failed: the graph or the loop from now on
-                    backend, reason = self.next_backend(context.device)
+                    backend, reason = self.next_backend(context.device, batch)
             if out is None:
                 if backend == "graph":
                     graph = self._ready_graph(batch, width, context.dtype, context.device)
@@ -230,24 +231,25 @@ class RolloutEngine:
 
     # -- path choice -------------------------------------------------------------------------
 
-    def next_backend(self, device: torch.device) -> BackendChoice:
-        """The backend ("fused", "graph" or "loop") and the reason of the next rollout on `device`: what
-        `stats.path` and `stats.backend_reason` will say unless that rollout falls back. Raises where a required
-        backend (fused=True, cuda_graph=True) cannot run."""
+    def next_backend(self, device: torch.device, batch: int | None = None) -> BackendChoice:
+        """The backend ("fused", "graph" or "loop") and the reason of the next rollout of `batch` rows (None: not
+        known) on `device`: what `stats.path` and `stats.backend_reason` will say unless that rollout falls
+        back. Raises where a required backend (fused=True, cuda_graph=True) cannot run."""
         use_graph = self._graph_wanted(device)  # raises when cuda_graph=True cannot be honoured
-        fused = self._choose_fused(device)
+        fused = self._choose_fused(device, batch)
         if fused.fused:
             return BackendChoice("fused", fused.reason)
         return graph_or_loop(fused.reason, device, self.cuda_graph, use_graph=use_graph, graph_failed=self._fell_back)
 
-    def _choose_fused(self, device: torch.device) -> FusedChoice:
-        """Whether this rollout takes the fused kernel (one `fused_support` call); raises, naming the reason, when
-        fused=True cannot be honoured for the model where it lives now."""
+    def _choose_fused(self, device: torch.device, batch: int | None = None) -> FusedChoice:
+        """Whether this rollout (of `batch` rows, if known) takes the fused kernel (one `fused_support` call);
+        raises, naming the reason, when fused=True cannot be honoured for the model where it lives now."""
         if self._fused_failed:  # only under fused="auto": fused=True re-raises the kernel's failure
             return FusedChoice(False, "fused=auto, not fused: the kernel failed earlier (see stats.fallback_reason)",
                                None)
         on_gpu = device.type == "cuda" and torch.cuda.is_available()
-        choice = choose_fused(self.model, self.fused, self.fused_weight_dtype, on_gpu)
+        choice = choose_fused(self.model, self.fused, self.fused_weight_dtype, on_gpu, batch,
+                              processor_count(device) if on_gpu else None)
         if self.fused is True and choice.refusal is not None:
             raise ValueError(f"{OWNER}: fused=True, but the fused kernel cannot run this model: {choice.refusal}. "
                              "HINT: fused='auto' (generation.fused=auto) falls back to the CUDA graph or the step "

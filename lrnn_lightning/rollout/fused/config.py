@@ -73,8 +73,9 @@ class KernelConfig:
             width), or "auto" (registers where they fit, see `launch.registers_fit`).
         split: programs that share one row tile's step in the register kernel, each streaming
             1/split of the weights (kernels/group.py): 1 to MAX_SPLIT, with every program of
-            the grid resident at once (grid <= SMs). None lets `default_split` choose; the
-            scratch kernel runs unsplit.
+            the grid resident at once (grid <= SMs). None lets `default_split` choose for
+            small tiles (block_b < 16) and runs tl.dot tiles unsplit; the scratch kernel runs
+            unsplit.
     """
 
     block_b: int = 16

@@ -297,14 +297,17 @@ class KernelCall:
 
 def resolve_split(packed: PackedModel, config: KernelConfig, tiles: int, device: torch.device,
                   interpreted: bool) -> int:
-    """The register kernel's programs per row tile under `config` (see `KernelConfig.split`)."""
+    """The register kernel's programs per row tile under `config` (see `KernelConfig.split`); by default
+    (split None) `default_split`'s choice for small tiles (block_b < 16, where it was measured), else 1."""
     n_sms = processor_count(device)
     if config.split is None:
-        return 1 if interpreted else default_split(tiles, n_sms, weight_bytes(packed), split_blocks(packed))
+        if interpreted or config.block_b >= 16:
+            return 1
+        return default_split(tiles, n_sms, weight_bytes(packed), split_blocks(packed))
     if config.split > 1 and interpreted:
         raise ValueError(f"fused_steps: split={config.split} needs a GPU: its programs wait for each other, and "
                          "the Triton interpreter runs one program at a time. HINT: split=1 (or None).")
-    if tiles * config.split > n_sms:
+    if config.split > 1 and tiles * config.split > n_sms:
         raise ValueError(f"fused_steps: split={config.split} x {tiles} row tiles = {tiles * config.split} programs, "
                          f"more than the {n_sms} SMs that can hold them all at once (a split step's programs wait "
                          "for each other). HINT: a smaller split, a larger block_b, or split=None.")

@@ -8,9 +8,13 @@ import torch
 from torch import nn
 
 from lrnn_lightning.rollout.checks import model_device_dtype
+from lrnn_lightning.rollout.fused.config import processor_count
 from lrnn_lightning.rollout.fused.support import fused_support
 
 BACKENDS = ("fused", "graph", "loop")
+# fused="auto" takes the kernel up to this many batch rows per SM: on an H100 it was 1.6-5x faster than the CUDA
+# graph from B=1 to B=256 (two rows per SM), and 3-11x slower at B=1024 (d_model 512; experiments/RESULTS.md)
+AUTO_MAX_ROWS_PER_SM = 2
 
 
 class BackendChoice(NamedTuple):
@@ -35,7 +39,8 @@ class FusedChoice(NamedTuple):
     refusal: str | None
 
 
-def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype | None, on_gpu: bool) -> FusedChoice:
+def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype | None, on_gpu: bool,
+                 batch: int | None = None, n_sms: int | None = None) -> FusedChoice:
     """Whether a rollout of `model` takes the fused kernel, asking `fused_support` at most once; never raises
     (a caller that required the kernel raises on `refusal`).
 
@@ -44,6 +49,9 @@ def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype 
         fused: True, False or "auto" (validated by the caller).
         weight_dtype: the kernel's matmul weight dtype (None: the model's).
         on_gpu: whether the model is on a CUDA GPU ("auto" takes the kernel only there).
+        batch: the rollout's rows, if known: "auto" takes the kernel only up to AUTO_MAX_ROWS_PER_SM
+            rows per SM, where it was measured faster than the CUDA graph.
+        n_sms: the GPU's SMs (None: the current CUDA device's).
     """
     if fused is False:
         return FusedChoice(False, "fused=false", None)
@@ -51,9 +59,15 @@ def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype 
     covered, why = fused_support(model, weight_dtype)
     if not covered:
         return FusedChoice(False, f"{asked}, not fused: {why}", why)
-    if fused is True or on_gpu:
-        return FusedChoice(True, f"{asked}: {why}", None)
-    return FusedChoice(False, f"{asked}, not fused: no CUDA GPU", None)
+    if fused is not True and not on_gpu:
+        return FusedChoice(False, f"{asked}, not fused: no CUDA GPU", None)
+    if fused is not True and batch is not None:
+        n_sms = n_sms or processor_count(torch.device("cuda"))
+        if -(-batch // n_sms) > AUTO_MAX_ROWS_PER_SM:
+            return FusedChoice(False, f"{asked}, not fused: {batch} rows are more than {AUTO_MAX_ROWS_PER_SM} per SM "
+                                      f"({n_sms} SMs), where the CUDA graph was faster (fused=true forces the kernel)",
+                               None)
+    return FusedChoice(True, f"{asked}: {why}", None)
 
 
 def graph_or_loop(fused_reason: str, device: torch.device, cuda_graph: bool | str, *, use_graph: bool,
@@ -67,13 +81,14 @@ def graph_or_loop(fused_reason: str, device: torch.device, cuda_graph: bool | st
 
 
 def choose_backend(model: nn.Module, fused: bool | str = "auto", cuda_graph: bool | str = "auto",
-                   weight_dtype: torch.dtype | None = None) -> BackendChoice:
+                   weight_dtype: torch.dtype | None = None, batch: int | None = None) -> BackendChoice:
     """The backend a rollout of `model` takes where it lives now, with the reason to log.
 
-    `fused="auto"` takes the fused kernel when `fused_support` says yes and the model is on
-    a GPU (the Triton interpreter is never chosen automatically), else what `cuda_graph`
-    gives: the graph on a GPU unless it is False, else the loop. Explicit requests that
-    cannot be honoured raise instead of falling back silently.
+    `fused="auto"` takes the fused kernel when `fused_support` says yes, the model is on a
+    GPU (the Triton interpreter is never chosen automatically) and the batch, if given, is
+    at most AUTO_MAX_ROWS_PER_SM rows per SM; else what `cuda_graph` gives: the graph on a
+    GPU unless it is False, else the loop. Explicit requests that cannot be honoured raise
+    instead of falling back silently.
 
     Args:
         model: the model to roll out (its parameters say the device).
@@ -81,6 +96,7 @@ def choose_backend(model: nn.Module, fused: bool | str = "auto", cuda_graph: boo
         cuda_graph: True (require a CUDA graph when not fused), False, or "auto", as in RolloutEngine.
         weight_dtype: the fused kernel's matmul weight dtype the caller would use (None: the model's;
             torch.bfloat16 for a bf16 autocast rollout; float16 is not covered).
+        batch: the rollout's batch rows, if known (see above).
 
     Returns:
         BackendChoice(backend, reason), a (backend, reason) pair: backend is "fused", "graph" or "loop".
@@ -95,7 +111,7 @@ def choose_backend(model: nn.Module, fused: bool | str = "auto", cuda_graph: boo
             raise ValueError(f"choose_backend: {name} must be True, False or 'auto', got {value!r}.")
     device = model_device_dtype(model, torch.empty(0))[0]
     on_gpu = device.type == "cuda" and torch.cuda.is_available()
-    choice = choose_fused(model, fused, weight_dtype, on_gpu)
+    choice = choose_fused(model, fused, weight_dtype, on_gpu, batch, processor_count(device) if on_gpu else None)
     if fused is True and choice.refusal is not None:
         raise ValueError(f"choose_backend: fused=True, but the fused kernel cannot run this model: {choice.refusal}. "
                          "HINT: set generation.fused=auto to fall back to the CUDA graph or the loop.")

@@ -37,6 +37,8 @@ def group_barrier(sem, rank, SPLIT: tl.constexpr):
     tl.debug_barrier()  # every thread's stores of this program happen before the release below
     arrive = tl.where(rank == 0, 2147483647 - (SPLIT - 2), 1)  # 2^31 - (SPLIT - 1), an int32 literal
     before = tl.atomic_add(sem, arrive, sem="release", scope="gpu")
+    # every poll is an acquire (it also invalidates the SM's L1: CCTL.IVALL). Polling relaxed with one
+    # acquire after the loop gave wrong sums on an H100: ptxas dropped the unused acquire load
     flipped = False
     while not flipped:
         now = tl.atomic_add(sem, 0, sem="acquire", scope="gpu")  # a plain ld.acquire.gpu
@@ -75,7 +77,7 @@ def group_sum(x, part, sem, rank, exchange, SPLIT: tl.constexpr, BB: tl.constexp
     if SPLIT == 1:
         return x
     else:
-        slot = part + (exchange % 2) * (SPLIT * BB * BX)
+        slot = part + (exchange & 1) * (SPLIT * BB * BX)
         publish(x, slot, rank, 0, BB, BC, BX)
         group_barrier(sem, rank, SPLIT)
         return gather(slot, 0, SPLIT, BB, BC, BX)

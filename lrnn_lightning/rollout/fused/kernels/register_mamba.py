@@ -85,7 +85,7 @@ def mamba_mixer(a, state, s_stride, scratch, slots, rows, row_ok, dt, layer, D, 
                          BB, PREC, W_BF16, EMULATE_BF16)
     tl.debug_barrier()  # u goes through scratch to whichever thread holds it in pass 2
     if SPLIT > 1:  # the selection sums over every channel: add up the ranks' parts
-        slot = part + (exchange % 2) * (SPLIT * BB * BX)
+        slot = part + (exchange & 1) * (SPLIT * BB * BX)
         publish(dt_low, slot, rank, 0, BB, BR, BX)
         publish(b_sel, slot, rank, BR, BB, BN, BX)
         publish(c_sel, slot, rank, BR + BN, BB, BN, BX)

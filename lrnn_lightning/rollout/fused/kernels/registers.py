@@ -190,7 +190,9 @@ def register_rollout_kernel(
             layer_up_w = up_w + layer * (2 * F * D)
             layer_up_b = up_b + layer * (2 * F)
             layer_down_w = down_w + layer * (D * F)
-            exchange = (t * n_layers + layer) * exchanges  # running number of this layer's first exchange
+            # running number of this layer's first exchange: only its parity is used (exchange & 1), which
+            # survives int32 wrap-around on very long rollouts
+            exchange = (t * n_layers + layer) * exchanges
             # the MLP's first weight block is loaded now, to arrive while the mixer runs
             w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(layer_up_w, layer_up_b, layer_down_w, D, F,
                                                                  rank * BF, BD, BF)
