@@ -4,7 +4,7 @@
 # (refreshed after every step, so a run cut short still returns what it did).
 #   bash experiments/gpu_session.sh [steps...]     steps: env tests models rollout callback train fused
 #       (also: rollout_small rollout_large rollout_large_mamba fused_tests profile ddp2 (needs 2 GPUs),
-#        all_tests (every cuda test in one run), fused_shapes, rollout_fused)
+#        all_tests (every cuda test in one run), fused_shapes, rollout_fused, splits)
 set -uo pipefail
 DEST=${OUT:-gpu_out}; OUT=$(mktemp -d); mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
@@ -59,6 +59,9 @@ print(\"media keys:\", [k for k in keys if k.endswith(\"_type\")])"' ;;
   rollout_fused) TAIL=20 run rollout_fused 110 python3 experiments/benchmark_rollout.py \
       --configs "32,32,16,1;32,128,64,4" --variants eager,seed,graph,fused --steps 64 --repeats 3 \
       --out "$OUT/rollout_fused.json" ;;
+  splits) TAIL=60 run splits 200 python3 experiments/benchmark_fused.py --configs "32,64,32,2;32,128,64,4;8,128,64,4" \
+      --models lru,mamba --variants graph,fused --no-tune --splits 1,2,4,8 --steps 64 --repeats 3 --budget-s 180 \
+      --out "$OUT/splits.json" ;;
   fused_bench) TAIL=60 run fused 200 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 --budget-s 170 \
       --no-tune --block-bs 1,2,4,8,16 --out "$OUT/fused.json" ;;
 esac; done
