@@ -1,4 +1,4 @@
-"""The step protocol every sequence mixer implements (see DESIGN.md).
+"""The step protocol every sequence mixer implements.
 
     forward(x, dt=None)              x (B, L, D) -> y (B, L, D); dt (B, L) event timesteps
     allocate_state(B, device, dtype) -> dict[str, Tensor] of zeroed state tensors
