@@ -12,7 +12,7 @@ from lrnn_lightning.rollout.fused.config import processor_count
 from lrnn_lightning.rollout.fused.support import fused_support
 
 BACKENDS = ("fused", "graph", "loop")
-# fused="auto" takes the kernel up to this many batch rows per SM: on an H100 it was 1.6-5x faster than the CUDA
+# fused="auto" takes the kernel up to this many batch rows per SM: on an H100 it was 1.6-5.4x faster than the CUDA
 # graph from B=1 to B=256 (two rows per SM), and 3-11x slower at B=1024 (d_model 512; experiments/RESULTS.md)
 AUTO_MAX_ROWS_PER_SM = 2
 
