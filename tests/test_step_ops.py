@@ -232,3 +232,21 @@ def test_tf32_keeps_the_matmul_kernel_out_but_not_the_modal_update(kernels_on_cp
     with torch.no_grad(), matmul_tf32(False):
         step_ops.linear_step(x, linear)
     assert len(kernels_on_cpu) == 1  # the positive control: TF32 was what kept it out
+
+
+@pytest.mark.parametrize("value, applies", [("0", False), ("1", True), (None, True)])
+def test_the_environment_switch_turns_the_kernel_off(value, applies):
+    # LRNN_STEP_KERNELS=0 (README) is read once, at import: check it in a fresh interpreter; the device type the
+    # kernel would run on is pointed at the CPU, so the answer depends on the switch alone
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LRNN_STEP_KERNELS"}
+    if value is not None:
+        env["LRNN_STEP_KERNELS"] = value
+    code = ("import torch; from lrnn_lightning.models import step_ops; step_ops.KERNEL_DEVICE = 'cpu'; "
+            "print(step_ops.elementwise_kernel_applies(torch.randn(4, 8)))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(applies)
