@@ -114,6 +114,19 @@ def test_train_py_with_cuda_graph_true_on_a_gpu(tmp_path):
     assert run.values("rollout/num_captures") == [1, 1]  # captured once, replayed at the second validation
 
 
+@pytest.mark.cuda
+def test_train_py_with_fused_auto_on_a_gpu(tmp_path):
+    """README's `python train.py model=lru generation.fused=auto trainer=gpu`, shortened: a small validation batch
+    on a GPU with Triton rolls out through the fused kernel at every validation."""
+    pytest.importorskip("triton")
+    run_train("model=lru", "generation.fused=auto", "experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}",
+              cwd=tmp_path)
+    (run_dir,) = offline_runs(tmp_path / "run")
+    run = read_offline_run(run_dir)
+    assert run.values("rollout/path") == ["fused", "fused"]
+    assert [float(v) for v in run.values("rollout/uses_fused")] == [1.0, 1.0]
+
+
 @pytest.mark.slow
 def test_a_resubmitted_run_resumes_from_its_last_checkpoint(tmp_path):
     """What a SLURM job resubmitted after a time-out does (experiments/sweeps/SLURM.md): ckpt_path=last."""
