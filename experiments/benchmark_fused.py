@@ -10,7 +10,7 @@ The fused "µs/step" is a whole fused_steps call (packing the live weights, a fe
 PyTorch ops, buffer set-up, launch) divided by the steps; "pre-packed" skips the packing;
 "kernel" times the launch alone. GB/s is the kernel's: weight bytes read per step / kernel time.
 For each fused variant the launch shapes (KernelConfig) are timed briefly and the best is kept:
-always `default_config` for this batch and this GPU's SM count (what fused_steps launches),
+always `default_launch` for this model, batch and GPU's SM count (what fused_steps launches),
 then each block_b of --block-bs (1, 2, 4, 8: small tiles without tl.dot; 16, 32, 64: tl.dot),
 then, unless --no-tune, a few tl.dot shapes; every shape's time is printed. Next to each time:
 the bytes of weights read per step (fused: every program streams every weight each step, so
@@ -46,6 +46,7 @@ from benchmark_rollout import SeedStyleGraph, add_rollout_arguments, median_seco
 from lrnn_lightning.models import SequenceModel
 from lrnn_lightning.rollout import StepGraph
 from lrnn_lightning.rollout.fused import KernelConfig, fused_steps
+from lrnn_lightning.rollout.fused import launch as fused_launch
 from lrnn_lightning.rollout.fused.config import (
     BLOCK_BS,
     SMALL_BLOCK_BS,
@@ -53,7 +54,7 @@ from lrnn_lightning.rollout.fused.config import (
     processor_count,
     small_tile_config,
 )
-from lrnn_lightning.rollout.fused.launch import build_call, default_config, kernel_module
+from lrnn_lightning.rollout.fused.launch import build_call, default_launch, kernel_module
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.inference import rollout_mode
 
@@ -110,13 +111,14 @@ def block_b_config(variant: str, block_b: int) -> KernelConfig:
     return dot_tile_config(block_b, tensor_cores=FUSED[variant] != (torch.float32, "ieee"))
 
 
-def launch_shapes(variant: str, batch: int, n_sms: int, block_bs: list[int], tune: bool,
+def launch_shapes(variant: str, packed, batch: int, n_sms: int, block_bs: list[int], tune: bool,
                   activations: list[str] = ("auto",), warps: list[int] = (),
-                  d_model: int | None = None, splits: list[int] = ()) -> list[tuple[str, KernelConfig]]:
-    """(label, shape) to time, the default first, without repeats; every shape once per `activations`
+                  splits: list[int] = ()) -> list[tuple[str, KernelConfig]]:
+    """(label, shape) to time, the default (`default_launch`: what fused_steps takes) first, without repeats;
+    every shape once per `activations`
     value (kernel choice), besides its own num_warps once per `warps`, and besides its own (default)
     split once per `splits`."""
-    base = [("default", default_config(batch, *FUSED[variant], n_sms=n_sms, d_model=d_model))]
+    base = [("default", default_launch(packed, batch, *FUSED[variant], n_sms))]
     base += [(f"block_b={b}", block_b_config(variant, b)) for b in block_bs]
     if tune:
         base += [("tune", c) for c in candidate_configs(variant, batch)]
@@ -153,8 +155,10 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
     tried = []
     best = None
     n_sms = processor_count(x0.device)
-    for label, config in launch_shapes(variant, x0.shape[0], n_sms, args.block_bs, args.tune, args.activations,
-                                       args.warps, model.d_model, args.splits):
+    packed = pack_model(model, weight_dtype, event=False)
+    kernels = kernel_module()
+    for label, config in launch_shapes(variant, packed, x0.shape[0], n_sms, args.block_bs, args.tune,
+                                       args.activations, args.warps, args.splits):
         if best is not None and time.perf_counter() > deadline:
             tried.append({"config": vars(config), "label": label, "skipped": "time budget"})
             continue
@@ -167,24 +171,25 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
             compile_s = time.perf_counter() - start
             short = min(args.steps, 64)
             seconds = cuda_median_seconds(lambda config=config, short=short: run(config, short), 2) / short
+            call = build_call(packed, x0, None, short, None, precision, config, interpreted=False)
+            kernel_s = cuda_median_seconds(lambda call=call: call.launch(kernels), 3) / short
         except Exception as error:  # one shape may not fit this GPU; keep trying the others
             tried.append({"config": vars(config), "label": label,
                           "error": f"{type(error).__name__}: {str(error)[:300]}"})
             continue
         tried.append({"config": vars(config), "label": label, "us_per_step_short": 1e6 * seconds,
-                      "compile_s": compile_s})
+                      "us_per_step_kernel_short": 1e6 * kernel_s, "compile_s": compile_s,
+                      "resident": bool(call.constexprs.get("RESIDENT", False))})
         if best is None or seconds < best[0]:
             best = (seconds, config, run)
     if best is None:
         raise RuntimeError(f"every launch shape failed: {tried}")
     seconds = cuda_median_seconds(best[2], args.repeats) / args.steps
-    packed = pack_model(model, weight_dtype, event=False)
     prepacked = cuda_median_seconds(lambda: fused_steps(model, x0, None, args.steps, weight_dtype=weight_dtype,
                                                    precision=precision, config=best[1], packed=packed),
                                args.repeats) / args.steps
     # the launch alone, on buffers built once (the state keeps evolving between runs: same cost)
     call = build_call(packed, x0, None, args.steps, None, precision, best[1], interpreted=False)
-    kernels = kernel_module()
     kernel_only = cuda_median_seconds(lambda: call.launch(kernels), args.repeats) / args.steps
     return {"seconds": seconds, "prepacked": prepacked, "kernel": kernel_only, "config": best[1], "tried": tried,
             "kernel_name": call.kernel, "split": call.constexprs.get("SPLIT", 1), "out": best[2]()}
@@ -247,10 +252,12 @@ def bench_config(name: str, config: tuple[int, int, int, int], args, deadline: f
 
 
 def print_shapes(variant: str, batch: int, tried: list[dict]) -> None:
-    """One line per launch shape timed (short runs, whole fused_steps calls), so the best block_b shows."""
+    """One line per launch shape timed (short runs: whole fused_steps calls, and the kernel launch alone),
+    so the best block_b shows."""
     for entry in tried:
         programs = -(-batch // entry["config"]["block_b"])
-        result = (f"{entry['us_per_step_short']:.2f} µs/step, compile {entry['compile_s']:.1f} s"
+        result = (f"{entry['us_per_step_short']:.2f} µs/step (kernel {entry['us_per_step_kernel_short']:.2f}"
+                  f"{', resident' if entry['resident'] else ''}), compile {entry['compile_s']:.1f} s"
                   if "us_per_step_short" in entry else entry.get("error", entry.get("skipped", "")))
         print(f"  {variant} B={batch} {entry['label']:>11s}: {shape_label(entry['config'], programs)}: {result}",
               flush=True)
@@ -322,6 +329,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--splits", type=lambda text: [int(v) for v in text.split(",") if v.strip()], default=[],
                         help="fused: also time each shape split over these programs per row tile (comma-separated; "
                              "the register kernel only)")
+    parser.add_argument("--no-resident", action="store_true",
+                        help="fused: run one-layer LRU / S5 models through the register kernel's per-step "
+                             "loads instead of keeping their weights and state in registers (kernels/resident.py): "
+                             "its baseline")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop trying further launch shapes after this many seconds (each shape compiles)")
     parser.add_argument("--out", default=None, help="write the rows as JSON to this path")
@@ -330,6 +341,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU (the fused kernel and the graphs run only there)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if args.no_resident:
+        fused_launch.resident_fits = lambda *_: False
     torch.backends.cuda.matmul.allow_tf32 = False  # graph and seed in true fp32, like the fused "ieee" dots
 
     import triton

@@ -37,8 +37,10 @@ from lrnn_lightning.rollout.fused import (
     support,
 )
 from lrnn_lightning.rollout.fused.config import (
+    DOT_SPLIT_WARPS,
     MAX_ONE_ROW_PROGRAMS_PER_SM,
     MAX_SPLIT,
+    RESIDENT_WARPS,
     SMALL_BLOCK_BS,
     SMALL_TILE,
     SPLIT_MIN_WEIGHT_BYTES,
@@ -46,7 +48,7 @@ from lrnn_lightning.rollout.fused.config import (
     processor_count,
     small_tile_config,
 )
-from lrnn_lightning.rollout.fused.launch import build_call, registers_fit, weight_bytes
+from lrnn_lightning.rollout.fused.launch import build_call, default_launch, registers_fit, weight_bytes
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.fused.selection import AUTO_MAX_ROWS_PER_SM, choose_fused
 from lrnn_lightning.rollout.inference import rollout_mode
@@ -385,6 +387,85 @@ def test_which_kernel_runs_and_why_not(interpreter):
     with pytest.raises(ValueError, match="activations must be one of .*got 'smem'"):
         fused_steps(lru, x0, None, 2, config=replace(small, activations="smem"))
 
+
+MODAL_CASES = [case for case in LTI_CASES if case[0] != "s4d"]  # LRU and every S5 variant
+
+
+@pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
+@pytest.mark.parametrize("case", MODAL_CASES, ids=case_id)
+def test_one_layer_models_run_resident_and_equal_the_loop(interpreter, case, event):
+    # one layer, 4 modes, 16 hidden units: weights and state stay in registers (kernels/resident.py)
+    model = make_model(*case, n_layers=1)
+    context, dt = make_data(event=event)
+    packed = pack_model(model, torch.float32, event=event)
+    x0 = torch.randn(B, W)
+    for block_b in (1, 2):
+        call = build_call(packed, x0, None, 2, dt[:, :2] if event else None, "ieee", small_tile_config(block_b), True)
+        assert call.kernel == "register_rollout_kernel" and call.constexprs["RESIDENT"], block_b
+        out = fused_rollout(model, context, HORIZON, dt, config=small_tile_config(block_b))
+        ref = loop_rollout(model, context, HORIZON, dt)
+        assert relative_error(out[:, 1:], ref[:, 1:]) < FUSED_TOL, block_b
+        assert relative_error(ref[:, -1], ref[:, 1]) > 1e-2
+    # the state the resident steps write back after the last step is the loop's
+    with rollout_mode(model, "cpu"):
+        y, state = model.prefill(context, dt[:, :C] if event else None)
+        dt_steps = dt[:, C:C + HORIZON - 1] if event else None
+        ys, final = fused_steps(model, y[:, -1], state, HORIZON - 1, dt_steps, return_state=True,
+                                config=small_tile_config(1))
+        loop_state = clone_state(state)
+        ref_steps = run_steps(model, y[:, -1], loop_state, HORIZON - 1, dt_steps)
+    assert relative_error(ys, ref_steps) < FUSED_TOL
+    for key, value in loop_state.items():
+        assert relative_error(final[key], value) < FUSED_TOL, key
+        assert relative_error(final[key], state[key]) > 1e-3, key
+
+
+def test_which_models_run_resident(interpreter):
+    x0 = torch.randn(B, W)
+    one_row = small_tile_config(1)
+
+    def resident(model, config=one_row, precision="ieee"):
+        call = build_call(pack_model(model, torch.float32, False), x0, None, 2, None, precision, config, True)
+        return call.kernel == "register_rollout_kernel" and call.constexprs["RESIDENT"]
+    assert resident(make_model("lru", n_layers=1))
+    assert resident(make_model("lru", n_layers=1), KernelConfig(block_b=16, block_n=16), "tf32x3")
+    assert not resident(make_model("lru", n_layers=2))  # the layers' weights would not all fit
+    assert not resident(make_model("mamba", n_layers=1))  # modal mixers only
+    # 40 modes in blocks of 16: more than one block of modes
+    assert not resident(make_model("lru", n_layers=1, d_state=40), replace(one_row, block_n=16))
+    # one block each (32 modes, 64 units), but (4 x 32 + 3 x 64) x d_model 32 elements exceed 4 tiles of 4 warps
+    wide = make_model("lru", n_layers=1, d_model=32, d_state=32)
+    assert resident(wide, replace(one_row, num_warps=8)) and not resident(wide, replace(one_row, num_warps=4))
+
+def test_default_launch_refines_the_batch_rule_with_the_model():
+    h100 = 132
+
+    def packed(name, d_model, d_state, n_layers, dtype=torch.float32):
+        return pack_model(make_model(name, d_model=d_model, d_state=d_state, n_layers=n_layers), dtype, event=False)
+    small_lru = packed("lru", 32, 16, 1)
+    # a one-layer model that runs resident takes RESIDENT_WARPS warps; others keep the batch rule's shape
+    assert default_launch(small_lru, 32, torch.float32, "ieee", h100) == replace(default_config(32, n_sms=h100),
+                                                                                 num_warps=RESIDENT_WARPS)
+    lru = packed("lru", 128, 64, 4)
+    assert default_launch(lru, 32, torch.float32, "ieee", h100) == default_config(32, n_sms=h100, d_model=128)
+    # tensor-core tl.dot tiles in registers split where MIN_DOT_SPLIT programs a tile fit, with 4 warps
+    lru_bf16 = packed("lru", 128, 64, 4, torch.bfloat16)
+    for batch, split in ((256, 8), (512, 4)):
+        config = default_launch(lru_bf16, batch, torch.bfloat16, "ieee", h100)
+        assert (config.block_b, config.split, config.num_warps) == (16, split, DOT_SPLIT_WARPS), batch
+    assert default_launch(lru_bf16, 1024, torch.bfloat16, "ieee", h100) == \
+        default_config(1024, torch.bfloat16, n_sms=h100, d_model=128)  # 64 tiles: split 2 was no faster
+    assert default_launch(lru, 512, torch.float32, "tf32x3", h100).split == 4
+    # Mamba's 16-row state tiles do not fit the register kernel: one-row programs up to two rows per SM
+    mamba_bf16 = packed("mamba", 128, 64, 4, torch.bfloat16)
+    assert not registers_fit(mamba_bf16, default_config(256, torch.bfloat16, n_sms=h100, d_model=128))[0]
+    assert default_launch(mamba_bf16, 256, torch.bfloat16, "ieee", h100) == replace(small_tile_config(1),
+                                                                                    num_warps=4)
+    assert default_launch(mamba_bf16, 512, torch.bfloat16, "ieee", h100).block_b == 16  # 4 rows per SM
+    # exact fp32 keeps the batch rule (one-row programs up to two rows per SM, then the scratch kernel's tiles)
+    for batch in (256, 1024):
+        assert default_launch(lru, batch, torch.float32, "ieee", h100) == default_config(batch, n_sms=h100,
+                                                                                          d_model=128)
 
 
 def test_default_split_rule():

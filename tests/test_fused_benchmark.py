@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lrnn_lightning.models import SequenceModel
+from lrnn_lightning.rollout.fused.pack import pack_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmark_fused.py"
 
@@ -59,7 +60,10 @@ def test_targets_and_table(bench):
 def test_launch_shapes_to_try(bench):
     assert [c.block_b for c in bench.candidate_configs("fused", 32)] == [16, 16, 16, 32]
     assert [c.block_b for c in bench.candidate_configs("fused-bf16", 16)] == [16]
-    shapes = bench.launch_shapes("fused", 32, 132, [1, 16], tune=False, activations=["auto", "scratch"], warps=[8])
+    packed = pack_model(SequenceModel("lru", d_input=8, d_output=8, d_model=32, d_state=16, n_layers=2),
+                        torch.float32, event=False)
+    shapes = bench.launch_shapes("fused", packed, 32, 132, [1, 16], tune=False, activations=["auto", "scratch"],
+                                 warps=[8])
     labels = [label for label, _ in shapes]
     assert labels[0] == "default" and "block_b=16 scratch w8" in labels
     assert len({shape for _, shape in shapes}) == len(shapes) == 8  # default == block_b=1: no repeats

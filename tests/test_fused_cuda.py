@@ -40,7 +40,7 @@ import torch
 from lrnn_lightning.rollout import RolloutEngine, run_steps
 from lrnn_lightning.rollout.fused import KernelConfig, choose_backend, fused_rollout, fused_steps, fused_support
 from lrnn_lightning.rollout.fused.config import small_tile_config
-from lrnn_lightning.rollout.fused.launch import build_call
+from lrnn_lightning.rollout.fused.launch import build_call, default_launch
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.fused.pack_graph import _GRAPHS as PACK_GRAPHS
 from lrnn_lightning.rollout.fused.pack_graph import MAX_RECAPTURES, PackGraph, pack_live, release_packing
@@ -376,3 +376,55 @@ def test_split_steps_with_idle_ranks_and_padded_tiles(name, d_model, block_b, sp
     context, dt = gpu_data(batch=SPLIT_BATCH, event=True)
     config = replace(small_tile_config(block_b), num_warps=8, split=split)
     assert_fp32_accurate(model, context, HORIZON, dt, fused_rollout(model, context, HORIZON, dt, config=config))
+
+
+# -- one-layer models whose weights and state stay in registers (kernels/resident.py) ----------------
+
+RESIDENT_CASES = [("lru", {}), ("s5", {"discretization": "zoh"}), ("s5", {"discretization": "bilinear"})]
+
+
+@pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
+@pytest.mark.parametrize("case", RESIDENT_CASES, ids=case_id)
+def test_one_layer_models_run_resident_on_gpu(case, event):
+    # the benchmark's (32, 32, 16, 1) shape: 16 modes, 64 hidden units, one row a program with 8 and 4 warps
+    model = gpu_model(*case, d_model=32, d_state=16, n_layers=1)
+    context, dt = gpu_data(event=event)
+    packed = pack_model(model, torch.float32, event=event)
+    for num_warps in (8, 4):
+        config = replace(small_tile_config(1), num_warps=num_warps)
+        call = build_call(packed, context[:, -1], None, 2, dt[:, :2] if event else None, "ieee", config, False)
+        assert call.constexprs["RESIDENT"], num_warps
+        out = fused_rollout(model, context, HORIZON, dt, config=config)
+        assert_fp32_accurate(model, context, HORIZON, dt, out)
+    with torch.no_grad():  # the state written back after the last step
+        y, state = model.prefill(context, dt[:, :C] if event else None)
+        dt_steps = dt[:, C:C + HORIZON - 1] if event else None
+        out, final = fused_steps(model, y[:, -1], state, HORIZON - 1, dt_steps, return_state=True)
+        loop_out = run_steps(model, y[:, -1], state, HORIZON - 1, dt_steps)
+    assert relative_error(out, loop_out) < 1e-4
+    for key in state:
+        assert relative_error(final[key], state[key]) < 1e-4, key
+
+
+# -- the launch shape fused_steps takes by default (launch.default_launch) -----------------------------
+
+@pytest.mark.parametrize("name", ["lru", "mamba"])
+def test_the_default_launch_at_a_mid_batch_on_tensor_cores(name):
+    # LRU: 16-row tl.dot tiles split 8 ways (4 warps); Mamba, whose 16-row state tiles do not fit registers:
+    # one-row programs instead of the scratch kernel's tiles. tf32x3 (about fp32) against the loop.
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = 16 * (n_sms // 8)  # 16 row tiles of 16 on an H100 or H200
+    model = gpu_model(name, d_model=128, d_state=64)
+    context, dt = gpu_data(batch=batch, event=True)
+    config = default_launch(pack_model(model, torch.float32, event=True), batch, torch.float32, "tf32x3", n_sms)
+    if name == "lru":
+        assert (config.block_b, config.split, config.num_warps) == (16, 8, 4)
+    else:
+        assert (config.block_b, config.split, config.num_warps) == (1, None, 4)
+    out = fused_rollout(model, context, HORIZON, dt, precision="tf32x3")  # config None: default_launch
+    assert torch.equal(out, fused_rollout(model, context, HORIZON, dt, precision="tf32x3", config=config))
+    if name == "mamba":  # one-row programs multiply in exact fp32 whatever the precision
+        assert_fp32_accurate(model, context, HORIZON, dt, out)
+    else:
+        error = relative_error(out[:, 1:], loop_rollout(model, context, HORIZON, dt)[:, 1:])
+        assert error < TF32X3_TOL, f"tf32x3 relative error {error:.2e} with {config}"

@@ -30,6 +30,18 @@ streaming they share; at (32, 64, 32, 2) the LRU (0.27 MB of weights) got slower
 steps that stream at least SPLIT_MIN_WEIGHT_BYTES (384 KB), as far as all programs stay
 resident: at B=1 and 8 the 4-layer models then run split 8 (LRU 55 -> 34 µs, Mamba 168 -> 54).
 
+What `launch.default_launch` adds, knowing the model (H100, 2026-11-27, µs per step of the kernel):
+- tensor-core tl.dot tiles of an LRU at d_model 128, 4 layers, split as `default_split` says where at
+  least MIN_DOT_SPLIT programs fit each tile, with 4 warps: B=256 bf16 71 -> 53 (split 8), tf32x3 229 ->
+  161; B=512 bf16 67 -> 54 (split 4), tf32x3 232 -> 198; at B=1024 (split 2 at most) no gain (bf16 74 vs
+  88 split with 4 warps) and tf32x3 split 2 with 8 warps ran 9x slower, hence the minimum of 4;
+- Mamba's 16-row state tiles do not fit the register kernel, so its tensor-core tiles ran the scratch
+  kernel: B=256 bf16 1146 µs, twice the graph's 576; up to MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM it
+  takes one-row programs (4 warps) instead, as exact fp32 does;
+- one-layer LRU / S5 models whose weights and state stay in registers (kernels/resident.py) run
+  fastest with RESIDENT_WARPS: (32, 32, 16, 1) LRU 2.07 µs with 4 warps, 2.18 with 8, 2.67 with 16
+  (the per-step loads they replace: 2.38, 2.64, 3.29); S5 1.94 with 4.
+
 `experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
 against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their
 (rows, block_n, block_k) product is sized to SMALL_TILE elements.
@@ -52,6 +64,9 @@ WIDE_D_MODEL = 128  # from this width on, tensor-core tl.dot tiles run with 8 wa
 ACTIVATIONS = ("auto", "registers", "scratch")
 MAX_SPLIT = 8  # programs a row tile's step may be split over (kernels/group.py)
 SPLIT_MIN_WEIGHT_BYTES = 384 << 10  # split only steps that stream at least this many weight bytes (module doc)
+MIN_DOT_SPLIT = 4  # tl.dot tiles split by default only this many ways or more (module doc)
+DOT_SPLIT_WARPS = 4  # warps of a split tl.dot tile (module doc)
+RESIDENT_WARPS = 4  # warps of a whole-model-resident one-row program (module doc)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ imported on first use.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -31,11 +31,16 @@ from lrnn_lightning.rollout.checks import (
 from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig and default_config live on here)
     ACTIVATIONS,
     BLOCK_BS,
+    DOT_SPLIT_WARPS,
+    MAX_ONE_ROW_PROGRAMS_PER_SM,
     MAX_SPLIT,
+    MIN_DOT_SPLIT,
+    RESIDENT_WARPS,
     KernelConfig,
     default_config,
     default_split,
     processor_count,
+    small_tile_config,
 )
 from lrnn_lightning.rollout.fused.pack import (
     MAMBA,
@@ -56,6 +61,7 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")
 TILE_3D = 512  # elements per warp of the S4D / Mamba state tiles (2048 with 4 warps)
 REGISTER_TILE = 512  # elements per warp of one weight tile (and of a small tile's product) in the register kernel
 REGISTER_ROWS = 1024  # elements per warp of one (rows, d_model) activation: h, a, y and z are live at once
+RESIDENT_TILES = 4  # register tiles of weights a whole-model-resident program may hold (kernels/resident.py)
 
 
 class FusedKernelError(RuntimeError):
@@ -152,6 +158,18 @@ def register_blocks(packed: PackedModel, config: KernelConfig, split: int = 1) -
     return blocks
 
 
+def resident_fits(packed: PackedModel, config: KernelConfig, blocks: dict[str, int]) -> bool:
+    """Whether the register kernel runs `packed` whole-model-resident (kernels/resident.py): a one-layer
+    LRU / S5 model, unsplit, whose modes and hidden units each fit one block of `blocks` (`register_blocks`)
+    and whose weight tiles (4 of modes x d_model, 3 of hidden units x d_model) fit RESIDENT_TILES tiles."""
+    if packed.mixer_id != MODAL or packed.n_layers != 1 or blocks["SPLIT"] != 1:
+        return False
+    if packed.sizes[0] > blocks["BP"] or packed.d_ff > blocks["BF"]:
+        return False
+    elements = (4 * blocks["BP"] + 3 * blocks["BF"]) * blocks["BD"]
+    return elements <= RESIDENT_TILES * REGISTER_TILE * config.num_warps
+
+
 def split_blocks(packed: PackedModel) -> int:
     """Blocks of 16 in the register kernel's widest split loop (modes, Mamba channels or MLP hidden units)."""
     return -(-max(packed.d_ff, packed.sizes[0]) // 16)
@@ -203,8 +221,8 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
             (tensor cores, about fp32 accuracy) or "tf32" (tensor cores, ~1e-3). Tiles of fewer
             than 16 rows (`config.block_b` 1-8) do not use tl.dot and compute exact fp32 anyway,
             with bf16 weights widened to fp32.
-        config: launch shape; None picks one from the batch size and the GPU's SM count
-            (`default_config`).
+        config: launch shape; None picks one from the batch size, the GPU's SM count and the model
+            (`default_launch`).
         return_state: also return the state after the last step.
         packed: weights already packed by `pack_model(model, weight_dtype, event)`, used as they
             are: the caller answers for their freshness (benchmarks; None packs the live weights).
@@ -229,8 +247,30 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
     if event and tuple(dt_steps.shape) != (batch, num_steps):
         raise ValueError(f"fused_steps: expected dt_steps of shape ({batch}, {num_steps}), "
                          f"got {tuple(dt_steps.shape)}.")
-    config = config or default_config(batch, weight_dtype, precision, n_sms=processor_count(x0.device),
-                                      d_model=model.d_model)
+    if config is not None:
+        check_config(config)
+    if num_steps == 0:
+        empty = x0.new_empty(batch, 0, width)
+        return (empty, _copy_state(state, model, batch, x0)) if return_state else empty
+
+    with torch.no_grad():
+        packed = packed or pack_live(model, weight_dtype, event)
+        config = config or default_launch(packed, batch, weight_dtype, precision, processor_count(x0.device))
+        out, final_rows = _launch(packed, x0, state, num_steps, dt_steps, precision, config)
+    result = out[:, 1:].to(x0.dtype)
+    if not return_state:
+        return result
+    template = model.allocate_state(1, x0.device, torch.float32)
+    final: State = {}
+    for layer, rows in enumerate(final_rows):
+        like = {key[len(f"{layer}."):]: value for key, value in template.items() if key.startswith(f"{layer}.")}
+        for key, value in rows_to_state(packed.mixer_id, rows, like).items():
+            final[f"{layer}.{key}"] = value.to(x0.dtype)
+    return result, final
+
+
+def check_config(config: KernelConfig) -> None:
+    """A ValueError naming the bad field of a user-given launch shape."""
     if config.block_b not in BLOCK_BS:
         raise ValueError(f"fused_steps: block_b must be one of {BLOCK_BS}, got {config.block_b}. HINT: 1-8 rows per "
                          "program multiply without tl.dot (small batches), 16-64 with it.")
@@ -247,24 +287,6 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
     if config.split is not None and (not isinstance(config.split, int) or not 1 <= config.split <= MAX_SPLIT):
         raise ValueError(f"fused_steps: split must be None or an int from 1 to {MAX_SPLIT}, got {config.split!r}. "
                          "HINT: None lets default_split choose.")
-
-    if num_steps == 0:
-        empty = x0.new_empty(batch, 0, width)
-        return (empty, _copy_state(state, model, batch, x0)) if return_state else empty
-
-    with torch.no_grad():
-        packed = packed or pack_live(model, weight_dtype, event)
-        out, final_rows = _launch(packed, x0, state, num_steps, dt_steps, precision, config)
-    result = out[:, 1:].to(x0.dtype)
-    if not return_state:
-        return result
-    template = model.allocate_state(1, x0.device, torch.float32)
-    final: State = {}
-    for layer, rows in enumerate(final_rows):
-        like = {key[len(f"{layer}."):]: value for key, value in template.items() if key.startswith(f"{layer}.")}
-        for key, value in rows_to_state(packed.mixer_id, rows, like).items():
-            final[f"{layer}.{key}"] = value.to(x0.dtype)
-    return result, final
 
 
 def _copy_state(state: State | None, model: nn.Module, batch: int, x0: Tensor) -> State:
@@ -314,6 +336,36 @@ def resolve_split(packed: PackedModel, config: KernelConfig, tiles: int, device:
     return config.split
 
 
+def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, precision: str,
+                   n_sms: int) -> KernelConfig:
+    """The launch shape `fused_steps` takes without a config: `default_config` for the batch, refined by what
+    it knows of the model (config.py's module doc has the measurements):
+
+    - a tl.dot tile whose model does not fit the register kernel (Mamba's state tiles of 16 rows) would
+      run the scratch kernel: up to MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM, one-row programs instead;
+    - a tl.dot tile in registers splits its step over default_split's programs (and 4 warps) where at least
+      MIN_DOT_SPLIT of them fit each tile (tiles * MIN_DOT_SPLIT <= SMs);
+    - a one-layer LRU / S5 model that runs resident (kernels/resident.py) takes RESIDENT_WARPS warps.
+    """
+    config = default_config(batch, weight_dtype, precision, n_sms=n_sms, d_model=packed.d_model)
+    tiles = -(-batch // config.block_b)
+    if config.block_b >= 16:
+        if not registers_fit(packed, config, precision)[0]:
+            one_row = replace(small_tile_config(1), num_warps=4)
+            if -(-batch // n_sms) <= MAX_ONE_ROW_PROGRAMS_PER_SM and registers_fit(packed, one_row, precision)[0]:
+                return one_row
+            return config
+        if packed.mixer_id in (MODAL, MAMBA) and tiles * MIN_DOT_SPLIT <= n_sms:
+            split = default_split(tiles, n_sms, weight_bytes(packed), split_blocks(packed))
+            if split >= MIN_DOT_SPLIT:
+                return replace(config, split=split, num_warps=DOT_SPLIT_WARPS)
+        return config
+    narrow = replace(config, num_warps=RESIDENT_WARPS)
+    if registers_fit(packed, narrow, precision)[0] and resident_fits(packed, narrow, register_blocks(packed, narrow)):
+        return narrow
+    return config
+
+
 def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
                precision: str, config: KernelConfig, interpreted: bool) -> KernelCall:
     """Allocate the output, scratch and state buffers of one launch and assemble the arguments of the kernel
@@ -345,6 +397,7 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
     if uses_registers(packed, config, precision):
         split = resolve_split(packed, config, n_prog, device, interpreted)
         blocks = register_blocks(packed, config, split)
+        blocks["RESIDENT"] = resident_fits(packed, config, blocks)
         # Mamba's conv outputs cross between its two passes through these rows (kernels/register_mamba.py)
         mixer_rows = torch.empty(n_prog * split * bb, packed.sizes[0] if packed.mixer_id == MAMBA else 1,
                                  device=device, dtype=f32)

@@ -23,7 +23,9 @@ scratch kernel. With one row a program (`config.default_config` at small batch) 
 product runs in the weight tile's own layout (`common.small_product`), which made the
 (32, 128, 64, 4) LRU step 2.7x faster than a 3-D broadcast product (RESULTS.md). With SPLIT > 1
 several programs share a row tile's step, each taking every SPLIT-th block of modes, Mamba
-channels and hidden units, and add up their partial sums at a barrier (group.py).
+channels and hidden units, and add up their partial sums at a barrier (group.py). A one-layer
+LRU / S5 model whose modes and hidden units each fit one block runs `resident.py` instead
+(RESIDENT): its weights and state stay in registers from the first step to the last.
 """
 
 from __future__ import annotations
@@ -31,23 +33,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lrnn_lightning.rollout.fused.kernels.common import gelu, product, row_sum
+from lrnn_lightning.rollout.fused.kernels.blocks import mlp_block, mlp_tiles, modal_block, normalize
+from lrnn_lightning.rollout.fused.kernels.common import product
 from lrnn_lightning.rollout.fused.kernels.group import group_sum
-from lrnn_lightning.rollout.fused.kernels.lti import advance_modes, mode_coefficients
+from lrnn_lightning.rollout.fused.kernels.lti import mode_coefficients
 from lrnn_lightning.rollout.fused.kernels.register_mamba import mamba_mixer
-
-
-@triton.jit
-def normalize(h, g_ptr, b_ptr, D, eps, BD: tl.constexpr):
-    """LayerNorm over the D valid columns of h (BB, BD); the padded columns come out zero."""
-    ds = tl.arange(0, BD)
-    d_ok = (ds < D)[None, :]
-    mean = row_sum(tl.where(d_ok, h, 0.0), axis=1) / D
-    centred = tl.where(d_ok, h - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt_rn(row_sum(centred * centred, axis=1) / D + eps)
-    g = tl.load(g_ptr + ds, mask=ds < D, other=0.0)
-    b = tl.load(b_ptr + ds, mask=ds < D, other=0.0)
-    return centred * rstd[:, None] * g[None, :] + b[None, :]
+from lrnn_lightning.rollout.fused.kernels.resident import resident_modal_steps
 
 
 @triton.jit
@@ -81,35 +72,13 @@ def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a
         s_re_ptr = state + rows[:, None] * s_stride + ps[None, :]
         s_re = tl.load(s_re_ptr, mask=s_mask, other=0.0)
         s_im = tl.load(s_re_ptr + P, mask=s_mask, other=0.0)
-        u_re = product(a, b_re, BB, PREC, W_BF16, EMULATE_BF16)
-        u_im = product(a, b_im, BB, PREC, W_BF16, EMULATE_BF16)
-        new_re, new_im = advance_modes(u_re, u_im, s_re, s_im, decay_re, decay_im, scale_re, scale_im, HAS_SCALE)
+        y_block, new_re, new_im = modal_block(a, b_re, b_im, c_re, c_im, s_re, s_im, decay_re, decay_im, scale_re,
+                                              scale_im, HAS_SCALE, BB, PREC, W_BF16, EMULATE_BF16)
         tl.debug_barrier()  # threads holding copies of one state element must all read it before anyone writes
         tl.store(s_re_ptr, new_re, mask=s_mask)
         tl.store(s_re_ptr + P, new_im, mask=s_mask)
-        y += product(new_re, c_re, BB, PREC, W_BF16, EMULATE_BF16)
-        y += product(new_im, c_im, BB, PREC, W_BF16, EMULATE_BF16)
+        y += y_block
     return y
-
-
-@triton.jit
-def mlp_tiles(up_w, up_b, down_w, D, F, f0, BD: tl.constexpr, BF: tl.constexpr):
-    """Hidden units [f0, f0 + BF) of the gated MLP: Wv (BF, BD), Wg (BF, BD), Wdown (BD, BF), bv and bg (1, BF).
-
-    Beyond F everything is masked to zero (and no memory is read), so the block after the
-    last can be "prefetched" harmlessly.
-    """
-    ds = tl.arange(0, BD)
-    d_ok = ds < D
-    fs = f0 + tl.arange(0, BF)
-    f_ok = fs < F
-    up_mask = f_ok[:, None] & d_ok[None, :]
-    w_value = tl.load(up_w + fs[:, None] * D + ds[None, :], mask=up_mask, other=0.0)
-    w_gate = tl.load(up_w + (F + fs)[:, None] * D + ds[None, :], mask=up_mask, other=0.0)
-    w_down = tl.load(down_w + ds[:, None] * F + fs[None, :], mask=d_ok[:, None] & f_ok[None, :], other=0.0)
-    b_value = tl.load(up_b + fs, mask=f_ok, other=0.0)[None, :]
-    b_gate = tl.load(up_b + F + fs, mask=f_ok, other=0.0)[None, :]
-    return w_value, w_gate, w_down, b_value, b_gate
 
 
 @triton.jit
@@ -126,9 +95,7 @@ def gated_mlp(a, D, F, up_w, up_b, down_w, w_value, w_gate, w_down, b_value, b_g
     z = tl.full((BB, BD), 0.0, tl.float32)
     for f0 in range(rank * BF, F, BF * SPLIT):
         n_value, n_gate, n_down, nb_value, nb_gate = mlp_tiles(up_w, up_b, down_w, D, F, f0 + BF * SPLIT, BD, BF)
-        value = product(a, w_value, BB, PREC, W_BF16, EMULATE_BF16) + b_value
-        gate = product(a, w_gate, BB, PREC, W_BF16, EMULATE_BF16) + b_gate
-        z += product(value * gelu(gate), w_down, BB, PREC, W_BF16, EMULATE_BF16)  # padded units: 0 * gelu(0)
+        z += mlp_block(a, w_value, w_gate, w_down, b_value, b_gate, BB, PREC, W_BF16, EMULATE_BF16)
         w_value, w_gate, w_down, b_value, b_gate = n_value, n_gate, n_down, nb_value, nb_gate
     return z
 
@@ -146,13 +113,15 @@ def register_rollout_kernel(
     BB: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
     BP: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BKC: tl.constexpr,
     SPLIT: tl.constexpr, BX: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    RESIDENT: tl.constexpr,
 ):
     """Grid (cdiv(B, BB) * SPLIT,): SPLIT programs a row tile (group.py). out (B, n_steps + 1, W) holds x0 in
     column 0 and receives step t's output in column t + 1; dt (B, n_steps) fp32 when EVENT; state (L, row
     tiles * BB, state width) fp32, updated in place; scratch (programs * BB, md0) fp32 for Mamba's conv
     outputs; part (row tiles, 2, SPLIT, BB, BX) fp32 and sem (row tiles,) int32, zeroed, for the exchanges
     of a split step (unused when SPLIT is 1); weights and mixer slots m0..m8, md0..md3 as packed by
-    `pack_model`. MIXER 0: LRU / S5 (`modal_mixer`, BP), 2: Mamba (`mamba_mixer`, BE, BR, BN, BKC)."""
+    `pack_model`. MIXER 0: LRU / S5 (`modal_mixer`, BP), 2: Mamba (`mamba_mixer`, BE, BR, BN, BKC).
+    RESIDENT (MIXER 0, one layer, P <= BP, F <= BF, SPLIT 1; `launch.resident_fits`): `resident_modal_steps`."""
     pid = tl.program_id(0)
     tile = pid // SPLIT
     rank = pid % SPLIT
@@ -176,46 +145,53 @@ def register_rollout_kernel(
     dec = tl.load(dec_w + ws[:, None] * D + ds[None, :], mask=w_ok[:, None] & d_ok[None, :], other=0.0)
     dec_bias = tl.load(dec_b + ws, mask=w_ok, other=0.0)[None, :]
     x = tl.load(out_rows, mask=io_mask, other=0.0)
-    for t in range(n_steps):
-        # the state a thread reads this step may have been written by another thread last step: explicit,
-        # rather than relying on the barriers Triton happens to emit for its layout conversions
-        tl.debug_barrier()
-        if EVENT:
-            dt = tl.load(dt_ptr + rows * dt_stride_b + t, mask=row_ok, other=1.0)
-        else:
-            dt = tl.full((BB,), 1.0, tl.float32)
-        h = product(x, enc, BB, PREC, W_BF16, EMULATE_BF16) + enc_bias
-        state = state_ptr
-        for layer in range(n_layers):
-            layer_up_w = up_w + layer * (2 * F * D)
-            layer_up_b = up_b + layer * (2 * F)
-            layer_down_w = down_w + layer * (D * F)
-            # running number of this layer's first exchange: only its parity is used (exchange & 1), which
-            # survives int32 wrap-around on very long rollouts
-            exchange = (t * n_layers + layer) * exchanges
-            # the MLP's first weight block is loaded now, to arrive while the mixer runs
-            w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(layer_up_w, layer_up_b, layer_down_w, D, F,
-                                                                 rank * BF, BD, BF)
-            a = normalize(h, norm1_g + layer * D, norm1_b + layer * D, D, eps, BD)
-            if MIXER == 0:
-                P = md0
-                y = modal_mixer(a, state, state_stride_row, rows, row_ok, dt, D, P, m0 + layer * (2 * P * D),
-                                m1 + layer * (2 * P * D), m3 + layer * (2 * P), m4 + layer * (2 * P), m5 + layer * P,
-                                rank, RULE, EVENT, HAS_SCALE, BB, BD, BP, SPLIT, PREC, W_BF16, EMULATE_BF16)
-                y = group_sum(y, part, sem, rank, exchange, SPLIT, BB, BD, BX)
-                y += tl.load(m2 + layer * D + ds, mask=d_ok, other=0.0)[None, :] * a
+    if RESIDENT:  # one layer, one block of modes and of hidden units: weights and state stay in registers
+        resident_modal_steps(x, out_rows, out_stride_t, io_mask, dt_ptr, dt_stride_b, rows, row_ok, state_ptr,
+                             state_stride_row, enc, enc_bias, dec, dec_bias, final_g, final_b, norm1_g, norm1_b,
+                             norm2_g, norm2_b, up_w, up_b, down_w, down_b, m0, m1, m2, m3, m4, m5, n_steps, D, F, md0,
+                             eps, RULE, EVENT, HAS_SCALE, BB, BD, BP, BF, PREC, W_BF16, EMULATE_BF16)
+    else:
+        for t in range(n_steps):
+            # the state a thread reads this step may have been written by another thread last step: explicit,
+            # rather than relying on the barriers Triton happens to emit for its layout conversions
+            tl.debug_barrier()
+            if EVENT:
+                dt = tl.load(dt_ptr + rows * dt_stride_b + t, mask=row_ok, other=1.0)
             else:
-                y = mamba_mixer(a, state, state_stride_row, scratch_ptr, slots, rows, row_ok, dt, layer, D,
-                                md0, md1, md2, md3, m0, m1, m2, m3, m4, m5, m6, m7, m8, rank, part, sem, exchange,
-                                EVENT, BB, BD, BE, BR, BN, BKC, SPLIT, BX, PREC, W_BF16, EMULATE_BF16)
-                y = group_sum(y, part, sem, rank, exchange + 1, SPLIT, BB, BD, BX)
-            h = h + y
-            a = normalize(h, norm2_g + layer * D, norm2_b + layer * D, D, eps, BD)
-            z = gated_mlp(a, D, F, layer_up_w, layer_up_b, layer_down_w, w_value, w_gate, w_down, b_value, b_gate,
-                          rank, BB, BD, BF, SPLIT, PREC, W_BF16, EMULATE_BF16)
-            z = group_sum(z, part, sem, rank, exchange + exchanges - 1, SPLIT, BB, BD, BX)
-            h = h + (z + tl.load(down_b + layer * D + ds, mask=d_ok, other=0.0)[None, :])
-            state += state_stride_layer  # a pointer step: (layer * stride) could overflow int32
-        a = normalize(h, final_g, final_b, D, eps, BD)
-        x = product(a, dec, BB, PREC, W_BF16, EMULATE_BF16) + dec_bias
-        tl.store(out_rows + (t + 1) * out_stride_t, x, mask=io_mask & writer[:, None])
+                dt = tl.full((BB,), 1.0, tl.float32)
+            h = product(x, enc, BB, PREC, W_BF16, EMULATE_BF16) + enc_bias
+            state = state_ptr
+            for layer in range(n_layers):
+                layer_up_w = up_w + layer * (2 * F * D)
+                layer_up_b = up_b + layer * (2 * F)
+                layer_down_w = down_w + layer * (D * F)
+                # running number of this layer's first exchange: only its parity is used (exchange & 1), which
+                # survives int32 wrap-around on very long rollouts
+                exchange = (t * n_layers + layer) * exchanges
+                # the MLP's first weight block is loaded now, to arrive while the mixer runs
+                w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(layer_up_w, layer_up_b, layer_down_w, D, F,
+                                                                     rank * BF, BD, BF)
+                a = normalize(h, norm1_g + layer * D, norm1_b + layer * D, D, eps, BD)
+                if MIXER == 0:
+                    P = md0
+                    y = modal_mixer(a, state, state_stride_row, rows, row_ok, dt, D, P, m0 + layer * (2 * P * D),
+                                    m1 + layer * (2 * P * D), m3 + layer * (2 * P), m4 + layer * (2 * P),
+                                    m5 + layer * P, rank, RULE, EVENT, HAS_SCALE, BB, BD, BP, SPLIT, PREC, W_BF16,
+                                    EMULATE_BF16)
+                    y = group_sum(y, part, sem, rank, exchange, SPLIT, BB, BD, BX)
+                    y += tl.load(m2 + layer * D + ds, mask=d_ok, other=0.0)[None, :] * a
+                else:
+                    y = mamba_mixer(a, state, state_stride_row, scratch_ptr, slots, rows, row_ok, dt, layer, D,
+                                    md0, md1, md2, md3, m0, m1, m2, m3, m4, m5, m6, m7, m8, rank, part, sem, exchange,
+                                    EVENT, BB, BD, BE, BR, BN, BKC, SPLIT, BX, PREC, W_BF16, EMULATE_BF16)
+                    y = group_sum(y, part, sem, rank, exchange + 1, SPLIT, BB, BD, BX)
+                h = h + y
+                a = normalize(h, norm2_g + layer * D, norm2_b + layer * D, D, eps, BD)
+                z = gated_mlp(a, D, F, layer_up_w, layer_up_b, layer_down_w, w_value, w_gate, w_down, b_value, b_gate,
+                              rank, BB, BD, BF, SPLIT, PREC, W_BF16, EMULATE_BF16)
+                z = group_sum(z, part, sem, rank, exchange + exchanges - 1, SPLIT, BB, BD, BX)
+                h = h + (z + tl.load(down_b + layer * D + ds, mask=d_ok, other=0.0)[None, :])
+                state += state_stride_layer  # a pointer step: (layer * stride) could overflow int32
+            a = normalize(h, final_g, final_b, D, eps, BD)
+            x = product(a, dec, BB, PREC, W_BF16, EMULATE_BF16) + dec_bias
+            tl.store(out_rows + (t + 1) * out_stride_t, x, mask=io_mask & writer[:, None])

@@ -1,0 +1,88 @@
+"""A/B timing of the whole-model-resident kernel path (kernels/resident.py) against the per-step loads it replaces.
+
+Kernel launches alone (buffers built once), the two paths interleaved launch by launch, after
+a warm-up, so that clock ramps and neighbours on a shared machine hit both alike; µs per step
+= median launch time / steps. The per-step baseline is the same register kernel with
+`launch.resident_fits` forced False: same arithmetic, weights and state re-read every step.
+
+    python experiments/probe_resident.py --configs "32,32,16,1" --models lru,s5 --warps 4,8,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+import torch
+
+from lrnn_lightning.models import SequenceModel
+from lrnn_lightning.rollout.fused import launch
+from lrnn_lightning.rollout.fused.config import small_tile_config
+from lrnn_lightning.rollout.fused.pack import pack_model
+
+
+def launch_seconds(call, kernels) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call.launch(kernels)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="32,32,16,1", help="B,d_model,d_state,layers;...")
+    parser.add_argument("--models", default="lru,s5")
+    parser.add_argument("--warps", default="4,8,16")
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("this probe needs a CUDA GPU")
+    device = torch.device("cuda")
+    kernels = launch.kernel_module()
+    fits = launch.resident_fits
+    rows = []
+    print(f"device: {torch.cuda.get_device_name()}, {args.steps} steps a launch, {args.rounds} rounds", flush=True)
+    for name in args.models.split(","):
+        for text in args.configs.split(";"):
+            batch, d_model, d_state, layers = (int(v) for v in text.split(","))
+            torch.manual_seed(0)
+            model = SequenceModel(name, d_input=1, d_output=1, d_model=d_model, d_state=d_state,
+                                  n_layers=layers).to(device).eval()
+            packed = pack_model(model, torch.float32, event=False)
+            x0 = torch.randn(batch, 1, device=device)
+            calls = {}
+            for warps in (int(w) for w in args.warps.split(",")):
+                config = replace(small_tile_config(1), num_warps=warps)
+                for resident in (True, False):
+                    launch.resident_fits = fits if resident else (lambda *_: False)
+                    call = launch.build_call(packed, x0, None, args.steps, None, "ieee", config, interpreted=False)
+                    if call.constexprs.get("RESIDENT", False) == resident:
+                        calls[(warps, resident)] = call
+            launch.resident_fits = fits
+            for call in calls.values():  # compile and warm up
+                for _ in range(5):
+                    call.launch(kernels)
+            times = {key: [] for key in calls}
+            for _ in range(args.rounds):
+                for key, call in calls.items():
+                    times[key].append(launch_seconds(call, kernels))
+            for (warps, resident), values in times.items():
+                row = {"model": name, "config": text, "num_warps": warps, "resident": resident,
+                       "us_per_step": 1e6 * sorted(values)[len(values) // 2] / args.steps,
+                       "us_per_step_min": 1e6 * min(values) / args.steps}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

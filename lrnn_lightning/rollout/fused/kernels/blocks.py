@@ -1,0 +1,78 @@
+"""The per-block math of the register-resident kernels (registers.py, resident.py), on tensors in registers.
+
+Each helper takes one program's tile of BB rows: LayerNorm, one block of BP complex modes
+of an LRU / S5 mixer, and one block of BF hidden units of the gated MLP. Weight tiles are
+row-major (N, K) as packed (`pack.py`); `common.product` multiplies.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lrnn_lightning.rollout.fused.kernels.common import gelu, product, row_sum
+from lrnn_lightning.rollout.fused.kernels.lti import advance_modes
+
+
+@triton.jit
+def normalize(h, g_ptr, b_ptr, D, eps, BD: tl.constexpr):
+    """LayerNorm over the D valid columns of h (BB, BD); the padded columns come out zero."""
+    ds = tl.arange(0, BD)
+    g = tl.load(g_ptr + ds, mask=ds < D, other=0.0)
+    b = tl.load(b_ptr + ds, mask=ds < D, other=0.0)
+    return normalize_with(h, g, b, D, eps, BD)
+
+
+@triton.jit
+def normalize_with(h, g, b, D, eps, BD: tl.constexpr):
+    """LayerNorm of h (BB, BD) with the gain g and bias b (BD,) already loaded (zero beyond D)."""
+    d_ok = (tl.arange(0, BD) < D)[None, :]
+    mean = row_sum(tl.where(d_ok, h, 0.0), axis=1) / D
+    centred = tl.where(d_ok, h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt_rn(row_sum(centred * centred, axis=1) / D + eps)
+    return centred * rstd[:, None] * g[None, :] + b[None, :]
+
+
+@triton.jit
+def modal_block(a, b_re, b_im, c_re, c_im, s_re, s_im, decay_re, decay_im, scale_re, scale_im,
+                HAS_SCALE: tl.constexpr, BB: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
+                EMULATE_BF16: tl.constexpr):
+    """One block of BP modes: s' = decay s + scale B a, and its share C s' of the output.
+
+    a (BB, BD); b_re, b_im (BP, BD); c_re, c_im (BD, BP); s_re, s_im (BB, BP); the coefficients
+    (1, BP) or (BB, BP). Returns (C s' (BB, BD), s'_re, s'_im).
+    """
+    u_re = product(a, b_re, BB, PREC, W_BF16, EMULATE_BF16)
+    u_im = product(a, b_im, BB, PREC, W_BF16, EMULATE_BF16)
+    new_re, new_im = advance_modes(u_re, u_im, s_re, s_im, decay_re, decay_im, scale_re, scale_im, HAS_SCALE)
+    y = product(new_re, c_re, BB, PREC, W_BF16, EMULATE_BF16) + product(new_im, c_im, BB, PREC, W_BF16, EMULATE_BF16)
+    return y, new_re, new_im
+
+
+@triton.jit
+def mlp_tiles(up_w, up_b, down_w, D, F, f0, BD: tl.constexpr, BF: tl.constexpr):
+    """Hidden units [f0, f0 + BF) of the gated MLP: Wv (BF, BD), Wg (BF, BD), Wdown (BD, BF), bv and bg (1, BF).
+
+    Beyond F everything is masked to zero (and no memory is read), so the block after the
+    last can be "prefetched" harmlessly.
+    """
+    ds = tl.arange(0, BD)
+    d_ok = ds < D
+    fs = f0 + tl.arange(0, BF)
+    f_ok = fs < F
+    up_mask = f_ok[:, None] & d_ok[None, :]
+    w_value = tl.load(up_w + fs[:, None] * D + ds[None, :], mask=up_mask, other=0.0)
+    w_gate = tl.load(up_w + (F + fs)[:, None] * D + ds[None, :], mask=up_mask, other=0.0)
+    w_down = tl.load(down_w + ds[:, None] * F + fs[None, :], mask=d_ok[:, None] & f_ok[None, :], other=0.0)
+    b_value = tl.load(up_b + fs, mask=f_ok, other=0.0)[None, :]
+    b_gate = tl.load(up_b + F + fs, mask=f_ok, other=0.0)[None, :]
+    return w_value, w_gate, w_down, b_value, b_gate
+
+
+@triton.jit
+def mlp_block(a, w_value, w_gate, w_down, b_value, b_gate, BB: tl.constexpr, PREC: tl.constexpr,
+              W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """One block of BF hidden units' share Wdown_f ((Wv_f a + bv_f) * gelu(Wg_f a + bg_f)) (BB, BD) of the MLP."""
+    value = product(a, w_value, BB, PREC, W_BF16, EMULATE_BF16) + b_value
+    gate = product(a, w_gate, BB, PREC, W_BF16, EMULATE_BF16) + b_gate
+    return product(value * gelu(gate), w_down, BB, PREC, W_BF16, EMULATE_BF16)  # padded units: 0 * gelu(0)
