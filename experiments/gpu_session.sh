@@ -4,7 +4,7 @@
 # (refreshed after every step, so a run cut short still returns what it did).
 #   bash experiments/gpu_session.sh [steps...]     steps: env tests models rollout callback train fused
 #       (also: rollout_small rollout_large rollout_large_mamba fused_tests profile ddp2 (needs 2 GPUs),
-#        all_tests (every cuda test in one run), fused_shapes, rollout_fused, splits)
+#        all_tests (every cuda test in one run), fused_shapes, rollout_fused, splits, probes)
 set -uo pipefail
 DEST=${OUT:-gpu_out}; OUT=$(mktemp -d); mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
@@ -64,4 +64,7 @@ print(\"media keys:\", [k for k in keys if k.endswith(\"_type\")])"' ;;
       --out "$OUT/splits.json" ;;
   fused_bench) TAIL=60 run fused 200 python3 experiments/benchmark_fused.py --steps 64 --repeats 3 --budget-s 170 \
       --no-tune --block-bs 1,2,4,8,16 --out "$OUT/fused.json" ;;
+  probes) TAIL=45 run probe_exchange 150 python3 experiments/probe_exchange.py --out "$OUT/probe_exchange.json"
+      TAIL=20 run probe_resident 120 python3 experiments/probe_resident.py --configs "32,32,16,1" --models lru,s5 \
+      --warps 4,8 --out "$OUT/probe_resident.json" ;;
 esac; done
