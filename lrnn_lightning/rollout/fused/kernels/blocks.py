@@ -34,6 +34,24 @@ def normalize_with(h, g, b, D, eps, BD: tl.constexpr):
 
 
 @triton.jit
+def mode_tiles(win, readout, D, P, ps, BD: tl.constexpr):
+    """B's rows [Re; Im] (BP, BD) and the readout's columns (BD, BP) of the modes ps (BP,), zero beyond P and D.
+
+    win (2P, D) is B as [Re; Im] rows; readout (D, 2P) the real map [C_re, -C_im].
+    """
+    ds = tl.arange(0, BD)
+    d_ok = ds < D
+    p_ok = ps < P
+    in_mask = p_ok[:, None] & d_ok[None, :]
+    b_re = tl.load(win + ps[:, None] * D + ds[None, :], mask=in_mask, other=0.0)
+    b_im = tl.load(win + (P + ps)[:, None] * D + ds[None, :], mask=in_mask, other=0.0)
+    out_mask = d_ok[:, None] & p_ok[None, :]
+    c_re = tl.load(readout + ds[:, None] * (2 * P) + ps[None, :], mask=out_mask, other=0.0)
+    c_im = tl.load(readout + ds[:, None] * (2 * P) + (P + ps)[None, :], mask=out_mask, other=0.0)
+    return b_re, b_im, c_re, c_im
+
+
+@triton.jit
 def modal_block(a, b_re, b_im, c_re, c_im, s_re, s_im, decay_re, decay_im, scale_re, scale_im,
                 HAS_SCALE: tl.constexpr, BB: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
                 EMULATE_BF16: tl.constexpr):

@@ -47,15 +47,26 @@ def mode_coefficients(dt, coef_a_ptr, coef_b_ptr, step_ptr, ps, p_ok, P, RULE: t
     With EVENT, coef_a is zeta (2, P) and coef_b is lam (2, P), step (P,) is Delta, discretised
     here for the timesteps dt (BB,); else coef_a is the decay (2, P) and coef_b the input scale.
     """
+    a_re, a_im, b_re, b_im, step = load_coefficients(coef_a_ptr, coef_b_ptr, step_ptr, ps, p_ok, P, EVENT)
+    if EVENT:
+        return discretize(dt[:, None], a_re, a_im, b_re, b_im, step, RULE)
+    else:
+        return a_re, a_im, b_re, b_im
+
+
+@triton.jit
+def load_coefficients(coef_a_ptr, coef_b_ptr, step_ptr, ps, p_ok, P, EVENT: tl.constexpr):
+    """`mode_coefficients`' inputs for the modes ps, each (1, BP): coef_a and coef_b as (re, im), and Delta
+    (0 without EVENT). A padded mode's coef_b is 1, which keeps the bilinear rule finite."""
     a_re = tl.load(coef_a_ptr + ps, mask=p_ok, other=0.0)[None, :]
     a_im = tl.load(coef_a_ptr + P + ps, mask=p_ok, other=0.0)[None, :]
     b_re = tl.load(coef_b_ptr + ps, mask=p_ok, other=1.0)[None, :]
     b_im = tl.load(coef_b_ptr + P + ps, mask=p_ok, other=0.0)[None, :]
     if EVENT:
         step = tl.load(step_ptr + ps, mask=p_ok, other=0.0)[None, :]
-        return discretize(dt[:, None], a_re, a_im, b_re, b_im, step, RULE)
     else:
-        return a_re, a_im, b_re, b_im
+        step = 0.0 * a_re
+    return a_re, a_im, b_re, b_im, step
 
 
 @triton.jit

@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lrnn_lightning.rollout.fused.kernels.blocks import mlp_block, mlp_tiles, modal_block, normalize
+from lrnn_lightning.rollout.fused.kernels.blocks import mlp_block, mlp_tiles, modal_block, mode_tiles, normalize
 from lrnn_lightning.rollout.fused.kernels.common import product
 from lrnn_lightning.rollout.fused.kernels.group import group_sum
 from lrnn_lightning.rollout.fused.kernels.lti import mode_coefficients
@@ -54,18 +54,11 @@ def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a
     LRU's output scale); the state (BB, 2P) at `state` holds [s_re, s_im] per row; the
     coefficients are as in `lti.mode_coefficients`.
     """
-    ds = tl.arange(0, BD)
-    d_ok = ds < D
     y = tl.full((BB, BD), 0.0, tl.float32)
     for p0 in range(rank * BP, P, BP * SPLIT):
         ps = p0 + tl.arange(0, BP)
         p_ok = ps < P
-        in_mask = p_ok[:, None] & d_ok[None, :]
-        b_re = tl.load(win + ps[:, None] * D + ds[None, :], mask=in_mask, other=0.0)
-        b_im = tl.load(win + (P + ps)[:, None] * D + ds[None, :], mask=in_mask, other=0.0)
-        out_mask = d_ok[:, None] & p_ok[None, :]
-        c_re = tl.load(readout + ds[:, None] * (2 * P) + ps[None, :], mask=out_mask, other=0.0)
-        c_im = tl.load(readout + ds[:, None] * (2 * P) + (P + ps)[None, :], mask=out_mask, other=0.0)
+        b_re, b_im, c_re, c_im = mode_tiles(win, readout, D, P, ps, BD)
         decay_re, decay_im, scale_re, scale_im = mode_coefficients(dt, coef_a, coef_b, steps, ps, p_ok, P, RULE,
                                                                    EVENT)
         s_mask = row_ok[:, None] & p_ok[None, :]

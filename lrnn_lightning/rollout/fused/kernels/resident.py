@@ -15,9 +15,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lrnn_lightning.rollout.fused.kernels.blocks import mlp_block, mlp_tiles, modal_block, normalize_with
+from lrnn_lightning.rollout.fused.kernels.blocks import mlp_block, mlp_tiles, modal_block, mode_tiles, normalize_with
 from lrnn_lightning.rollout.fused.kernels.common import product
-from lrnn_lightning.rollout.fused.kernels.lti import discretize
+from lrnn_lightning.rollout.fused.kernels.lti import discretize, load_coefficients
 
 
 @triton.jit
@@ -38,18 +38,8 @@ def resident_modal_steps(x, out_rows, out_stride_t, io_mask, dt_ptr, dt_stride_b
     d_ok = ds < D
     ps = tl.arange(0, BP)
     p_ok = ps < P
-    in_mask = p_ok[:, None] & d_ok[None, :]
-    b_re = tl.load(win + ps[:, None] * D + ds[None, :], mask=in_mask, other=0.0)
-    b_im = tl.load(win + (P + ps)[:, None] * D + ds[None, :], mask=in_mask, other=0.0)
-    out_mask = d_ok[:, None] & p_ok[None, :]
-    c_re = tl.load(readout + ds[:, None] * (2 * P) + ps[None, :], mask=out_mask, other=0.0)
-    c_im = tl.load(readout + ds[:, None] * (2 * P) + (P + ps)[None, :], mask=out_mask, other=0.0)
-    # the coefficients as `lti.mode_coefficients` loads them (the padded modes' scale 1 keeps bilinear finite)
-    a_re = tl.load(coef_a + ps, mask=p_ok, other=0.0)[None, :]
-    a_im = tl.load(coef_a + P + ps, mask=p_ok, other=0.0)[None, :]
-    k_re = tl.load(coef_b + ps, mask=p_ok, other=1.0)[None, :]
-    k_im = tl.load(coef_b + P + ps, mask=p_ok, other=0.0)[None, :]
-    delta = tl.load(steps + ps, mask=p_ok, other=0.0)[None, :]
+    b_re, b_im, c_re, c_im = mode_tiles(win, readout, D, P, ps, BD)
+    a_re, a_im, k_re, k_im, delta = load_coefficients(coef_a, coef_b, steps, ps, p_ok, P, EVENT)
     skip_d = tl.load(skip + ds, mask=d_ok, other=0.0)[None, :]
     g1 = tl.load(norm1_g + ds, mask=d_ok, other=0.0)
     b1 = tl.load(norm1_b + ds, mask=d_ok, other=0.0)
