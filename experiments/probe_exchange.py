@@ -8,7 +8,7 @@ both on their own, so the kernel's step time can be broken down (RESULTS.md):
     exchange   µs per `group_sum` for groups of SPLIT programs (as many groups as fit the SMs),
                for (rows, width) partials; every result is checked (a wrong sum is reported)
     barrier    the same with the relaxed poll + explicit fence.acq_rel.gpu barrier variant
-    stream     GB/s one program pulls from L2 when P programs each stream a weight-sized buffer
+    stream     GB/s one program pulls from L2 (or L1) when P programs stream the same weight-sized buffer
 
     python experiments/probe_exchange.py --out probe.json
 """
@@ -71,13 +71,14 @@ def exchange_probe_kernel(part_ptr, sem_ptr, err_ptr, n_iter, SPLIT: tl.constexp
 
 
 @triton.jit
-def stream_probe_kernel(w_ptr, out_ptr, n_floats, n_iter, SHARED: tl.constexpr, BLOCK: tl.constexpr):
+def stream_probe_kernel(w_ptr, out_ptr, n_floats, n_iter, BLOCK: tl.constexpr):
+    """Every program sums the same n_floats weights n_iter times, as every program of the fused kernel streams
+    the same weights at every step."""
     pid = tl.program_id(0)
-    base = w_ptr if SHARED else w_ptr + pid.to(tl.int64) * n_floats
     acc = tl.full((BLOCK,), 0.0, tl.float32)
     for _ in range(n_iter):
         for k in range(0, n_floats, BLOCK):
-            acc += tl.load(base + k + tl.arange(0, BLOCK))
+            acc += tl.load(w_ptr + k + tl.arange(0, BLOCK))
     tl.store(out_ptr + pid * BLOCK + tl.arange(0, BLOCK), acc)
 
 
@@ -113,16 +114,16 @@ def probe_exchange(split: int, rows: int, width: int, relaxed: bool, n_sms: int,
             "max_error": float(err.max().item())}
 
 
-def probe_stream(programs: int, kbytes: int, shared: bool, n_iter: int = 50) -> dict:
+def probe_stream(programs: int, kbytes: int, n_iter: int = 50) -> dict:
     device = torch.device("cuda")
     n_floats = kbytes * 256
-    w = torch.randn((1 if shared else programs) * n_floats, device=device)
+    w = torch.randn(n_floats, device=device)
     out = torch.empty(programs * 1024, device=device)
 
     def run(iters=n_iter):
-        stream_probe_kernel[(programs,)](w, out, n_floats, iters, SHARED=shared, BLOCK=1024, num_warps=8)
+        stream_probe_kernel[(programs,)](w, out, n_floats, iters, BLOCK=1024, num_warps=8)
     us = 1e3 * (time_ms(run) - time_ms(lambda: run(5))) / (n_iter - 5)
-    return {"probe": "stream", "programs": programs, "KB_per_program": kbytes, "shared_buffer": shared,
+    return {"probe": "stream", "programs": programs, "KB_per_program": kbytes, "shared_buffer": True,
             "us_per_pass": us, "GBps_per_program": kbytes * 1024 / (us * 1e3),
             "GBps_total": programs * kbytes * 1024 / (us * 1e3)}
 
@@ -156,8 +157,8 @@ def main(argv=None) -> list[dict]:
         except Exception as error:  # noqa: BLE001
             record({"probe": "barrier_relaxed", "split": split, "error": str(error)[:300]})
     for programs in (1, 8, 32, 128, 132):
-        for kbytes, shared in ((64, True), (512, True), (2048, True)):
-            record(probe_stream(programs, kbytes, shared))
+        for kbytes in (64, 512, 2048):
+            record(probe_stream(programs, kbytes))
     return rows
 
 

@@ -37,6 +37,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--configs", default="32,32,16,1", help="B,d_model,d_state,layers;...")
     parser.add_argument("--models", default="lru,s5")
     parser.add_argument("--warps", default="4,8,16")
+    parser.add_argument("--width", type=int, default=1, help="input/output features (benchmark_fused.py: 8)")
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--out", default=None)
@@ -52,10 +53,10 @@ def main(argv=None) -> list[dict]:
         for text in args.configs.split(";"):
             batch, d_model, d_state, layers = (int(v) for v in text.split(","))
             torch.manual_seed(0)
-            model = SequenceModel(name, d_input=1, d_output=1, d_model=d_model, d_state=d_state,
+            model = SequenceModel(name, d_input=args.width, d_output=args.width, d_model=d_model, d_state=d_state,
                                   n_layers=layers).to(device).eval()
             packed = pack_model(model, torch.float32, event=False)
-            x0 = torch.randn(batch, 1, device=device)
+            x0 = torch.randn(batch, args.width, device=device)
             calls = {}
             for warps in (int(w) for w in args.warps.split(",")):
                 config = replace(small_tile_config(1), num_warps=warps)

@@ -399,13 +399,16 @@ def test_one_layer_models_run_resident_and_equal_the_loop(interpreter, case, eve
     context, dt = make_data(event=event)
     packed = pack_model(model, torch.float32, event=event)
     x0 = torch.randn(B, W)
-    for block_b in (1, 2):
-        call = build_call(packed, x0, None, 2, dt[:, :2] if event else None, "ieee", small_tile_config(block_b), True)
-        assert call.kernel == "register_rollout_kernel" and call.constexprs["RESIDENT"], block_b
-        out = fused_rollout(model, context, HORIZON, dt, config=small_tile_config(block_b))
-        ref = loop_rollout(model, context, HORIZON, dt)
-        assert relative_error(out[:, 1:], ref[:, 1:]) < FUSED_TOL, block_b
-        assert relative_error(ref[:, -1], ref[:, 1]) > 1e-2
+    ref = loop_rollout(model, context, HORIZON, dt)
+    assert relative_error(ref[:, -1], ref[:, 1]) > 1e-2
+    # one and two rows a program, and a 16-row tl.dot tile (tensor-core precision; fp32 in the interpreter)
+    shapes = [(small_tile_config(1), "ieee"), (small_tile_config(2), "ieee"),
+              (KernelConfig(block_b=16, block_n=16), "tf32x3")]
+    for config, precision in shapes:
+        call = build_call(packed, x0, None, 2, dt[:, :2] if event else None, precision, config, True)
+        assert call.kernel == "register_rollout_kernel" and call.constexprs["RESIDENT"], config
+        out = fused_rollout(model, context, HORIZON, dt, precision=precision, config=config)
+        assert relative_error(out[:, 1:], ref[:, 1:]) < FUSED_TOL, config
     # the state the resident steps write back after the last step is the loop's
     with rollout_mode(model, "cpu"):
         y, state = model.prefill(context, dt[:, :C] if event else None)
@@ -437,7 +440,8 @@ def test_which_models_run_resident(interpreter):
     wide = make_model("lru", n_layers=1, d_model=32, d_state=32)
     assert resident(wide, replace(one_row, num_warps=8)) and not resident(wide, replace(one_row, num_warps=4))
 
-def test_default_launch_refines_the_batch_rule_with_the_model():
+
+def test_default_launch_refines_the_batch_rule_with_the_model(monkeypatch):
     h100 = 132
 
     def packed(name, d_model, d_state, n_layers, dtype=torch.float32):
@@ -462,6 +466,14 @@ def test_default_launch_refines_the_batch_rule_with_the_model():
     assert default_launch(mamba_bf16, 256, torch.bfloat16, "ieee", h100) == replace(small_tile_config(1),
                                                                                     num_warps=4)
     assert default_launch(mamba_bf16, 512, torch.bfloat16, "ieee", h100).block_b == 16  # 4 rows per SM
+    # a width of 32 does not fit the encoder tile in 4 warps' registers: the split keeps the 8 warps, and
+    # the launch builds (on 132 "SMs": build_call's residency check asks the device)
+    wide_io = pack_model(make_model("lru", d_model=128, d_state=64, n_layers=4, width=32), torch.bfloat16, False)
+    config = default_launch(wide_io, 256, torch.bfloat16, "ieee", h100)
+    assert (config.block_b, config.split, config.num_warps) == (16, 8, 8)
+    monkeypatch.setattr(launch, "processor_count", lambda device: h100)
+    call = build_call(wide_io, torch.randn(256, 32), None, 2, None, "ieee", config, interpreted=False)
+    assert call.kernel == "register_rollout_kernel" and call.constexprs["SPLIT"] == 8
     # exact fp32 keeps the batch rule (one-row programs up to two rows per SM, then the scratch kernel's tiles)
     for batch in (256, 1024):
         assert default_launch(lru, batch, torch.float32, "ieee", h100) == default_config(batch, n_sms=h100,

@@ -396,6 +396,9 @@ def test_one_layer_models_run_resident_on_gpu(case, event):
         assert call.constexprs["RESIDENT"], num_warps
         out = fused_rollout(model, context, HORIZON, dt, config=config)
         assert_fp32_accurate(model, context, HORIZON, dt, out)
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    default = default_launch(packed, B, torch.float32, "ieee", n_sms)  # what the config=None call below takes
+    assert build_call(packed, context[:, -1], None, 2, None, "ieee", default, False).constexprs["RESIDENT"]
     with torch.no_grad():  # the state written back after the last step
         y, state = model.prefill(context, dt[:, :C] if event else None)
         dt_steps = dt[:, C:C + HORIZON - 1] if event else None

@@ -31,6 +31,7 @@ from lrnn_lightning.rollout.checks import (
 from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig and default_config live on here)
     ACTIVATIONS,
     BLOCK_BS,
+    CPU_PROCESSORS,
     DOT_SPLIT_WARPS,
     MAX_ONE_ROW_PROGRAMS_PER_SM,
     MAX_SPLIT,
@@ -255,7 +256,9 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
 
     with torch.no_grad():
         packed = packed or pack_live(model, weight_dtype, event)
-        config = config or default_launch(packed, batch, weight_dtype, precision, processor_count(x0.device))
+        # the interpreter runs one program at a time, whatever device the tensors are on
+        n_sms = CPU_PROCESSORS if kernel_module().INTERPRETED else processor_count(x0.device)
+        config = config or default_launch(packed, batch, weight_dtype, precision, n_sms)
         out, final_rows = _launch(packed, x0, state, num_steps, dt_steps, precision, config)
     result = out[:, 1:].to(x0.dtype)
     if not return_state:
@@ -343,8 +346,9 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
 
     - a tl.dot tile whose model does not fit the register kernel (Mamba's state tiles of 16 rows) would
       run the scratch kernel: up to MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM, one-row programs instead;
-    - a tl.dot tile in registers splits its step over default_split's programs (and 4 warps) where at least
-      MIN_DOT_SPLIT of them fit each tile (tiles * MIN_DOT_SPLIT <= SMs);
+    - a tl.dot tile in registers splits its step over default_split's programs (with DOT_SPLIT_WARPS warps
+      where the model still fits them) where at least MIN_DOT_SPLIT of them fit each tile (tiles *
+      MIN_DOT_SPLIT <= SMs);
     - a one-layer LRU / S5 model that runs resident (kernels/resident.py) takes RESIDENT_WARPS warps.
     """
     config = default_config(batch, weight_dtype, precision, n_sms=n_sms, d_model=packed.d_model)
@@ -358,7 +362,11 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
         if packed.mixer_id in (MODAL, MAMBA) and tiles * MIN_DOT_SPLIT <= n_sms:
             split = default_split(tiles, n_sms, weight_bytes(packed), split_blocks(packed))
             if split >= MIN_DOT_SPLIT:
-                return replace(config, split=split, num_warps=DOT_SPLIT_WARPS)
+                # 4 warps measured faster, but half the warps hold half the registers: wide inputs may not fit
+                for num_warps in (DOT_SPLIT_WARPS, config.num_warps):
+                    candidate = replace(config, split=split, num_warps=num_warps)
+                    if registers_fit(packed, candidate, precision)[0]:
+                        return candidate
         return config
     narrow = replace(config, num_warps=RESIDENT_WARPS)
     if registers_fit(packed, narrow, precision)[0] and resident_fits(packed, narrow, register_blocks(packed, narrow)):

@@ -57,7 +57,7 @@ def mode_coefficients(dt, coef_a_ptr, coef_b_ptr, step_ptr, ps, p_ok, P, RULE: t
 @triton.jit
 def load_coefficients(coef_a_ptr, coef_b_ptr, step_ptr, ps, p_ok, P, EVENT: tl.constexpr):
     """`mode_coefficients`' inputs for the modes ps, each (1, BP): coef_a and coef_b as (re, im), and Delta
-    (0 without EVENT). A padded mode's coef_b is 1, which keeps the bilinear rule finite."""
+    (0 without EVENT). A padded mode's coef_b is 1: with EVENT it is lam, which ZOH divides by."""
     a_re = tl.load(coef_a_ptr + ps, mask=p_ok, other=0.0)[None, :]
     a_im = tl.load(coef_a_ptr + P + ps, mask=p_ok, other=0.0)[None, :]
     b_re = tl.load(coef_b_ptr + ps, mask=p_ok, other=1.0)[None, :]

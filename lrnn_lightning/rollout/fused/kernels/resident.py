@@ -69,5 +69,6 @@ def resident_modal_steps(x, out_rows, out_stride_t, io_mask, dt_ptr, dt_stride_b
         a = normalize_with(h, gf, bf, D, eps, BD)
         x = product(a, dec, BB, PREC, W_BF16, EMULATE_BF16) + dec_bias
         tl.store(out_rows + (t + 1) * out_stride_t, x, mask=io_mask)
+    tl.debug_barrier()  # every thread read its copy of the state (before the first step) before any writes
     tl.store(s_re_ptr, s_re, mask=s_mask)
     tl.store(s_re_ptr + P, s_im, mask=s_mask)
