@@ -14,8 +14,9 @@ always `default_launch` for this model, batch and GPU's SM count (what fused_ste
 then each block_b of --block-bs (1, 2, 4, 8: small tiles without tl.dot; 16, 32, 64: tl.dot),
 then, unless --no-tune, a few tl.dot shapes; every shape's time is printed. Next to each time:
 the bytes of weights read per step (fused: every program streams every weight each step, so
-programs x weights; graph and seed: each weight once) and the bandwidth that implies, and the
-relative deviation from the graph's outputs.
+programs x weights; graph and seed: each weight once) and the bandwidth that implies, the
+arithmetic rate of the step's matrix products (TFLOP/s, against the card's peak: an H100 SXM does
+67 in fp32 without tensor cores), and the relative deviation from the graph's outputs.
 
     python experiments/benchmark_fused.py --out fused.json                    # the issue's configurations
     python experiments/benchmark_fused.py --configs "32,32,16,1" --variants graph,fused --no-tune
@@ -28,6 +29,7 @@ what it measured.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -95,6 +97,18 @@ def weight_bytes(model: SequenceModel, weight_dtype: torch.dtype) -> int:
     packed = pack_model(model, weight_dtype, event=False)
     tensors = list(packed.common.values()) + [t for t in packed.mixer if t.numel() > 1]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def matmul_flop(model: SequenceModel, batch: int) -> int:
+    """FLOP of one step's matrix products for `batch` rows, as torch.utils.flop_counter counts the model's own
+    `step` (on a CPU copy, where no custom step kernel hides them); elementwise work is left out."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cpu = copy.deepcopy(model).cpu().eval()
+    state = cpu.allocate_state(batch, torch.device("cpu"))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        cpu.step(torch.randn(batch, cpu.d_input), state)
+    return int(counter.get_total_flops())
 
 
 def candidate_configs(variant: str, batch: int) -> list[KernelConfig]:
@@ -202,6 +216,7 @@ def bench_config(name: str, config: tuple[int, int, int, int], args, deadline: f
     model = SequenceModel(name, d_input=args.width, d_output=args.width, d_model=d_model, d_state=d_state,
                           n_layers=layers).to(device)
     x0 = torch.randn(batch, args.width, device=device)
+    flop = matmul_flop(model, batch)
     rows, outputs = [], {}
     with rollout_mode(model, device.type):
         for variant in args.variants:
@@ -228,8 +243,11 @@ def bench_config(name: str, config: tuple[int, int, int, int], args, deadline: f
                     row["weight_bytes"] = weight_bytes(model, torch.float32)
                     row["bytes_read_per_step"] = row["weight_bytes"]
                 row["us_per_step"] = 1e6 * seconds
-                # the kernel's own bandwidth for fused rows; graph and seed read each weight once per step
+                # the kernel's own bandwidth and arithmetic rate for fused rows; graph and seed read each weight
+                # once per step
                 row["GBps"] = row["bytes_read_per_step"] / (row.get("us_per_step_kernel", row["us_per_step"]) * 1e3)
+                row["flop_per_step"] = flop
+                row["TFLOPs"] = row["flop_per_step"] / (row.get("us_per_step_kernel", row["us_per_step"]) * 1e6)
                 outputs[variant] = out
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {str(error)[:2000]}"
@@ -282,8 +300,8 @@ def judge_target(row: dict, config: tuple[int, int, int, int]) -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| model | B | d_model | d_state | L | variant | µs/step | pre-packed | kernel | vs graph | vs seed "
-            "| weights MB | read MB/step | GB/s | rel. dev. vs graph | launch shape | target |")
-    lines = [head, "|" + "---|" * 17]
+            "| weights MB | read MB/step | GB/s | TFLOP/s | rel. dev. vs graph | launch shape | target |")
+    lines = [head, "|" + "---|" * 18]
     for r in rows:
         shape = ""
         if "config" in r:
@@ -292,7 +310,7 @@ def markdown_table(rows: list[dict]) -> str:
         if "error" in r:
             cells = [r["model"], r["B"], r["d_model"], r["d_state"], r["layers"], r["variant"],
                      "error: " + r["error"][:80]]
-            cells += [""] * 10
+            cells += [""] * 11
         else:
             cells = [r["model"], r["B"], r["d_model"], r["d_state"], r["layers"], r["variant"],
                      f"{r['us_per_step']:.2f}",
@@ -301,6 +319,7 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{r['speedup_vs_graph']:.2f}x" if "speedup_vs_graph" in r else "",
                      f"{r['speedup_vs_seed']:.2f}x" if "speedup_vs_seed" in r else "",
                      f"{r['weight_bytes'] / 1e6:.2f}", f"{r['bytes_read_per_step'] / 1e6:.2f}", f"{r['GBps']:.0f}",
+                     f"{r['TFLOPs']:.2f}" if "TFLOPs" in r else "",
                      f"{r['rel_dev_vs_graph']:.1e}" if "rel_dev_vs_graph" in r else "", shape, target]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

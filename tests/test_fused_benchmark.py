@@ -34,12 +34,22 @@ def test_weight_bytes_counts_every_weight_once(bench):
     assert bf16 < fp32 - 2 * matrices + 1  # matrices shrink to 2 bytes
 
 
+def test_matmul_flop_is_two_per_weight_and_row(bench):
+    # every weight matrix multiplies each row once per step: about 2 FLOP per weight-matrix element and row
+    for name in ("lru", "mamba"):
+        model = SequenceModel(name, d_input=8, d_output=8, d_model=32, d_state=16, n_layers=2)
+        per_row = 2 * sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+        flop = bench.matmul_flop(model, batch=3)
+        assert flop == 3 * bench.matmul_flop(model, batch=1)
+        assert 0.9 * 3 * per_row <= flop <= 1.1 * 3 * per_row, (name, flop, 3 * per_row)
+
+
 def test_targets_and_table(bench):
     rows = [{"model": "lru", "B": 32, "d_model": 32, "d_state": 16, "layers": 1, "variant": "graph",
              "us_per_step": 40.0, "weight_bytes": 1e5, "bytes_read_per_step": 1e5, "GBps": 2.5},
             {"model": "lru", "B": 32, "d_model": 32, "d_state": 16, "layers": 1, "variant": "fused",
              "us_per_step": 2.5, "us_per_step_kernel": 1.5, "weight_bytes": 1e5, "bytes_read_per_step": 2e5,
-             "GBps": 133.0, "programs": 2,
+             "GBps": 133.0, "TFLOPs": 0.25, "programs": 2,
              "config": {"block_b": 16, "block_n": 64, "block_k": 16, "num_warps": 4}, "speedup_vs_graph": 26.7,
              "rel_dev_vs_graph": 3e-7},
             {"model": "lru", "B": 32, "d_model": 32, "d_state": 16, "layers": 1, "variant": "fused-bf16",
@@ -54,6 +64,7 @@ def test_targets_and_table(bench):
     table = bench.markdown_table(rows)
     assert "| lru | 32 | 32 | 16 | 1 | fused | 2.50 |  | 1.50 | 26.70x |" in table
     assert "kernel <= 2 µs/step: met" in table and "error: OutOfResources" in table
+    assert "| 133 | 0.25 | 3.0e-07 |" in table
     assert "b16 n64 k16 w4 auto split auto (2 row tiles)" in table
 
 
