@@ -441,7 +441,7 @@ def test_which_models_run_resident(interpreter):
     assert resident(wide, replace(one_row, num_warps=8)) and not resident(wide, replace(one_row, num_warps=4))
 
 
-def test_default_launch_refines_the_batch_rule_with_the_model(monkeypatch):
+def test_default_launch_refines_the_batch_rule_with_the_model():
     h100 = 132
 
     def packed(name, d_model, d_state, n_layers, dtype=torch.float32):
@@ -467,12 +467,11 @@ def test_default_launch_refines_the_batch_rule_with_the_model(monkeypatch):
                                                                                     num_warps=4)
     assert default_launch(mamba_bf16, 512, torch.bfloat16, "ieee", h100).block_b == 16  # 4 rows per SM
     # a width of 32 does not fit the encoder tile in 4 warps' registers: the split keeps the 8 warps, and
-    # the launch builds (on 132 "SMs": build_call's residency check asks the device)
+    # the launch builds for 132 SMs
     wide_io = pack_model(make_model("lru", d_model=128, d_state=64, n_layers=4, width=32), torch.bfloat16, False)
     config = default_launch(wide_io, 256, torch.bfloat16, "ieee", h100)
     assert (config.block_b, config.split, config.num_warps) == (16, 8, 8)
-    monkeypatch.setattr(launch, "processor_count", lambda device: h100)
-    call = build_call(wide_io, torch.randn(256, 32), None, 2, None, "ieee", config, interpreted=False)
+    call = build_call(wide_io, torch.randn(256, 32), None, 2, None, "ieee", config, interpreted=False, n_sms=h100)
     assert call.kernel == "register_rollout_kernel" and call.constexprs["SPLIT"] == 8
     # exact fp32 keeps the batch rule (one-row programs up to two rows per SM, then the scratch kernel's tiles)
     for batch in (256, 1024):
@@ -597,11 +596,18 @@ def test_kernel_compiles_for_sm90():
                 info = compile_for_target(make_model(name, kwargs, d_model=96, d_state=24), event=event,
                                           weight_dtype=weight_dtype, precision=precision, config=config)
                 assert info.fits, (name, kwargs, config, info)
-        print("compiled", len(CASES) * 3)
+        # a split launch and a resident one, for an H100's 132 SMs (no GPU here to ask)
+        split = compile_for_target(make_model("lru", d_model=128, d_state=64), config=KernelConfig(
+            block_b=1, block_n=64, block_k=64, num_warps=8, split=8), batch=16)
+        assert split.constexprs["SPLIT"] == 8 and split.fits, split
+        resident = compile_for_target(make_model("s5", {"discretization": "zoh"}, d_model=32, d_state=16, n_layers=1),
+                                      event=True, config=small_tile_config(1), batch=32)
+        assert resident.constexprs["RESIDENT"] and resident.fits, resident
+        print("compiled", len(CASES) * 3 + 2)
     """)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"compiled {len(CASES) * 3}" in result.stdout
+    assert f"compiled {len(CASES) * 3 + 2}" in result.stdout

@@ -23,6 +23,7 @@ from lrnn_lightning.rollout.fused.launch import build_call
 from lrnn_lightning.rollout.fused.pack import pack_model
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one program may use (A100, H100)
+SM_COUNT = {80: 108, 90: 132}  # SMs of an A100 and an H100 SXM: how far a split launch may spread
 
 
 @dataclass
@@ -66,8 +67,10 @@ def _specialize(fn, call) -> tuple[dict, dict, dict]:
 
 def compile_for_target(model: nn.Module, *, event: bool = False, weight_dtype: torch.dtype = torch.float32,
                        precision: str = "ieee", config: KernelConfig | None = None, batch: int = 16,
-                       arch: int = 90) -> CompileInfo:
+                       arch: int = 90, n_sms: int | None = None) -> CompileInfo:
     """Compile the fused kernel `config` picks for `model` (on the CPU) for CUDA compute capability `arch` (90: H100).
+
+    n_sms: the target GPU's SMs, which bound a split launch (None: SM_COUNT[arch]).
 
     Raises whatever Triton raises on a compile error (CompilationError with the offending line).
     """
@@ -86,7 +89,8 @@ def compile_for_target(model: nn.Module, *, event: bool = False, weight_dtype: t
         packed = pack_model(model, weight_dtype, event)
         x0 = torch.zeros(batch, width, device=packed.common["enc_b"].device)
         dt = torch.ones(batch, 2, device=x0.device) if event else None
-        call = build_call(packed, x0, None, 2, dt, precision, config, interpreted=False)
+        call = build_call(packed, x0, None, 2, dt, precision, config, interpreted=False,
+                          n_sms=n_sms or SM_COUNT.get(arch))
     fn = getattr(kernels, call.kernel)
     signature, constexprs, attrs = _specialize(fn, call)
     start = time.perf_counter()

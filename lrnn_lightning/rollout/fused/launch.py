@@ -321,10 +321,11 @@ class KernelCall:
 
 
 def resolve_split(packed: PackedModel, config: KernelConfig, tiles: int, device: torch.device,
-                  interpreted: bool) -> int:
+                  interpreted: bool, n_sms: int | None = None) -> int:
     """The register kernel's programs per row tile under `config` (see `KernelConfig.split`); by default
-    (split None) `default_split`'s choice for small tiles (block_b < 16, where it was measured), else 1."""
-    n_sms = processor_count(device)
+    (split None) `default_split`'s choice for small tiles (block_b < 16, where it was measured), else 1.
+    n_sms: the SMs the launch may fill (None: `device`'s)."""
+    n_sms = n_sms or processor_count(device)
     if config.split is None:
         if interpreted or config.block_b >= 16:
             return 1
@@ -375,9 +376,10 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
 
 
 def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
-               precision: str, config: KernelConfig, interpreted: bool) -> KernelCall:
+               precision: str, config: KernelConfig, interpreted: bool, n_sms: int | None = None) -> KernelCall:
     """Allocate the output, scratch and state buffers of one launch and assemble the arguments of the kernel
-    `config.activations` picks (`uses_registers`)."""
+    `config.activations` picks (`uses_registers`); n_sms: the SMs of the GPU it is for (None: x0's device's,
+    see `resolve_split`; `aot` builds for a GPU it does not have)."""
     device, f32 = x0.device, torch.float32
     batch, width = x0.shape
     bb = config.block_b
@@ -403,7 +405,7 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
     constexprs = dict(MIXER=packed.mixer_id, RULE=packed.rule, EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale,
                       BB=bb, PREC=precision, W_BF16=c["up_w"].dtype == torch.bfloat16, EMULATE_BF16=interpreted)
     if uses_registers(packed, config, precision):
-        split = resolve_split(packed, config, n_prog, device, interpreted)
+        split = resolve_split(packed, config, n_prog, device, interpreted, n_sms)
         blocks = register_blocks(packed, config, split)
         blocks["RESIDENT"] = resident_fits(packed, config, blocks)
         # Mamba's conv outputs cross between its two passes through these rows (kernels/register_mamba.py)
