@@ -48,7 +48,14 @@ from lrnn_lightning.rollout.fused.config import (
     processor_count,
     small_tile_config,
 )
-from lrnn_lightning.rollout.fused.launch import build_call, default_launch, registers_fit, weight_bytes
+from lrnn_lightning.rollout.fused.launch import (
+    ROW_RESIDENT,
+    TILE_RESIDENT,
+    build_call,
+    default_launch,
+    registers_fit,
+    weight_bytes,
+)
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.fused.selection import AUTO_MAX_ROWS_PER_SM, choose_fused
 from lrnn_lightning.rollout.inference import rollout_mode
@@ -406,7 +413,8 @@ def test_one_layer_models_run_resident_and_equal_the_loop(interpreter, case, eve
               (KernelConfig(block_b=16, block_n=16), "tf32x3")]
     for config, precision in shapes:
         call = build_call(packed, x0, None, 2, dt[:, :2] if event else None, precision, config, True)
-        assert call.kernel == "register_rollout_kernel" and call.constexprs["RESIDENT"], config
+        assert call.kernel == "register_rollout_kernel", config
+        assert call.constexprs["RESIDENT"] == (ROW_RESIDENT if config.block_b == 1 else TILE_RESIDENT), config
         out = fused_rollout(model, context, HORIZON, dt, precision=precision, config=config)
         assert relative_error(out[:, 1:], ref[:, 1:]) < FUSED_TOL, config
     # the state the resident steps write back after the last step is the loop's
@@ -422,6 +430,18 @@ def test_one_layer_models_run_resident_and_equal_the_loop(interpreter, case, eve
         assert relative_error(final[key], value) < FUSED_TOL, key
         assert relative_error(final[key], state[key]) > 1e-3, key
 
+
+
+def test_one_row_resident_steps_widen_bf16_weights_like_the_tile_path(interpreter):
+    # bf16 weights on small tiles are widened to fp32 (activations stay fp32): the one-row vector path
+    # (resident_row_steps) and the two-row tile path (resident_modal_steps) compute the same numbers
+    model = make_model("s5", {"discretization": "zoh"}, n_layers=1)
+    context, dt = make_data(event=True)
+    one_row = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=small_tile_config(1))
+    two_rows = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=small_tile_config(2))
+    fp32 = fused_rollout(model, context, HORIZON, dt, config=small_tile_config(1))
+    assert relative_error(one_row[:, 1:], two_rows[:, 1:]) < 1e-5
+    assert relative_error(one_row[:, 1:], fp32[:, 1:]) > 1e-4  # the weights were rounded to bf16
 
 def test_which_models_run_resident(interpreter):
     x0 = torch.randn(B, W)
@@ -611,3 +631,26 @@ def test_kernel_compiles_for_sm90():
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"compiled {len(CASES) * 3 + 2}" in result.stdout
+
+
+def test_the_one_row_resident_step_keeps_vectors_in_one_layout():
+    """Compiled for sm_90 on the host: the one-row resident step loop converts no register layout but its output
+    store's. Each conversion there is a shared-memory round trip every step; (1, N) tiles had 34 (RESULTS.md)."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        from lrnn_lightning.rollout.fused.aot import compile_for_target, loop_conversions
+        from lrnn_lightning.rollout.fused.config import small_tile_config
+        from lrnn_lightning.rollout.fused.launch import ROW_RESIDENT
+        from tests.test_fused import make_model
+        for name, kwargs in (("lru", {}), ("s5", {"discretization": "zoh"})):
+            model = make_model(name, kwargs, d_model=32, d_state=16, n_layers=1, width=8)
+            info = compile_for_target(model, config=small_tile_config(1), batch=32)
+            assert info.constexprs["RESIDENT"] == ROW_RESIDENT, info
+            print(name, loop_conversions(info.ttgir))
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "lru [1]" in result.stdout and "s5 [1]" in result.stdout, result.stdout

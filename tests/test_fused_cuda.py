@@ -40,7 +40,7 @@ import torch
 from lrnn_lightning.rollout import RolloutEngine, run_steps
 from lrnn_lightning.rollout.fused import KernelConfig, choose_backend, fused_rollout, fused_steps, fused_support
 from lrnn_lightning.rollout.fused.config import small_tile_config
-from lrnn_lightning.rollout.fused.launch import build_call, default_launch
+from lrnn_lightning.rollout.fused.launch import ROW_RESIDENT, TILE_RESIDENT, build_call, default_launch
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.fused.pack_graph import _GRAPHS as PACK_GRAPHS
 from lrnn_lightning.rollout.fused.pack_graph import MAX_RECAPTURES, PackGraph, pack_live, release_packing
@@ -386,14 +386,15 @@ RESIDENT_CASES = [("lru", {}), ("s5", {"discretization": "zoh"}), ("s5", {"discr
 @pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
 @pytest.mark.parametrize("case", RESIDENT_CASES, ids=case_id)
 def test_one_layer_models_run_resident_on_gpu(case, event):
-    # the benchmark's (32, 32, 16, 1) shape: 16 modes, 64 hidden units, one row a program with 8 and 4 warps
+    # the benchmark's (32, 32, 16, 1) shape: 16 modes, 64 hidden units; one row a program with 8 and 4 warps
+    # (resident_row_steps), two rows (resident_modal_steps)
     model = gpu_model(*case, d_model=32, d_state=16, n_layers=1)
     context, dt = gpu_data(event=event)
     packed = pack_model(model, torch.float32, event=event)
-    for num_warps in (8, 4):
-        config = replace(small_tile_config(1), num_warps=num_warps)
+    for rows, num_warps, path in ((1, 8, ROW_RESIDENT), (1, 4, ROW_RESIDENT), (2, 8, TILE_RESIDENT)):
+        config = replace(small_tile_config(rows), num_warps=num_warps)
         call = build_call(packed, context[:, -1], None, 2, dt[:, :2] if event else None, "ieee", config, False)
-        assert call.constexprs["RESIDENT"], num_warps
+        assert call.constexprs["RESIDENT"] == path, (rows, num_warps)
         out = fused_rollout(model, context, HORIZON, dt, config=config)
         assert_fp32_accurate(model, context, HORIZON, dt, out)
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count

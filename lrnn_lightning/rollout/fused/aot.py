@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,12 +35,31 @@ class CompileInfo:
         shared_bytes: shared memory per program.
         compile_s: wall time of the compilation.
         fits: shared memory within the architecture's per-block limit.
+        ttgir: the kernel in Triton's GPU dialect, register layouts included (`loop_conversions`).
     """
 
     constexprs: dict
     shared_bytes: int
     compile_s: float
     fits: bool
+    ttgir: str = field(default="", repr=False)
+
+
+def loop_conversions(ttgir: str) -> list[int]:
+    """Register-layout conversions (`ttg.convert_layout`) in each outermost loop of a kernel's TTGIR, in order.
+
+    Outside a loop a conversion runs once; inside the step loop each one between warps is a
+    trip through shared memory with barriers, on every step.
+    """
+    counts, depth = [], 0
+    for line in ttgir.splitlines():
+        if depth == 0 and "scf.for" in line:
+            counts.append(0)
+        elif depth > 0 and "ttg.convert_layout" in line:
+            counts[-1] += 1
+        if counts and (depth > 0 or "scf.for" in line):
+            depth += line.count("{") - line.count("}")
+    return counts
 
 
 def _specialize(fn, call) -> tuple[dict, dict, dict]:
@@ -99,7 +118,7 @@ def compile_for_target(model: nn.Module, *, event: bool = False, weight_dtype: t
                                                                   "launch_cooperative_grid": call.cooperative})
     shared = int(kernel.metadata.shared)
     return CompileInfo(call.constexprs, shared, time.perf_counter() - start,
-                       shared <= SHARED_LIMIT.get(arch, 48 * 1024))
+                       shared <= SHARED_LIMIT.get(arch, 48 * 1024), kernel.asm["ttgir"])
 
 
 def _main() -> None:

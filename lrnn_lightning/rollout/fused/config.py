@@ -39,8 +39,8 @@ What `launch.default_launch` adds, knowing the model (H100, 2026-11-27, µs per 
   kernel: B=256 bf16 1146 µs, twice the graph's 576; up to MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM it
   takes one-row programs (4 warps) instead, as exact fp32 does;
 - one-layer LRU / S5 models whose weights and state stay in registers (kernels/resident.py) run
-  fastest with RESIDENT_WARPS: (32, 32, 16, 1) LRU 2.07 µs with 4 warps, 2.18 with 8, 2.67 with 16
-  (the per-step loads they replace: 2.38, 2.64, 3.29); S5 1.94 with 4.
+  fastest with RESIDENT_WARPS: (32, 32, 16, 1), one row a program on vectors (resident_row_steps), LRU
+  1.89 µs with 4 warps, 2.25 with 8; S5 1.84 and 2.23 (the (1, N) tile path: LRU 2.20 / 2.23).
 
 `experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
 against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their

@@ -62,6 +62,7 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")
 TILE_3D = 512  # elements per warp of the S4D / Mamba state tiles (2048 with 4 warps)
 REGISTER_TILE = 512  # elements per warp of one weight tile (and of a small tile's product) in the register kernel
 REGISTER_ROWS = 1024  # elements per warp of one (rows, d_model) activation: h, a, y and z are live at once
+TILE_RESIDENT, ROW_RESIDENT = 1, 2  # the RESIDENT constexpr of register_rollout_kernel (0: not resident)
 RESIDENT_TILES = 4  # register tiles of weights a whole-model-resident program may hold (kernels/resident.py)
 
 
@@ -169,6 +170,16 @@ def resident_fits(packed: PackedModel, config: KernelConfig, blocks: dict[str, i
         return False
     elements = (4 * blocks["BP"] + 3 * blocks["BF"]) * blocks["BD"]
     return elements <= RESIDENT_TILES * REGISTER_TILE * config.num_warps
+
+
+def transposed_weights(packed: PackedModel) -> Tensor:
+    """The encoder, the readout and the MLP down-projection of a one-layer modal model, transposed and stacked:
+    (W + 2P + F, D), d_model contiguous, for `resident_row_steps`, which keeps every weight tile row-major."""
+    c = packed.common
+    d_model = c["enc_w"].shape[0]
+    readout = packed.mixer[1].reshape(d_model, -1)
+    down = c["down_w"].reshape(d_model, -1)
+    return torch.cat([c["enc_w"].t(), readout.t(), down.t()]).contiguous()
 
 
 def split_blocks(packed: PackedModel) -> int:
@@ -407,13 +418,16 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
     if uses_registers(packed, config, precision):
         split = resolve_split(packed, config, n_prog, device, interpreted, n_sms)
         blocks = register_blocks(packed, config, split)
-        blocks["RESIDENT"] = resident_fits(packed, config, blocks)
+        # 2: one row a program, on vectors (resident_row_steps); 1: a tile of rows (resident_modal_steps)
+        resident = resident_fits(packed, config, blocks)
+        blocks["RESIDENT"] = 0 if not resident else ROW_RESIDENT if bb == 1 else TILE_RESIDENT
+        columns = transposed_weights(packed) if blocks["RESIDENT"] == ROW_RESIDENT else c["enc_w"]  # else unused
         # Mamba's conv outputs cross between its two passes through these rows (kernels/register_mamba.py)
         mixer_rows = torch.empty(n_prog * split * bb, packed.sizes[0] if packed.mixer_id == MAMBA else 1,
                                  device=device, dtype=f32)
         part = torch.empty(n_prog * 2 * split * bb * blocks["BX"] if split > 1 else 1, device=device, dtype=f32)
         sem = torch.zeros(n_prog, device=device, dtype=torch.int32)
-        args = (*io, states, states.stride(0), packed.state_width, mixer_rows, part, sem, *weights)
+        args = (*io, states, states.stride(0), packed.state_width, mixer_rows, part, sem, columns, *weights)
         return KernelCall("register_rollout_kernel", (n_prog * split,), args, {**constexprs, **blocks},
                           config.num_warps, out, states, cooperative=split > 1)
     if config.split not in (None, 1):

@@ -38,7 +38,7 @@ from lrnn_lightning.rollout.fused.kernels.common import product
 from lrnn_lightning.rollout.fused.kernels.group import group_sum
 from lrnn_lightning.rollout.fused.kernels.lti import mode_coefficients
 from lrnn_lightning.rollout.fused.kernels.register_mamba import mamba_mixer
-from lrnn_lightning.rollout.fused.kernels.resident import resident_modal_steps
+from lrnn_lightning.rollout.fused.kernels.resident import resident_modal_steps, resident_row_steps
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def gated_mlp(a, D, F, up_w, up_b, down_w, w_value, w_gate, w_down, b_value, b_g
 @triton.jit(do_not_specialize=["out_stride_b", "out_stride_t", "dt_stride_b", "state_stride_layer", "B", "n_steps"])
 def register_rollout_kernel(
     out_ptr, out_stride_b, out_stride_t, dt_ptr, dt_stride_b,
-    state_ptr, state_stride_layer, state_stride_row, scratch_ptr, part_ptr, sem_ptr,
+    state_ptr, state_stride_layer, state_stride_row, scratch_ptr, part_ptr, sem_ptr, columns_ptr,
     enc_w, enc_b, dec_w, dec_b, final_g, final_b,
     norm1_g, norm1_b, norm2_g, norm2_b, up_w, up_b, down_w, down_b,
     m0, m1, m2, m3, m4, m5, m6, m7, m8,
@@ -112,9 +112,11 @@ def register_rollout_kernel(
     column 0 and receives step t's output in column t + 1; dt (B, n_steps) fp32 when EVENT; state (L, row
     tiles * BB, state width) fp32, updated in place; scratch (programs * BB, md0) fp32 for Mamba's conv
     outputs; part (row tiles, 2, SPLIT, BB, BX) fp32 and sem (row tiles,) int32, zeroed, for the exchanges
-    of a split step (unused when SPLIT is 1); weights and mixer slots m0..m8, md0..md3 as packed by
-    `pack_model`. MIXER 0: LRU / S5 (`modal_mixer`, BP), 2: Mamba (`mamba_mixer`, BE, BR, BN, BKC).
-    RESIDENT (MIXER 0, one layer, P <= BP, F <= BF, SPLIT 1; `launch.resident_fits`): `resident_modal_steps`."""
+    of a split step (unused when SPLIT is 1); columns (W + 2P + F, D), the transposed encoder, readout and
+    down-projection (`launch.transposed_weights`; read only when RESIDENT is 2); weights and mixer slots
+    m0..m8, md0..md3 as packed by `pack_model`. MIXER 0: LRU / S5 (`modal_mixer`, BP), 2: Mamba
+    (`mamba_mixer`, BE, BR, BN, BKC). RESIDENT (MIXER 0, one layer, P <= BP, F <= BF, SPLIT 1;
+    `launch.resident_fits`): 1 `resident_modal_steps`, 2 (one row a program) `resident_row_steps`."""
     pid = tl.program_id(0)
     tile = pid // SPLIT
     rank = pid % SPLIT
@@ -138,7 +140,13 @@ def register_rollout_kernel(
     dec = tl.load(dec_w + ws[:, None] * D + ds[None, :], mask=w_ok[:, None] & d_ok[None, :], other=0.0)
     dec_bias = tl.load(dec_b + ws, mask=w_ok, other=0.0)[None, :]
     x = tl.load(out_rows, mask=io_mask, other=0.0)
-    if RESIDENT:  # one layer, one block of modes and of hidden units: weights and state stay in registers
+    if RESIDENT == 2:  # one layer, one block of modes and of hidden units, one row: vectors
+        row = tile.to(tl.int64)
+        resident_row_steps(out_ptr + row * out_stride_b, out_stride_t, dt_ptr + row * dt_stride_b,
+                           row < B, state_ptr + row * state_stride_row, columns_ptr, enc_b, dec_w, dec_b, final_g,
+                           final_b, norm1_g, norm1_b, norm2_g, norm2_b, up_w, up_b, down_b, m0, m2, m3, m4, m5,
+                           n_steps, W, D, F, md0, eps, RULE, EVENT, HAS_SCALE, BW, BD, BP, BF)
+    elif RESIDENT == 1:  # one layer, one block of modes and of hidden units: weights and state stay in registers
         resident_modal_steps(x, out_rows, out_stride_t, io_mask, dt_ptr, dt_stride_b, rows, row_ok, state_ptr,
                              state_stride_row, enc, enc_bias, dec, dec_bias, final_g, final_b, norm1_g, norm1_b,
                              norm2_g, norm2_b, up_w, up_b, down_w, down_b, m0, m1, m2, m3, m4, m5, n_steps, D, F, md0,

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from lrnn_lightning.rollout.fused.kernels.blocks import mlp_block, mlp_tiles, modal_block, mode_tiles, normalize_with
-from lrnn_lightning.rollout.fused.kernels.common import product
-from lrnn_lightning.rollout.fused.kernels.lti import discretize, load_coefficients
+from lrnn_lightning.rollout.fused.kernels.common import gelu, product, row_sum
+from lrnn_lightning.rollout.fused.kernels.lti import advance_modes, discretize, load_coefficients
 
 
 @triton.jit
@@ -72,3 +72,117 @@ def resident_modal_steps(x, out_rows, out_stride_t, io_mask, dt_ptr, dt_stride_b
     tl.debug_barrier()  # every thread read its copy of the state (before the first step) before any writes
     tl.store(s_re_ptr, s_re, mask=s_mask)
     tl.store(s_re_ptr + P, s_im, mask=s_mask)
+
+
+@triton.jit
+def columns_product(x, w):
+    """w (N, K) times x (K,), x along the tile's columns -> (N,) along its rows (a reduction within warps)."""
+    return row_sum(w * x[None, :], axis=1)
+
+
+@triton.jit
+def rows_product(x, w_t):
+    """w_t (K, N), a transposed weight, times x (K,) along its rows -> (N,) along its columns (across warps)."""
+    return row_sum(w_t * x[:, None], axis=0)
+
+
+@triton.jit
+def weight_tile(ptr, offsets, mask):
+    """The weight tile at ptr + offsets (N, K), zero where masked, in fp32."""
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def normalize_columns(h, g, b, d_ok, D, eps):
+    """LayerNorm of h (BD,) with the gain g and bias b (BD,) (zero beyond D)."""
+    mean = row_sum(tl.where(d_ok, h, 0.0), axis=0) / D
+    centred = tl.where(d_ok, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt_rn(row_sum(centred * centred, axis=0) / D + eps)
+    return centred * rstd * g + b
+
+
+@triton.jit
+def resident_row_steps(out_row, out_stride_t, dt_row, row_ok, state_row, columns, enc_b, dec_w, dec_b,
+                       final_g, final_b, norm1_g, norm1_b, norm2_g, norm2_b, up_w, up_b, down_b,
+                       win, skip, coef_a, coef_b, steps, n_steps, W, D, F, P, eps,
+                       RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr, BW: tl.constexpr,
+                       BD: tl.constexpr, BP: tl.constexpr, BF: tl.constexpr):
+    """`resident_modal_steps` for a tile of one row, on vectors: the same arguments, as pointers.
+
+    Every weight tile is held with d_model along its columns: columns (W + 2P + F, D) holds
+    the encoder, the readout C and the MLP's down-projection transposed
+    (`launch.transposed_weights`), so that every tile is loaded row-major and Triton gives
+    them all one register layout (a tile read column-major gets another, and vectors would
+    move between the two inside the step loop). The residual stream and the LayerNorms live
+    along the columns, where every warp holds the whole vector, so a LayerNorm needs no shared
+    memory; a step moves data between warps only in its three products with transposed tiles,
+    where (1, N) tiles took about fifteen shared-memory round trips (RESULTS.md). bf16 weights
+    are widened to fp32, as in `common.small_product`. out_row points at the row's x0 (W,),
+    dt_row at its dt (n_steps,) with EVENT, state_row at its [s_re, s_im].
+    """
+    ws = tl.arange(0, BW)
+    w_ok = ws < W
+    x_ok = ws < tl.where(row_ok, W, 0)
+    ds = tl.arange(0, BD)
+    d_ok = ds < D
+    ps = tl.arange(0, BP)
+    p_ok = ps < P
+    fs = tl.arange(0, BF)
+    f_ok = fs < F
+    wd_mask = w_ok[:, None] & d_ok[None, :]
+    pd_mask = p_ok[:, None] & d_ok[None, :]
+    enc_t = weight_tile(columns, ws[:, None] * D + ds[None, :], wd_mask)
+    enc_bias = tl.load(enc_b + ds, mask=d_ok, other=0.0)
+    dec = weight_tile(dec_w, ws[:, None] * D + ds[None, :], wd_mask)
+    dec_bias = tl.load(dec_b + ws, mask=w_ok, other=0.0)
+    b_re = weight_tile(win, ps[:, None] * D + ds[None, :], pd_mask)
+    b_im = weight_tile(win, (P + ps)[:, None] * D + ds[None, :], pd_mask)
+    c_re_t = weight_tile(columns, (W + ps)[:, None] * D + ds[None, :], pd_mask)
+    c_im_t = weight_tile(columns, (W + P + ps)[:, None] * D + ds[None, :], pd_mask)
+    a_re = tl.load(coef_a + ps, mask=p_ok, other=0.0)
+    a_im = tl.load(coef_a + P + ps, mask=p_ok, other=0.0)
+    k_re = tl.load(coef_b + ps, mask=p_ok, other=1.0)  # a padded mode's lam is 1: ZOH divides by it
+    k_im = tl.load(coef_b + P + ps, mask=p_ok, other=0.0)
+    if EVENT:
+        delta = tl.load(steps + ps, mask=p_ok, other=0.0)
+    else:
+        delta = 0.0 * a_re
+    skip_d = tl.load(skip + ds, mask=d_ok, other=0.0)
+    g1 = tl.load(norm1_g + ds, mask=d_ok, other=0.0)
+    b1 = tl.load(norm1_b + ds, mask=d_ok, other=0.0)
+    g2 = tl.load(norm2_g + ds, mask=d_ok, other=0.0)
+    b2 = tl.load(norm2_b + ds, mask=d_ok, other=0.0)
+    gf = tl.load(final_g + ds, mask=d_ok, other=0.0)
+    bf = tl.load(final_b + ds, mask=d_ok, other=0.0)
+    fd_mask = f_ok[:, None] & d_ok[None, :]
+    w_value = weight_tile(up_w, fs[:, None] * D + ds[None, :], fd_mask)
+    w_gate = weight_tile(up_w, (F + fs)[:, None] * D + ds[None, :], fd_mask)
+    w_down_t = weight_tile(columns, (W + 2 * P + fs)[:, None] * D + ds[None, :], fd_mask)
+    b_value = tl.load(up_b + fs, mask=f_ok, other=0.0)
+    b_gate = tl.load(up_b + F + fs, mask=f_ok, other=0.0)
+    mlp_bias = tl.load(down_b + ds, mask=d_ok, other=0.0)
+    s_mask = ps < tl.where(row_ok, P, 0)  # (a scalar & a vector of int1 is an int vector in the interpreter)
+    s_re = tl.load(state_row + ps, mask=s_mask, other=0.0)
+    s_im = tl.load(state_row + P + ps, mask=s_mask, other=0.0)
+    x = tl.load(out_row + ws, mask=x_ok, other=0.0)
+    for t in range(n_steps):
+        if EVENT:
+            dt = tl.load(dt_row + t, mask=row_ok, other=1.0)
+            decay_re, decay_im, scale_re, scale_im = discretize(dt, a_re, a_im, k_re, k_im, delta, RULE)
+        else:
+            decay_re, decay_im, scale_re, scale_im = a_re, a_im, k_re, k_im
+        h = rows_product(x, enc_t) + enc_bias
+        a = normalize_columns(h, g1, b1, d_ok, D, eps)
+        u_re = columns_product(a, b_re)
+        u_im = columns_product(a, b_im)
+        s_re, s_im = advance_modes(u_re, u_im, s_re, s_im, decay_re, decay_im, scale_re, scale_im, HAS_SCALE)
+        h = h + row_sum(c_re_t * s_re[:, None] + c_im_t * s_im[:, None], axis=0) + skip_d * a
+        a = normalize_columns(h, g2, b2, d_ok, D, eps)
+        hidden = (columns_product(a, w_value) + b_value) * gelu(columns_product(a, w_gate) + b_gate)
+        h = h + (rows_product(hidden, w_down_t) + mlp_bias)
+        a = normalize_columns(h, gf, bf, d_ok, D, eps)
+        x = columns_product(a, dec) + dec_bias
+        tl.store(out_row + (t + 1) * out_stride_t + ws, x, mask=x_ok)
+    tl.debug_barrier()  # every thread read its copy of the state (before the first step) before any writes
+    tl.store(state_row + ps, s_re, mask=s_mask)
+    tl.store(state_row + P + ps, s_im, mask=s_mask)
