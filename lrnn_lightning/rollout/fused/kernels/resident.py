@@ -18,6 +18,13 @@ import triton.language as tl
 from lrnn_lightning.rollout.fused.kernels.blocks import mlp_block, mlp_tiles, modal_block, mode_tiles, normalize_with
 from lrnn_lightning.rollout.fused.kernels.common import gelu, product, row_sum
 from lrnn_lightning.rollout.fused.kernels.lti import advance_modes, discretize, load_coefficients
+from lrnn_lightning.rollout.fused.kernels.vectors import (
+    columns_product,
+    mode_vectors,
+    normalize_columns,
+    rows_product,
+    weight_tile,
+)
 
 
 @triton.jit
@@ -75,33 +82,6 @@ def resident_modal_steps(x, out_rows, out_stride_t, io_mask, dt_ptr, dt_stride_b
 
 
 @triton.jit
-def columns_product(x, w):
-    """w (N, K) times x (K,), x along the tile's columns -> (N,) along its rows (a reduction within warps)."""
-    return row_sum(w * x[None, :], axis=1)
-
-
-@triton.jit
-def rows_product(x, w_t):
-    """w_t (K, N), a transposed weight, times x (K,) along its rows -> (N,) along its columns (across warps)."""
-    return row_sum(w_t * x[:, None], axis=0)
-
-
-@triton.jit
-def weight_tile(ptr, offsets, mask):
-    """The weight tile at ptr + offsets (N, K), zero where masked, in fp32."""
-    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def normalize_columns(h, g, b, d_ok, D, eps):
-    """LayerNorm of h (BD,) with the gain g and bias b (BD,) (zero beyond D)."""
-    mean = row_sum(tl.where(d_ok, h, 0.0), axis=0) / D
-    centred = tl.where(d_ok, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt_rn(row_sum(centred * centred, axis=0) / D + eps)
-    return centred * rstd * g + b
-
-
-@triton.jit
 def resident_row_steps(out_row, out_stride_t, dt_row, row_ok, state_row, columns, enc_b, dec_w, dec_b,
                        final_g, final_b, norm1_g, norm1_b, norm2_g, norm2_b, up_w, up_b, down_b,
                        win, skip, coef_a, coef_b, steps, n_steps, W, D, F, P, eps,
@@ -139,14 +119,7 @@ def resident_row_steps(out_row, out_stride_t, dt_row, row_ok, state_row, columns
     b_im = weight_tile(win, (P + ps)[:, None] * D + ds[None, :], pd_mask)
     c_re_t = weight_tile(columns, (W + ps)[:, None] * D + ds[None, :], pd_mask)
     c_im_t = weight_tile(columns, (W + P + ps)[:, None] * D + ds[None, :], pd_mask)
-    a_re = tl.load(coef_a + ps, mask=p_ok, other=0.0)
-    a_im = tl.load(coef_a + P + ps, mask=p_ok, other=0.0)
-    k_re = tl.load(coef_b + ps, mask=p_ok, other=1.0)  # a padded mode's lam is 1: ZOH divides by it
-    k_im = tl.load(coef_b + P + ps, mask=p_ok, other=0.0)
-    if EVENT:
-        delta = tl.load(steps + ps, mask=p_ok, other=0.0)
-    else:
-        delta = 0.0 * a_re
+    a_re, a_im, k_re, k_im, delta = mode_vectors(coef_a, coef_b, steps, ps, p_ok, P, EVENT)
     skip_d = tl.load(skip + ds, mask=d_ok, other=0.0)
     g1 = tl.load(norm1_g + ds, mask=d_ok, other=0.0)
     b1 = tl.load(norm1_b + ds, mask=d_ok, other=0.0)
