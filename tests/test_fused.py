@@ -437,11 +437,30 @@ def test_one_row_resident_steps_widen_bf16_weights_like_the_tile_path(interprete
     # (resident_row_steps) and the two-row tile path (resident_modal_steps) compute the same numbers
     model = make_model("s5", {"discretization": "zoh"}, n_layers=1)
     context, dt = make_data(event=True)
+    packed = pack_model(model, torch.bfloat16, event=True)
+    for rows, path in ((1, ROW_RESIDENT), (2, TILE_RESIDENT)):
+        call = build_call(packed, context[:, -1], None, 2, dt[:, :2], "ieee", small_tile_config(rows), True)
+        assert call.constexprs["RESIDENT"] == path, rows
     one_row = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=small_tile_config(1))
     two_rows = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=small_tile_config(2))
     fp32 = fused_rollout(model, context, HORIZON, dt, config=small_tile_config(1))
     assert relative_error(one_row[:, 1:], two_rows[:, 1:]) < 1e-5
     assert relative_error(one_row[:, 1:], fp32[:, 1:]) > 1e-4  # the weights were rounded to bf16
+
+
+@pytest.mark.parametrize("case", [("lru", {}), ("s5", {"discretization": "bilinear"})], ids=case_id)
+def test_one_row_resident_steps_mask_padded_columns(interpreter, case):
+    # one input feature (16 columns of which 15 are padding), d_model 12 in 16 columns, 24 hidden units in 32,
+    # 6 states (LRU 6 modes, S5 3 conjugate pairs) in 16: every padded element must stay out of the sums
+    model = make_model(*case, d_model=12, d_state=6, n_layers=1, width=1)
+    context, dt = torch.randn(B, C, 1), random_dt(B, C + HORIZON)
+    packed = pack_model(model, torch.float32, event=True)
+    call = build_call(packed, context[:, -1], None, 2, dt[:, :2], "ieee", small_tile_config(1), True)
+    assert call.constexprs["RESIDENT"] == ROW_RESIDENT and (call.constexprs["BF"], packed.d_ff) == (32, 24)
+    out = fused_rollout(model, context, HORIZON, dt, config=small_tile_config(1))
+    ref = loop_rollout(model, context, HORIZON, dt)
+    assert relative_error(out[:, 1:], ref[:, 1:]) < FUSED_TOL
+    assert relative_error(ref[:, -1], ref[:, 1]) > 1e-2
 
 def test_which_models_run_resident(interpreter):
     x0 = torch.randn(B, W)
@@ -635,7 +654,8 @@ def test_kernel_compiles_for_sm90():
 
 def test_the_one_row_resident_step_keeps_vectors_in_one_layout():
     """Compiled for sm_90 on the host: the one-row resident step loop converts no register layout but its output
-    store's. Each conversion there is a shared-memory round trip every step; (1, N) tiles had 34 (RESULTS.md)."""
+    store's, and with event dt under ZOH the two results of its complex division. Each conversion there is a
+    shared-memory round trip every step; (1, N) tiles had 34 (RESULTS.md)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         from lrnn_lightning.rollout.fused.aot import compile_for_target, loop_conversions
@@ -643,14 +663,16 @@ def test_the_one_row_resident_step_keeps_vectors_in_one_layout():
         from lrnn_lightning.rollout.fused.launch import ROW_RESIDENT
         from tests.test_fused import make_model
         for name, kwargs in (("lru", {}), ("s5", {"discretization": "zoh"})):
-            model = make_model(name, kwargs, d_model=32, d_state=16, n_layers=1, width=8)
-            info = compile_for_target(model, config=small_tile_config(1), batch=32)
-            assert info.constexprs["RESIDENT"] == ROW_RESIDENT, info
-            print(name, loop_conversions(info.ttgir))
+            for event in (False, True):
+                model = make_model(name, kwargs, d_model=32, d_state=16, n_layers=1, width=8)
+                info = compile_for_target(model, config=small_tile_config(1), batch=32, event=event)
+                assert info.constexprs["RESIDENT"] == ROW_RESIDENT, info
+                print(name, event, loop_conversions(info.ttgir))
     """)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "lru [1]" in result.stdout and "s5 [1]" in result.stdout, result.stdout
+    for expected in ("lru False [1]", "lru True [1]", "s5 False [1]", "s5 True [3]"):
+        assert expected in result.stdout, result.stdout

@@ -9,7 +9,8 @@ Modules: `support` (coverage, Triton and device checks; imports no Triton), `sel
 as a CUDA graph), `config` (launch shape: rows per program from the batch and the GPU's SM
 count), `launch` (which kernel, state layout, launch), `aot` (compile for a GPU on the host),
 `kernels/` (the Triton source, imported on first launch: `registers.py`, activations in
-registers, for LRU, S5 and Mamba where their width fits; `rollout.py`, activations through
+registers, for LRU, S5 and Mamba where their width fits, with `resident.py` for one-layer
+LRU / S5 models whose weights and state stay in registers; `rollout.py`, activations through
 per-program memory, for every covered mixer and width).
 
 Wired into `RolloutEngine(fused=False|True|"auto", fused_precision=None)` and the callback

@@ -172,16 +172,6 @@ def resident_fits(packed: PackedModel, config: KernelConfig, blocks: dict[str, i
     return elements <= RESIDENT_TILES * REGISTER_TILE * config.num_warps
 
 
-def transposed_weights(packed: PackedModel) -> Tensor:
-    """The encoder, the readout and the MLP down-projection of a one-layer modal model, transposed and stacked:
-    (W + 2P + F, D), d_model contiguous, for `resident_row_steps`, which keeps every weight tile row-major."""
-    c = packed.common
-    d_model = c["enc_w"].shape[0]
-    readout = packed.mixer[1].reshape(d_model, -1)
-    down = c["down_w"].reshape(d_model, -1)
-    return torch.cat([c["enc_w"].t(), readout.t(), down.t()]).contiguous()
-
-
 def split_blocks(packed: PackedModel) -> int:
     """Blocks of 16 in the register kernel's widest split loop (modes, Mamba channels or MLP hidden units)."""
     return -(-max(packed.d_ff, packed.sizes[0]) // 16)
@@ -189,7 +179,8 @@ def split_blocks(packed: PackedModel) -> int:
 
 def weight_bytes(packed: PackedModel) -> int:
     """Bytes of packed weights (and parameters) one step of one row streams."""
-    tensors = [*packed.common.values(), *packed.mixer]
+    # "columns" repeats the encoder, readout and down-projection, transposed (pack.transposed_columns)
+    tensors = [t for key, t in packed.common.items() if key != "columns"] + [*packed.mixer]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
@@ -421,7 +412,7 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
         # 2: one row a program, on vectors (resident_row_steps); 1: a tile of rows (resident_modal_steps)
         resident = resident_fits(packed, config, blocks)
         blocks["RESIDENT"] = 0 if not resident else ROW_RESIDENT if bb == 1 else TILE_RESIDENT
-        columns = transposed_weights(packed) if blocks["RESIDENT"] == ROW_RESIDENT else c["enc_w"]  # else unused
+        columns = c["columns"] if blocks["RESIDENT"] == ROW_RESIDENT else c["enc_w"]  # else unused
         # Mamba's conv outputs cross between its two passes through these rows (kernels/register_mamba.py)
         mixer_rows = torch.empty(n_prog * split * bb, packed.sizes[0] if packed.mixer_id == MAMBA else 1,
                                  device=device, dtype=f32)

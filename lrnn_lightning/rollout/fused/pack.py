@@ -116,6 +116,8 @@ def pack_model(model: SequenceModel, weight_dtype: torch.dtype, event: bool) -> 
         mixer_id = MIXER_IDS[type(mixers[0])]
         packer = {MODAL: _pack_modal, S4D_ID: _pack_s4d, MAMBA: _pack_mamba, RGLRU_ID: _pack_rglru}[mixer_id]
         slots, sizes, rule, has_scale, state_width, scratch_width = packer(mixers, weight_dtype, event)
+        if mixer_id == MODAL and len(layers) == 1:
+            common["columns"] = transposed_columns(common["enc_w"], slots[1], common["down_w"])
     device = common["enc_b"].device
     dummy = torch.zeros(1, device=device, dtype=f32)
     slots = slots + [dummy] * (N_SLOTS - len(slots))
@@ -123,6 +125,15 @@ def pack_model(model: SequenceModel, weight_dtype: torch.dtype, event: bool) -> 
                        rule=rule, has_scale=has_scale, width=model.d_input, d_model=model.d_model,
                        d_ff=layers[0].mlp.down.in_features, n_layers=len(layers), eps=float(norms[0].eps),
                        state_width=state_width, scratch_width=max(scratch_width, 1))
+
+
+def transposed_columns(enc_w: torch.Tensor, readout: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
+    """A one-layer modal model's encoder (D, W), readout (1, D, 2P) and MLP down-projection (1, D, F),
+    transposed and stacked as rows of d_model: (W + 2P + F, D), d_model contiguous.
+
+    `kernels/resident.resident_row_steps` reads them so, to hold every weight tile row-major.
+    """
+    return torch.cat([enc_w.t(), readout[0].t(), down_w[0].t()]).contiguous()
 
 
 def _pack_modal(mixers: list, weight_dtype: torch.dtype, event: bool):

@@ -113,10 +113,11 @@ def register_rollout_kernel(
     tiles * BB, state width) fp32, updated in place; scratch (programs * BB, md0) fp32 for Mamba's conv
     outputs; part (row tiles, 2, SPLIT, BB, BX) fp32 and sem (row tiles,) int32, zeroed, for the exchanges
     of a split step (unused when SPLIT is 1); columns (W + 2P + F, D), the transposed encoder, readout and
-    down-projection (`launch.transposed_weights`; read only when RESIDENT is 2); weights and mixer slots
+    down-projection (`pack.transposed_columns`; read only when RESIDENT is 2); weights and mixer slots
     m0..m8, md0..md3 as packed by `pack_model`. MIXER 0: LRU / S5 (`modal_mixer`, BP), 2: Mamba
-    (`mamba_mixer`, BE, BR, BN, BKC). RESIDENT (MIXER 0, one layer, P <= BP, F <= BF, SPLIT 1;
-    `launch.resident_fits`): 1 `resident_modal_steps`, 2 (one row a program) `resident_row_steps`."""
+    (`mamba_mixer`, BE, BR, BN, BKC). RESIDENT (MIXER 0, one layer, P <= BP, F <= BF, SPLIT 1, weight
+    tiles within the register budget; `launch.resident_fits`): 1 `resident_modal_steps`, 2 (one row a
+    program) `resident_row_steps`."""
     pid = tl.program_id(0)
     tile = pid // SPLIT
     rank = pid % SPLIT

@@ -13,13 +13,14 @@ its columns, so all tiles share one layout:
 
 The residual stream and the LayerNorms live along the columns, where every warp holds the
 whole vector, so a LayerNorm needs no shared memory. The transposed tiles (the encoder, the
-readout C, the MLP down-projection) are read from a transposed copy (`launch.transposed_weights`),
+readout C, the MLP down-projection) are read from a transposed copy (`pack.transposed_columns`),
 so that every tile loads row-major: a tile read column-major gets a column-major layout, and
 vectors would move between the two inside the step loop.
 
 Only weights held in registers for the whole rollout gain from this. A per-step version for
-models whose weights are re-read every step ran 1.7-2x slower than the register kernel's
-(1, N) tiles at (32, 128, 64, 4) and (256, 128, 64, 4) (RESULTS.md, sixth session), and was dropped.
+models whose weights are re-read every step was slower than the register kernel's (1, N) tiles
+at (32, 128, 64, 4) and (256, 128, 64, 4): 1.7-2.0x, each at its best warp count (RESULTS.md,
+sixth session). It was dropped.
 """
 
 from __future__ import annotations
