@@ -57,6 +57,7 @@ from lrnn_lightning.rollout.fused.config import (
     small_tile_config,
 )
 from lrnn_lightning.rollout.fused.launch import build_call, default_launch, kernel_module
+from lrnn_lightning.rollout.fused.launch import weight_bytes as packed_weight_bytes
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.inference import rollout_mode
 
@@ -94,9 +95,7 @@ def cuda_median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 def weight_bytes(model: SequenceModel, weight_dtype: torch.dtype) -> int:
     """Bytes of everything the fused kernel reads as weights per step (matrices in weight_dtype, vectors fp32)."""
-    packed = pack_model(model, weight_dtype, event=False)
-    tensors = list(packed.common.values()) + [t for t in packed.mixer if t.numel() > 1]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return packed_weight_bytes(pack_model(model, weight_dtype, event=False))
 
 
 def matmul_flop(model: SequenceModel, batch: int) -> int:

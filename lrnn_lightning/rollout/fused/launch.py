@@ -178,10 +178,12 @@ def split_blocks(packed: PackedModel) -> int:
 
 
 def weight_bytes(packed: PackedModel) -> int:
-    """Bytes of packed weights (and parameters) one step of one row streams."""
-    # "columns" repeats the encoder, readout and down-projection, transposed (pack.transposed_columns)
-    tensors = [t for key, t in packed.common.items() if key != "columns"] + [*packed.mixer]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+    """Bytes of packed weights (and parameters) one step of one row streams: each weight once."""
+    # "columns" repeats the encoder, readout and down-projection, transposed (pack.transposed_columns);
+    # one-element mixer slots are the unused ones' placeholders
+    tensors = [t for key, t in packed.common.items() if key != "columns"]
+    tensors += [t for t in packed.mixer if isinstance(t, Tensor) and t.numel() > 1]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def uses_registers(packed: PackedModel, config: KernelConfig, precision: str = "ieee") -> bool:
