@@ -30,6 +30,14 @@ from lrnn_lightning.rollout.fused.kernels.vectors import (
 
 
 @triton.jit
+def norm_parameters(norm1_g, norm1_b, norm2_g, norm2_b, final_g, final_b, ds, d_ok):
+    """The gains and biases (BD,) of a one-layer model's three LayerNorms at the columns ds, zero beyond D."""
+    return (tl.load(norm1_g + ds, mask=d_ok, other=0.0), tl.load(norm1_b + ds, mask=d_ok, other=0.0),
+            tl.load(norm2_g + ds, mask=d_ok, other=0.0), tl.load(norm2_b + ds, mask=d_ok, other=0.0),
+            tl.load(final_g + ds, mask=d_ok, other=0.0), tl.load(final_b + ds, mask=d_ok, other=0.0))
+
+
+@triton.jit
 def resident_modal_steps(x, out_rows, out_stride_t, io_mask, dt_ptr, dt_stride_b, rows, row_ok, state, s_stride,
                          enc, enc_bias, dec, dec_bias, final_g, final_b, norm1_g, norm1_b, norm2_g, norm2_b,
                          up_w, up_b, down_w, down_b, win, readout, skip, coef_a, coef_b, steps,
@@ -50,12 +58,7 @@ def resident_modal_steps(x, out_rows, out_stride_t, io_mask, dt_ptr, dt_stride_b
     b_re, b_im, c_re, c_im = mode_tiles(win, readout, D, P, ps, BD)
     a_re, a_im, k_re, k_im, delta = load_coefficients(coef_a, coef_b, steps, ps, p_ok, P, EVENT)
     skip_d = tl.load(skip + ds, mask=d_ok, other=0.0)[None, :]
-    g1 = tl.load(norm1_g + ds, mask=d_ok, other=0.0)
-    b1 = tl.load(norm1_b + ds, mask=d_ok, other=0.0)
-    g2 = tl.load(norm2_g + ds, mask=d_ok, other=0.0)
-    b2 = tl.load(norm2_b + ds, mask=d_ok, other=0.0)
-    gf = tl.load(final_g + ds, mask=d_ok, other=0.0)
-    bf = tl.load(final_b + ds, mask=d_ok, other=0.0)
+    g1, b1, g2, b2, gf, bf = norm_parameters(norm1_g, norm1_b, norm2_g, norm2_b, final_g, final_b, ds, d_ok)
     w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(up_w, up_b, down_w, D, F, 0, BD, BF)
     mlp_bias = tl.load(down_b + ds, mask=d_ok, other=0.0)[None, :]
     s_mask = row_ok[:, None] & p_ok[None, :]
@@ -126,12 +129,7 @@ def resident_row_steps(out_row, out_stride_t, dt_row, row_ok, state_row, columns
     c_im_t = weight_tile(columns, (W + P + ps)[:, None] * D + ds[None, :], pd_mask)
     a_re, a_im, k_re, k_im, delta = mode_vectors(coef_a, coef_b, steps, ps, p_ok, P, EVENT)
     skip_d = tl.load(skip + ds, mask=d_ok, other=0.0)
-    g1 = tl.load(norm1_g + ds, mask=d_ok, other=0.0)
-    b1 = tl.load(norm1_b + ds, mask=d_ok, other=0.0)
-    g2 = tl.load(norm2_g + ds, mask=d_ok, other=0.0)
-    b2 = tl.load(norm2_b + ds, mask=d_ok, other=0.0)
-    gf = tl.load(final_g + ds, mask=d_ok, other=0.0)
-    bf = tl.load(final_b + ds, mask=d_ok, other=0.0)
+    g1, b1, g2, b2, gf, bf = norm_parameters(norm1_g, norm1_b, norm2_g, norm2_b, final_g, final_b, ds, d_ok)
     fd_mask = f_ok[:, None] & d_ok[None, :]
     w_value = weight_tile(up_w, fs[:, None] * D + ds[None, :], fd_mask)
     w_gate = weight_tile(up_w, (F + fs)[:, None] * D + ds[None, :], fd_mask)
