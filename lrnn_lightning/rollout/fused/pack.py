@@ -49,7 +49,8 @@ class PackedModel:
     """What one launch of the fused kernel reads, plus the sizes that shape it.
 
     Attributes:
-        common: encoder/decoder, norms and MLP tensors, by kernel argument name.
+        common: encoder/decoder, norms and MLP tensors, by kernel argument name; for a one-layer LRU / S5
+            model also "columns", some of them transposed (`transposed_columns`).
         mixer: the nine mixer slots m0..m8 (unused ones hold a 1-element dummy).
         sizes: md0..md3.
         mixer_id, rule, has_scale: the kernel's MIXER, RULE and HAS_SCALE constexprs.
