@@ -160,8 +160,9 @@ def shape_label(config: dict, programs: int) -> str:
 def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
     """Time the best of the candidate launch shapes (each gets a short timing first).
 
-    Returns seconds per step with the weights packed per launch ("seconds", what a rollout costs),
-    with them packed once ("prepacked"), and of the kernel launch alone ("kernel"); the shape
+    Returns seconds per step with the weights packed per launch ("seconds", what a rollout costs: a
+    repeated call, so packing and launch replay as one CUDA graph, `fused.call_graph`), with them packed
+    once and launched eagerly ("prepacked"), and of the kernel launch alone ("kernel"); the shape
     ("config"), every shape tried ("tried") and the outputs ("out").
     """
     weight_dtype, precision = FUSED[variant]
@@ -183,6 +184,7 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
             run(steps=2)  # compiles
             compile_s = time.perf_counter() - start
             short = min(args.steps, 64)
+            run(steps=short)  # the first call of a shape launches eagerly, the second (the warm-up below) captures
             seconds = cuda_median_seconds(lambda config=config, short=short: run(config, short), 2) / short
             call = build_call(packed, x0, None, short, None, precision, config, interpreted=False)
             kernel_s = cuda_median_seconds(lambda call=call: call.launch(kernels), 3) / short
@@ -197,6 +199,7 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
             best = (seconds, config, run)
     if best is None:
         raise RuntimeError(f"every launch shape failed: {tried}")
+    best[2]()  # seen once: the warm-up in cuda_median_seconds captures the call, the timed runs replay it
     seconds = cuda_median_seconds(best[2], args.repeats) / args.steps
     prepacked = cuda_median_seconds(lambda: fused_steps(model, x0, None, args.steps, weight_dtype=weight_dtype,
                                                    precision=precision, config=best[1], packed=packed),

@@ -11,7 +11,9 @@ Variants, all on the same card in one run:
     cublas    ours (K-step graph) without the fused step kernel (models/step_ops.py): every matmul
               through cuBLAS, as before that kernel existed (LRNN_STEP_KERNELS=0)
     fused     ours, the fused backend (RolloutEngine(fused=True), issue #6): the whole rollout in one
-              Triton kernel launch, live weights packed per call (`fused_steps`), exact fp32
+              Triton kernel launch, live weights packed per call (`fused_steps`), exact fp32; the
+              call is replayed as a CUDA graph from its second run on (`fused.call_graph`: the
+              untimed first run and the warm-up are its first two)
 Every variant but cublas runs the model's step with the fused step kernel where it applies (the
 seed's scheme too: it replays the same `step`).
 Each time is the median of --repeats timed runs (CUDA events) after a warm-up run; next to

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from lrnn_lightning.models import SequenceModel
+from lrnn_lightning.models.backbone import GatedMLP
 from lrnn_lightning.rollout import rollout_loop, run_steps
 from lrnn_lightning.rollout.fused import (
     KernelConfig,
@@ -60,7 +61,7 @@ from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.fused.selection import AUTO_MAX_ROWS_PER_SM, choose_fused
 from lrnn_lightning.rollout.inference import rollout_mode
 from tests.conftest import relative_error
-from tests.helpers import import_interpreted, perturb_parameters, random_dt
+from tests.helpers import count_calls, import_interpreted, perturb_parameters, random_dt
 from tests.test_rollout import TinyMixer
 
 FUSED_TOL = 1e-5  # fused vs loop, fp32 ("ieee" dots): same math, different summation order
@@ -176,6 +177,26 @@ def test_fused_support_rejects_unsupported_weights(monkeypatch):
     model = make_model("lru").double()
     covered, why = fused_support(model)
     assert not covered and "torch.float64" in why
+
+
+def test_fused_support_answers_again_when_the_model_changes(monkeypatch):
+    monkeypatch.setattr(support, "interpreter_active", lambda: True)
+    pytest.importorskip("triton")
+    asked = count_calls(monkeypatch, support, "model_coverage")
+    model = make_model("lru")
+    assert fused_support(model)[0] and fused_support(model)[0] and len(asked) == 1  # kept while nothing changed
+    model.double()  # every tensor replaced
+    covered, why = fused_support(model)
+    assert not covered and "torch.float64" in why and len(asked) == 2
+    model.float()
+    assert fused_support(model)[0] and len(asked) == 3
+    # a module swapped for another type that keeps the same tensors: same fingerprint, new answer
+    block, other_mlp = model.layers[0], type("OtherMLP", (GatedMLP,), {})
+    swapped = other_mlp(model.d_model)
+    swapped.up, swapped.down = block.mlp.up, block.mlp.down
+    block.mlp = swapped
+    covered, why = fused_support(model)
+    assert not covered and why == "a layer is not the standard ResidualBlock with a GatedMLP" and len(asked) == 4
 
 
 # -- the launch-shape rule: pure, no Triton needed ------------------------------------------------

@@ -209,7 +209,9 @@ def test_kernel_failure_under_auto_warns_once_and_falls_back(interpreter_on, mon
 
 
 def test_the_engine_asks_fused_support_once_per_rollout(interpreter_on, monkeypatch):
-    asked = count_calls(monkeypatch, support, "model_coverage")  # once per fused_support call, whoever calls it
+    from lrnn_lightning.rollout.fused import selection
+
+    asked = count_calls(monkeypatch, selection, "fused_support")
     monkeypatch.setattr(engine_module, "fused_steps", lambda model, x0, state, num_steps, dt_steps=None, **options:
                         x0.new_zeros(x0.shape[0], num_steps, x0.shape[1]))  # (fused_steps asks once more itself)
     model = make_model("lru", d_model=16)
@@ -262,17 +264,34 @@ def test_callback_runs_the_fused_path_and_logs_it(interpreter, tmp_path, caplog)
     assert relative_error(result.prediction[:, 1:], expected[:, 1:]) < FUSED_TOL
 
 
-def test_callback_warms_the_kernel_up_once_with_one_step_on_the_real_rows(interpreter, tmp_path, monkeypatch):
-    """Triton compiles at the first launch: one one-step rollout of every row (in event mode, as validation end)
-    before the first timed rollout, and none before later ones (the kernel is not specialised on the step count)."""
+def test_callback_warms_the_fused_path_up_once_with_the_real_rollout(interpreter, tmp_path, monkeypatch):
+    """Triton compiles at the first launch and a call is captured at the second: two rollouts of every row and
+    the full horizon (in event mode, as validation end) before the first timed rollout, none before later ones."""
     made = record_callback_engines(monkeypatch)
     rollouts = count_calls(monkeypatch, rollout_module.RolloutEngine, "rollout")
     callback = RolloutCallback(num_sequences=3, batch_size=2, context=8, horizon=HORIZON, fused=True)
     trainer = tiny_trainer(tmp_path, [callback], logger=False, max_epochs=2)
     trainer.fit(tiny_module(), datamodule=tiny_data(event=True))
     shapes = [(call["horizon"], tuple(call["dt"].shape)) for call in rollouts]
-    assert shapes == [(2, (3, 8 + 2)), (HORIZON, (3, 8 + HORIZON)), (HORIZON, (3, 8 + HORIZON))]
+    assert shapes == [(HORIZON, (3, 8 + HORIZON))] * 4  # two warm-ups, then one timed rollout an epoch
     assert len(made) == 1 and callback.last_result.stats.path == "fused" and callback.last_result.epoch == 1
+
+
+def test_callback_warms_the_fused_path_up_again_after_the_weights_are_replaced(interpreter, tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+
+    class ReplaceWeightsAtEpochOne(pl.Callback):  # new storage: the captured calls are dropped
+        def on_validation_start(self, trainer, module):  # runs before the rollout callback's (listed first)
+            if trainer.current_epoch == 1:
+                state = {k: v.clone() for k, v in module.model.state_dict().items()}
+                module.model.load_state_dict(state, assign=True)
+
+    rollouts = count_calls(monkeypatch, rollout_module.RolloutEngine, "rollout")
+    callback = RolloutCallback(num_sequences=3, batch_size=2, context=8, horizon=HORIZON, fused=True)
+    trainer = tiny_trainer(tmp_path, [ReplaceWeightsAtEpochOne(), callback], logger=False, max_epochs=2)
+    trainer.fit(tiny_module(), datamodule=tiny_data(event=True))
+    assert len(rollouts) == 6  # each epoch: two warm-ups (compile, capture) and the timed rollout
+    assert callback.last_result.stats.path == "fused" and callback.last_result.epoch == 1
 
 
 @pytest.mark.parametrize("path", ["graph", "loop"])
@@ -396,16 +415,18 @@ def test_auto_takes_the_fused_path_on_a_gpu_and_matches_the_graph(event):
 
 
 @pytest.mark.cuda
-def test_callback_warm_up_compiles_the_kernel_the_timed_rollout_launches(tmp_path, monkeypatch):
-    """The one-step warm-up leaves Triton nothing to compile at the timed rollout of the full horizon."""
+def test_callback_warm_up_leaves_the_timed_rollout_a_replay(tmp_path, monkeypatch):
+    """The warm-up compiles the kernel and captures the call: the timed rollout compiles nothing and replays."""
     pytest.importorskip("triton")
+    from lrnn_lightning.rollout.fused.call_graph import captured_calls
     from lrnn_lightning.rollout.fused.launch import kernel_module
 
     kernels = [k for k in vars(kernel_module()).values() if hasattr(k, "device_caches")]  # whichever is launched
-    compiled = []  # kernels in Triton's caches after each rollout
+    compiled, captured = [], []  # kernels in Triton's caches after each rollout; call graphs before it
     original = rollout_module.RolloutEngine.rollout
 
     def spy(self, context, horizon, dt=None):
+        captured.append(len(captured_calls(self.model)))
         out = original(self, context, horizon, dt)
         compiled.append(sum(len(caches[0]) for kernel in kernels for caches in kernel.device_caches.values()))
         return out
@@ -415,7 +436,8 @@ def test_callback_warm_up_compiles_the_kernel_the_timed_rollout_launches(tmp_pat
     trainer = tiny_trainer(tmp_path, [callback], logger=False, accelerator="gpu")
     trainer.validate(tiny_module(), datamodule=tiny_data(event=True))
     assert callback.last_result.stats.path == "fused"
-    assert len(compiled) == 2 and compiled[1] == compiled[0] >= 1
+    assert len(compiled) == 3 and compiled[2] == compiled[0] >= 1
+    assert captured == [0, 0, 1]  # two warm-ups (compile, capture), then the timed rollout replays
 
 
 @pytest.mark.cuda

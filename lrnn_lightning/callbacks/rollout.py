@@ -27,6 +27,7 @@ from lrnn_lightning.callbacks.result import (
 )
 from lrnn_lightning.callbacks.wandb_media import log_rollout_media
 from lrnn_lightning.rollout import RolloutEngine
+from lrnn_lightning.rollout.fingerprint import model_signature
 from lrnn_lightning.rollout.fused import support as fused_checks
 from lrnn_lightning.rollout.metrics import channel_scale, valid_prediction_steps
 
@@ -226,7 +227,8 @@ class RolloutCallback(Callback):
         self.last_result: RolloutResult | None = None
         self._engines: dict[tuple[int, torch.dtype, torch.device], RolloutEngine] = {}
         self._engine: RolloutEngine | None = None
-        self._fused_compiled: set[tuple[int, torch.dtype, torch.device]] = set()  # engines whose kernel ran once
+        # per engine, the model signature its fused call was compiled and captured under
+        self._fused_warmed: dict[tuple[int, torch.dtype, torch.device], tuple] = {}
         self._windows: _Windows | None = None
         self._windows_key: tuple | None = None
         self._warned: set[str] = set()
@@ -300,7 +302,7 @@ class RolloutCallback(Callback):
         for engine in self._engines.values():
             engine.release()
         self._engines.clear()
-        self._fused_compiled.clear()
+        self._fused_warmed.clear()
         self._engine, self._windows, self._windows_key = None, None, None
 
     @override
@@ -386,23 +388,22 @@ class RolloutCallback(Callback):
         """Keep one-off costs out of the timed rollout at validation end (`steps_per_second`).
 
         Graph path: a prefill-only rollout of one graph batch captures the graph now (or re-captures it, if the
-        weights' storage was replaced), so validation end only replays. Fused path, once per engine: a one-step
-        rollout of the real rows makes Triton compile the kernel now; the kernel is specialised on the rows (its
-        launch shape) and on dt's presence, not on the step count, so this compiles the variant validation end
-        launches. The loop path has nothing to warm up.
+        weights' storage was replaced), so validation end only replays. Fused path, once per engine and model
+        signature (replaced weights drop the captured calls): two rollouts of the real rows and horizon make
+        Triton compile the kernel (first) and capture the call as a CUDA graph (second, `fused.call_graph`),
+        so validation end only replays that. The loop path has nothing to warm up.
         """
         windows, engine = self._windows, self._engine
         backend = engine.next_backend(windows.engine_context.device, windows.engine_context.shape[0]).backend
         if backend == "graph":
             rows, horizon = engine.batch_size, 1
-        elif backend == "fused" and key not in self._fused_compiled and windows.future.shape[1] > 1:
-            rows, horizon = len(windows.shard.positions), 2
-            self._fused_compiled.add(key)
-        else:
-            return
-        context_length = windows.engine_context.shape[1]
-        self._run_engine(windows.engine_context[:rows], horizon, None if windows.engine_dt is None else
-                         windows.engine_dt[:rows, :context_length + horizon])
+            context_length = windows.engine_context.shape[1]
+            self._run_engine(windows.engine_context[:rows], horizon, None if windows.engine_dt is None else
+                             windows.engine_dt[:rows, :context_length + horizon])
+        elif backend == "fused" and self._fused_warmed.get(key) != (signature := model_signature(engine.model)):
+            self._fused_warmed[key] = signature
+            for _ in range(2):
+                self._run_engine(windows.engine_context, windows.future.shape[1], windows.engine_dt)
 
     def _rollout(self, trainer: pl.Trainer) -> RolloutResult:
         """Roll out this process's rows, score them, and combine the scores of all processes."""

@@ -17,8 +17,9 @@ in-place checkpoint loads need no re-capture. A replaced parameter (`.to()`,
 `load_state_dict(assign=True)`) is detected by fingerprint and triggers a re-capture.
 
 The fused path (`fused=True` or "auto", `lrnn_lightning.rollout.fused`) prefills in PyTorch and
-runs every step in one Triton launch that packs the live weights each time: nothing to capture,
-pad or split. `next_backend` picks the path of each rollout and says why (`stats.backend_reason`): the fused
+runs every step in one Triton launch that packs the live weights each time; from the second
+rollout of a shape on, packing and launch replay as one CUDA graph (`fused.call_graph`). Nothing
+to pad or split. `next_backend` picks the path of each rollout and says why (`stats.backend_reason`): the fused
 half of `choose_backend` (`choose_fused`), then the graph or the loop as this engine's capture state allows.
 """
 
@@ -43,6 +44,7 @@ from lrnn_lightning.rollout.checks import (
 )
 from lrnn_lightning.rollout.errors import CaptureError, StaleGraphError, describe_capture_failure
 from lrnn_lightning.rollout.fused import FusedKernelError, fused_steps
+from lrnn_lightning.rollout.fused.call_graph import release_calls
 from lrnn_lightning.rollout.fused.config import processor_count
 from lrnn_lightning.rollout.fused.launch import PRECISIONS
 from lrnn_lightning.rollout.fused.pack_graph import release_packing
@@ -61,9 +63,11 @@ class RolloutStats:
     Attributes:
         path: "fused", "graph" or "loop", the path of the last rollout.
         compiled: whether the last rollout ran a torch.compile'd step body.
-        capture_ms: wall time of the last capture (warm-up and compilation included).
-        num_captures: graphs captured by this engine so far.
-        steps_per_second: last rollout, batch rows x horizon / seconds (prefill included, capture excluded).
+        capture_ms: wall time of the last capture (warm-up and compilation included); graph path only.
+        num_captures: step graphs captured by this engine so far (the fused path's call graphs not counted).
+        steps_per_second: last rollout, batch rows x horizon / seconds (prefill included; the graph path's
+            capture excluded, while a fused rollout's Triton compile (first of a shape) and call capture
+            (second, `fused.call_graph`) are included).
         fallback_reason: why capture failed (on_capture_error="fallback" made the engine use the loop), or
             why the fused kernel failed (fused="auto" made the engine use the graph or the loop).
         backend_reason: why the last rollout took `path` (`RolloutEngine.next_backend`'s reason, plus a capture
@@ -214,18 +218,21 @@ class RolloutEngine:
         self.stats.path, self.stats.backend_reason = backend, reason
         self.stats.compiled = graph is not None and graph.compiled
         if backend == "fused":
-            self.stats.capture_ms = 0.0  # nothing captured (Triton compiles on the first launch instead)
+            # not measured: Triton compiles inside the first rollout of a shape and its call graph is captured
+            # inside the second (fused.call_graph), so those two rollouts' steps_per_second include them
+            self.stats.capture_ms = 0.0
         self.stats.steps_per_second = batch * horizon / max(seconds, 1e-9)
         return out
 
     def release(self) -> None:
-        """Free the captured graph and its memory pool and the fused backend's captured weight packing
-        (`fused.pack_graph`); the next rollout captures again (and a fused="auto" engine whose kernel
-        failed tries the kernel again)."""
+        """Free the captured graph and its memory pool and the fused backend's captured weight packing and
+        calls (`fused.pack_graph`, `fused.call_graph`); the next rollout captures again (and a fused="auto"
+        engine whose kernel failed tries the kernel again)."""
         if self._graph is not None:
             self._graph.release()
             self._graph = None
         release_packing(self.model)
+        release_calls(self.model)
         self._fell_back = False
         self._fused_failed = False
 

@@ -39,6 +39,32 @@ def model_fingerprint(model: nn.Module) -> Fingerprint:
                  for name, kind, t in tensors)
 
 
+def model_signature(model: nn.Module) -> tuple:
+    """What a cache of answers about `model`'s structure and memory keys on (whether the fused kernel covers
+    it, its captured calls): the fingerprint's facts without names, plus every module's type and number of
+    children, parameters and buffers, depth first (a module, then its children, the last one first). A
+    tensor replaced, moved or restrided, a module swapped for another type (even one reusing the same
+    tensors), added or removed, changes it; in-place updates of values do not. A shared module appears once
+    for every place that holds it (the module tree must have no cycles).
+
+    Each entry: a module's (type, parameters, buffers, children), then its parameters' and buffers'
+    (data_ptr, dtype, device, shape, stride), None for an empty slot.
+    """
+    # run before every replayed fused call, so no names and no generator recursion: a third cheaper than
+    # the named fingerprint
+    entries: list = []
+    append, stack = entries.append, [model]
+    while stack:
+        module = stack.pop()
+        children = module._modules
+        append((type(module), len(module._parameters), len(module._buffers), len(children)))
+        for tensors in (module._parameters, module._buffers):
+            for t in tensors.values():
+                append(None if t is None else (t.data_ptr(), t.dtype, t.device, t.shape, t.stride()))
+        stack.extend(child for child in children.values() if child is not None)
+    return tuple(entries)
+
+
 def describe_change(old: Fingerprint, new: Fingerprint) -> str | None:
     """A sentence naming the first difference between two fingerprints, or None when they match."""
     if old == new:

@@ -6,8 +6,9 @@
 
 Modules: `support` (coverage, Triton and device checks; imports no Triton), `selection`
 (backend choice), `pack` (live weights -> kernel tensors), `pack_graph` (that packing replayed
-as a CUDA graph), `config` (launch shape: rows per program from the batch and the GPU's SM
-count), `launch` (which kernel, state layout, launch), `aot` (compile for a GPU on the host),
+as a CUDA graph), `call_graph` (a repeated call's packing and launch replayed as one graph),
+`config` (launch shape: rows per program from the batch and the GPU's SM count), `launch`
+(which kernel, state layout, launch), `aot` (compile for a GPU on the host),
 `kernels/` (the Triton source, imported on first launch: `registers.py`, activations in
 registers, for LRU, S5 and Mamba where their width fits, with `resident.py` for one-layer
 LRU / S5 models whose weights and state stay in registers; `rollout.py`, activations through

@@ -5,7 +5,8 @@
 
 Per launch: the live weights are packed (`pack.py`; on a GPU a replayed CUDA graph of that
 packing, `pack_graph.py`), the prefilled state is laid out in rows, and one kernel runs every
-step of every layer: the register-resident kernel where `registers_fit` says the model fits
+step of every layer (on a GPU, a call shape seen before replays all of that as one CUDA graph,
+`call_graph.py`): the register-resident kernel where `registers_fit` says the model fits
 its register tiles (LRU, S5, Mamba), else the scratch kernel (`KernelConfig.activations`
 overrides); the register kernel may split each row tile's step over several programs
 (`KernelConfig.split`, `resolve_split`), launched cooperatively. The Triton kernel module is
@@ -28,6 +29,8 @@ from lrnn_lightning.rollout.checks import (
     check_step_model,
     feature_size,
 )
+from lrnn_lightning.rollout.fingerprint import model_signature
+from lrnn_lightning.rollout.fused.call_graph import CallGraph, CallKey, replayed_call
 from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig and default_config live on here)
     ACTIVATIONS,
     BLOCK_BS,
@@ -45,6 +48,7 @@ from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig an
 )
 from lrnn_lightning.rollout.fused.pack import (
     MAMBA,
+    MIXER_IDS,
     MIXER_NAMES,
     MODAL,
     RGLRU_ID,
@@ -235,18 +239,20 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
     Returns:
         (B, num_steps, W) outputs in x0's dtype, and the final state if asked.
     """
-    ok, why = fused_support(model, weight_dtype)
+    signature = model_signature(model)  # one walk over the model serves the support check and the graph cache
+    ok, why = fused_support(model, weight_dtype, signature=signature)
     if not ok:
         raise ValueError(f"fused_steps: the fused kernel cannot run this model: {why}. "
                          "HINT: use RolloutEngine's graph or loop backend (generation.fused=auto falls back).")
-    param = next(p for p in model.parameters() if p.is_floating_point())
-    weight_dtype = weight_dtype or param.dtype
+    # fused_support made sure that every parameter has this dtype and device
+    param_dtype, param_device = model.encoder.weight.dtype, model.encoder.weight.device
+    weight_dtype = weight_dtype or param_dtype
     if precision not in PRECISIONS:
         raise ValueError(f"fused_steps: precision must be one of {PRECISIONS}, got {precision!r}. "
                          "HINT: 'ieee' matches the step loop to fp32 rounding.")
     batch, width = x0.shape if x0.dim() == 2 else (None, None)
-    if batch is None or width != model.d_input or x0.device != param.device:
-        raise ValueError(f"fused_steps: expected x0 of shape (B, {model.d_input}) on {param.device}, got "
+    if batch is None or width != model.d_input or x0.device != param_device:
+        raise ValueError(f"fused_steps: expected x0 of shape (B, {model.d_input}) on {param_device}, got "
                          f"{tuple(x0.shape)} on {x0.device}.")
     event = dt_steps is not None
     if event and tuple(dt_steps.shape) != (batch, num_steps):
@@ -258,20 +264,37 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
         empty = x0.new_empty(batch, 0, width)
         return (empty, _copy_state(state, model, batch, x0)) if return_state else empty
 
+    kernels = kernel_module()
     with torch.no_grad():
-        packed = packed or pack_live(model, weight_dtype, event)
-        # the interpreter runs one program at a time, whatever device the tensors are on
-        n_sms = CPU_PROCESSORS if kernel_module().INTERPRETED else processor_count(x0.device)
-        config = config or default_launch(packed, batch, weight_dtype, precision, n_sms)
-        out, final_rows = _launch(packed, x0, state, num_steps, dt_steps, precision, config)
-    result = out[:, 1:].to(x0.dtype)
+        graph = None
+        if packed is None and x0.device.type == "cuda" and not kernels.INTERPRETED \
+                and not torch.cuda.is_current_stream_capturing():
+            key = CallKey.of(x0, state, num_steps, dt_steps, weight_dtype, precision, config)
+
+            def launch(packed: PackedModel, x0: Tensor, state: State | None, dt_steps: Tensor | None) -> KernelCall:
+                chosen = config or default_launch(packed, batch, weight_dtype, precision, processor_count(x0.device))
+                return build_call(packed, x0, state, num_steps, dt_steps, precision, chosen, interpreted=False)
+
+            graph = replayed_call(model, signature, key, lambda: CallGraph(model, x0, state, dt_steps, weight_dtype,
+                                                                            launch, kernels))
+        if graph is not None:
+            out, states = graph.replay(x0, state, dt_steps)
+        else:
+            packed = packed or pack_live(model, weight_dtype, event)
+            # the interpreter runs one program at a time, whatever device the tensors are on
+            n_sms = CPU_PROCESSORS if kernels.INTERPRETED else processor_count(x0.device)
+            config = config or default_launch(packed, batch, weight_dtype, precision, n_sms)
+            out, states = _launch(kernels, packed, x0, state, num_steps, dt_steps, precision, config)
+    # a replayed call's buffers are overwritten by its next replay: copy out of them
+    result = out[:, 1:].to(x0.dtype, copy=graph is not None)
     if not return_state:
         return result
     template = model.allocate_state(1, x0.device, torch.float32)
     final: State = {}
-    for layer, rows in enumerate(final_rows):
+    for layer in range(states.shape[0]):
         like = {key[len(f"{layer}."):]: value for key, value in template.items() if key.startswith(f"{layer}.")}
-        for key, value in rows_to_state(packed.mixer_id, rows, like).items():
+        rows = states[layer, :batch].clone() if graph is not None else states[layer, :batch]
+        for key, value in rows_to_state(MIXER_IDS[type(model.layers[layer].mixer)], rows, like).items():
             final[f"{layer}.{key}"] = value.to(x0.dtype)
     return result, final
 
@@ -433,9 +456,9 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
                       config.num_warps, out, states)
 
 
-def _launch(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
-            precision: str, config: KernelConfig) -> tuple[Tensor, list[Tensor]]:
-    kernels = kernel_module()
+def _launch(kernels, packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
+            precision: str, config: KernelConfig) -> tuple[Tensor, Tensor]:
+    """Launch eagerly; returns the (B, T + 1, W) output and (L, rows, state_width) state buffers."""
     if x0.device.type != "cuda" and not kernels.INTERPRETED:
         raise ValueError(f"fused_steps: tensors on {x0.device}; the compiled kernel needs a CUDA GPU. "
                          "HINT: set TRITON_INTERPRET=1 before importing the kernel to interpret it on the CPU.")
@@ -449,8 +472,7 @@ def _launch(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int
             "KernelConfig(block_b=16, block_n=32, block_k=16) needs fewer resources, activations='scratch' "
             "takes the other kernel and split=1 launches without co-residency; or use the graph backend."
         ) from error
-    batch = x0.shape[0]
-    return call.out, [call.states[layer, :batch] for layer in range(packed.n_layers)]
+    return call.out, call.states
 
 
 def fused_rollout(model: nn.Module, context: Tensor, horizon: int, dt: Tensor | None = None, *,

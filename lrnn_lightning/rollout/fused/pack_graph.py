@@ -3,7 +3,8 @@
 Packing (`pack.pack_model`) is a few dozen small PyTorch ops per launch: about 1 ms of
 launch overhead on an H100 host, more than a 64-step rollout of a small model spends in
 the kernel. On a GPU the packing is therefore captured once per (model, weight dtype,
-event mode, stream) and replayed before every launch: one graph launch recomputes every
+event mode, stream) and replayed before every eager launch (a call shape seen before packs
+inside its own call graph instead, `call_graph.py`): one graph launch recomputes every
 packed tensor, at its fixed address, from the parameters' current values, so optimizer
 steps and in-place loads are seen exactly as in eager packing. A parameter or buffer
 replaced by other memory (`.to()`, `load_state_dict(assign=True)`) changes the model's

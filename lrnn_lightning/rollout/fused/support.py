@@ -9,13 +9,18 @@ import functools
 import importlib.util
 import os
 import sys
+import weakref
 
 import torch
 from torch import nn
 
+from lrnn_lightning.rollout.fingerprint import model_signature
+
 KERNEL_MODULE = "lrnn_lightning.rollout.fused.kernels.rollout"
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)  # Ampere: tl.dot in bf16 and tf32 paths
+# the last answers per model, under its `model_signature`: asked before every fused rollout
+_ANSWERS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]] = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,16 +89,20 @@ def model_coverage(model: nn.Module) -> tuple[bool, str]:
     return True, f"{model.mixer_name} x {len(layers)} layers covered"
 
 
-def fused_support(model: nn.Module, weight_dtype: torch.dtype | None = None) -> tuple[bool, str]:
+def fused_support(model: nn.Module, weight_dtype: torch.dtype | None = None, *,
+                  signature: tuple | None = None) -> tuple[bool, str]:
     """Whether `fused_rollout` can run `model` where it lives now, and why not.
 
     Checks the architecture (`model_coverage`), the weights' dtype and device, Triton, and
     the GPU's compute capability. On the CPU the answer is yes only under the Triton
-    interpreter (TRITON_INTERPRET=1), which is for tests: slow.
+    interpreter (TRITON_INTERPRET=1), which is for tests: slow. The answer is kept until the
+    model's `model_signature` changes (a tensor replaced or moved, a module swapped); plain
+    attributes the kernel reads (LayerNorm eps, discretisation) count as fixed at construction.
 
     Args:
         model: the model to roll out.
         weight_dtype: the kernel's tl.dot weight dtype to check (None: the model's).
+        signature: `fingerprint.model_signature(model)` if the caller has just taken it (None: taken here).
 
     Returns:
         (covered, reason): the reason says what runs, or what is missing.
@@ -103,6 +112,17 @@ def fused_support(model: nn.Module, weight_dtype: torch.dtype | None = None) -> 
         >>> ok, why
         (False, 'mixer Foo is not covered (covered: LRU, Mamba, RGLRU, S4D, S5)')
     """
+    signature = signature or model_signature(model)
+    cached = _ANSWERS.get(model)
+    if cached is None or cached[0] != signature:
+        cached = _ANSWERS[model] = (signature, {})
+    key = (weight_dtype, interpreter_active(), triton_version())
+    if key not in cached[1]:
+        cached[1][key] = _support(model, weight_dtype)
+    return cached[1][key]
+
+
+def _support(model: nn.Module, weight_dtype: torch.dtype | None) -> tuple[bool, str]:
     covered, why = model_coverage(model)
     if not covered:
         return False, why
