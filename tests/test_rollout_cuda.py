@@ -302,7 +302,9 @@ def test_uncapturable_model_falls_back_to_the_loop():
         engine.rollout(context, HORIZON)
     assert engine.stats.path == "loop" and engine.stats.fallback_reason
     assert_close(out, loop_rollout(inner, context, HORIZON), SAME, "fallback loop vs loop")
-    # the failed capture left the GPU usable for graphs
+    # the failed capture left the GPU usable: the same current stream, random ops, graphs
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert torch.randn(3, device="cuda").isfinite().all()
     healthy = RolloutEngine(inner)
     assert_close(healthy.rollout(context, HORIZON), out, SAME, "graph after a failed capture")
     assert healthy.stats.path == "graph"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,25 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     return _CAPTURE_STREAMS[device]
+
+
+def recover_from_failed_capture(device: torch.device, stream: torch.cuda.Stream) -> None:
+    """Undo what a capture that raised leaves behind, which torch does not when `capture_end` raises: make
+    `stream` (the one current before the capture) current again, and take the device's default CUDA
+    generator out of capture mode with one tiny capture that ends cleanly. Otherwise every later random op
+    on the device raises "Offset increment outside graph capture encountered unexpectedly"."""
+    torch.cuda.set_stream(stream)
+    try:
+        side = capture_stream(device)
+        side.wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+            torch.zeros(1, device=device)
+        stream.wait_stream(side)
+        del graph
+    except Exception as error:  # keep the capture's own error the one that propagates
+        warnings.warn(f"after a failed CUDA graph capture, resetting the CUDA random generator of {device} failed "
+                      f"({type(error).__name__}: {error}); random ops on it may raise.", RuntimeWarning, stacklevel=3)
 
 
 class StepGraph:
@@ -119,6 +139,7 @@ class StepGraph:
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.pool = torch.cuda.graph_pool_handle()
         self.graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(self.device)
         body_error: BaseException | None = None
         try:
             # thread_local: a DDP process's NCCL watchdog thread must not invalidate the capture
@@ -131,6 +152,7 @@ class StepGraph:
         except BaseException as error:
             # ending an invalidated capture raises its own, vaguer error: report the body's
             self.release()
+            recover_from_failed_capture(self.device, current)
             raise (body_error or error) from None
 
     def stale_reason(self) -> str | None:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from lrnn_lightning.rollout.fused.config import KernelConfig
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.state import State
-from lrnn_lightning.rollout.step_graph import capture_stream
+from lrnn_lightning.rollout.step_graph import capture_stream, recover_from_failed_capture
 
 ENABLED = os.environ.get("LRNN_FUSED_CALL_GRAPHS", "1") != "0"
 MAX_CALL_GRAPHS = 4  # call shapes captured per model (a callback uses one; a sweep of horizons more)
@@ -118,8 +118,8 @@ class CallGraph:
                         body_error = error
                         raise
             except BaseException as error:
-                # an invalidated capture ends with a vaguer error of its own, before torch restores the stream
-                torch.cuda.set_stream(current)
+                # an invalidated capture ends with a vaguer error of its own: report the body's
+                recover_from_failed_capture(device, current)
                 raise (body_error or error) from None
 
     def replay(self, x0: Tensor, state: State | None, dt_steps: Tensor | None) -> tuple[Tensor, Tensor]:
