@@ -9,7 +9,10 @@ time from before the call to after its last GPU work, as `benchmark_rollout` tim
 modes' outputs are compared before timing (they must be equal: same kernel, same inputs).
 
 With --breakdown, also the host time of each piece of a replayed call (median of --rounds, each
-piece timed alone, the GPU idle before it).
+piece timed alone, the GPU idle before it). With --kernel, a third mode in the same interleaving:
+the kernel launch alone (buffers and packing made once, Triton's launcher called directly), whose
+wall time is the kernel's; the replayed call's wall time less it is what the call adds (host time
+before the graph launch, and the graph's packing and state-layout nodes before the kernel).
 
     python experiments/probe_host_time.py --configs "32,32,16,1;32,128,64,4" --models lru,s5 --steps 256
 """
@@ -29,14 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lrnn_lightning.models import SequenceModel  # noqa: E402
 from lrnn_lightning.rollout.fingerprint import model_signature  # noqa: E402
 from lrnn_lightning.rollout.fused import call_graph, fused_steps, fused_support  # noqa: E402
+from lrnn_lightning.rollout.fused.config import processor_count  # noqa: E402
+from lrnn_lightning.rollout.fused.launch import build_call, default_launch, kernel_module  # noqa: E402
+from lrnn_lightning.rollout.fused.pack import pack_model  # noqa: E402
 
 
-def one_call(model, x0, state, steps) -> tuple[float, float]:
-    """(host seconds until fused_steps returns, CUDA-event seconds of the whole call)."""
+def timed(fn) -> tuple[float, float]:
+    """(host seconds until fn() returns, CUDA-event seconds of all it queued)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     t0 = time.perf_counter()
-    fused_steps(model, x0, state, steps)
+    fn()
     host = time.perf_counter() - t0
     end.record()
     end.synchronize()
@@ -89,17 +95,26 @@ def probe(name: str, config: tuple[int, int, int, int], args) -> list[dict]:
     with torch.no_grad():
         _, state = model.prefill(torch.randn(batch, 8, args.width, device="cuda"))
     outputs = {}
+    if args.kernel:
+        packed = pack_model(model, torch.float32, False)
+        config = default_launch(packed, batch, torch.float32, "ieee", processor_count(x0.device))
+        call = build_call(packed, x0, state, args.steps, None, "ieee", config, interpreted=False)
+        kernels = kernel_module()
     for mode in ("eager", "replayed"):
         call_graph.ENABLED = mode == "replayed"
         for _ in range(3):  # compile, see, capture
             outputs[mode] = fused_steps(model, x0, state, args.steps)
     torch.cuda.synchronize()
     equal = torch.equal(outputs["eager"], outputs["replayed"])
-    times = {mode: ([], []) for mode in outputs}
+    modes = [*outputs, *(["kernel"] if args.kernel else [])]
+    times = {mode: ([], []) for mode in modes}
     for _ in range(args.rounds):
-        for mode in outputs:
+        for mode in modes:
             call_graph.ENABLED = mode == "replayed"
-            host, wall = one_call(model, x0, state, args.steps)
+            if mode == "kernel":
+                host, wall = timed(lambda: call.launch(kernels))
+            else:
+                host, wall = timed(lambda: fused_steps(model, x0, state, args.steps))
             times[mode][0].append(host)
             times[mode][1].append(wall)
     call_graph.ENABLED = True
@@ -113,6 +128,10 @@ def probe(name: str, config: tuple[int, int, int, int], args) -> list[dict]:
                      "us_per_step": 1e6 * statistics.median(wall) / args.steps})
         print(f"{name} {config} {mode:8s}: host {rows[-1]['host_us']:7.1f} us, wall {rows[-1]['wall_us']:8.1f} us "
               f"({rows[-1]['us_per_step']:.2f} us/step), replay == eager: {equal}", flush=True)
+    if args.kernel:
+        added = rows[1]["wall_us"] - rows[2]["wall_us"]
+        print(f"{name} {config} the replayed call adds {added:.1f} us to the kernel's {rows[2]['wall_us']:.1f} "
+              f"({added / args.steps:.2f} us/step at {args.steps} steps)", flush=True)
     return rows
 
 
@@ -124,6 +143,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--breakdown", action="store_true", help="also time the pieces of a replayed call")
+    parser.add_argument("--kernel", action="store_true", help="also time the kernel launch alone")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -246,7 +246,9 @@ def test_choose_backend_on_gpu():
 
 
 def assert_packs_equal(packed, reference) -> None:
-    for name, value in {**packed.common, **dict(enumerate(packed.mixer))}.items():
+    # one-element mixer slots are the unused slots' placeholders: never read, left uninitialised
+    used = {index: value for index, value in enumerate(packed.mixer) if value.numel() > 1}
+    for name, value in {**packed.common, **used}.items():
         other = {**reference.common, **dict(enumerate(reference.mixer))}[name]
         torch.testing.assert_close(value, other, rtol=1e-6, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
