@@ -271,9 +271,11 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
                 and not torch.cuda.is_current_stream_capturing():
             key = CallKey.of(x0, state, num_steps, dt_steps, weight_dtype, precision, config)
 
-            def launch(packed: PackedModel, x0: Tensor, state: State | None, dt_steps: Tensor | None) -> KernelCall:
-                chosen = config or default_launch(packed, batch, weight_dtype, precision, processor_count(x0.device))
-                return build_call(packed, x0, state, num_steps, dt_steps, precision, chosen, interpreted=False)
+            def launch(packing: PackedModel, static_x0: Tensor, static_state: State | None,
+                       static_dt: Tensor | None) -> KernelCall:  # run inside the capture, on the graph's inputs
+                chosen = config or default_launch(packing, batch, weight_dtype, precision, processor_count(x0.device))
+                return build_call(packing, static_x0, static_state, num_steps, static_dt, precision, chosen,
+                                  interpreted=False)
 
             graph = replayed_call(model, signature, key, lambda: CallGraph(model, x0, state, dt_steps, weight_dtype,
                                                                             launch, kernels))
