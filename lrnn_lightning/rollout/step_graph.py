@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +39,35 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     return _CAPTURE_STREAMS[device]
+
+
+def capture_graph(device: torch.device, body: Callable[[], Any], warm_up: Callable[[], Any] | None = None,
+                  pool: tuple[int, int] | None = None) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """`body()` captured as a CUDA graph on the device's capture stream; returns the graph and what body returned
+    during the capture. `warm_up()` (default: `body()` once) runs on that stream first, so that lazy
+    initialisation (cuBLAS handles, autotuning, compilation) stays out of the capture. A capture that fails
+    raises the body's own error (ending an invalidated capture raises a vaguer one), after
+    `recover_from_failed_capture`."""
+    current = torch.cuda.current_stream(device)
+    side = capture_stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        (warm_up or body)()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    body_error: BaseException | None = None
+    try:
+        # thread_local: a DDP process's NCCL watchdog thread must not invalidate the capture
+        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+            try:
+                result = body()
+            except BaseException as error:
+                body_error = error
+                raise
+    except BaseException as error:
+        recover_from_failed_capture(device, current)
+        raise (body_error or error) from None
+    return graph, result
 
 
 def recover_from_failed_capture(device: torch.device, stream: torch.cuda.Stream) -> None:
@@ -129,31 +160,16 @@ class StepGraph:
         self.static_input.copy_(self.static_output[:, -1])
 
     def _capture(self, n_warmups: int) -> None:
-        # warm-up on a side stream (lazy cuBLAS handles, autotuning, compilation) so the
-        # capture records only the steady-state kernels
-        side = capture_stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        def warm_up() -> None:  # the steady-state kernels only in the capture
             for _ in range(max(1, n_warmups)):
                 self._body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
+
         self.pool = torch.cuda.graph_pool_handle()
-        self.graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(self.device)
-        body_error: BaseException | None = None
         try:
-            # thread_local: a DDP process's NCCL watchdog thread must not invalidate the capture
-            with torch.cuda.graph(self.graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
-                try:
-                    self._body()
-                except BaseException as error:
-                    body_error = error
-                    raise
-        except BaseException as error:
-            # ending an invalidated capture raises its own, vaguer error: report the body's
+            self.graph, _ = capture_graph(self.device, self._body, warm_up, self.pool)
+        except BaseException:
             self.release()
-            recover_from_failed_capture(self.device, current)
-            raise (body_error or error) from None
+            raise
 
     def stale_reason(self) -> str | None:
         """Why replaying would read memory the model no longer uses (a replaced parameter), or None."""

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from lrnn_lightning.rollout.fused.config import KernelConfig
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.state import State
-from lrnn_lightning.rollout.step_graph import capture_stream, recover_from_failed_capture
+from lrnn_lightning.rollout.step_graph import capture_graph
 
 ENABLED = os.environ.get("LRNN_FUSED_CALL_GRAPHS", "1") != "0"
 MAX_CALL_GRAPHS = 4  # call shapes captured per model (a callback uses one; a sweep of horizons more)
@@ -98,29 +98,17 @@ class CallGraph:
             self.state = None if state is None else {key: value.clone() for key, value in state.items()}
             self.dt = None if dt_steps is None else dt_steps.to(torch.float32).contiguous().clone()
         self.inputs = [self.x0, *(self.state or {}).values(), *([] if self.dt is None else [self.dt])]
-        current = torch.cuda.current_stream(device)
-        side = capture_stream(device)
-        side.wait_stream(current)
+
+        def body() -> tuple:  # (the packed weights, the KernelCall)
+            packed = pack_model(model, weight_dtype, event)
+            call = launch(packed, self.x0, self.state, self.dt)
+            call.launch(kernels)
+            return packed, call
+
         with torch.no_grad():
-            with torch.cuda.stream(side):
-                pack_model(model, weight_dtype, event)  # warm-up: lazy initialisation must not happen in capture
-            current.wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            body_error: BaseException | None = None
-            try:
-                # thread_local: a DDP process's NCCL watchdog thread must not invalidate the capture
-                with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
-                    try:
-                        self.packed = pack_model(model, weight_dtype, event)
-                        self.call = launch(self.packed, self.x0, self.state, self.dt)
-                        self.call.launch(kernels)
-                    except BaseException as error:
-                        body_error = error
-                        raise
-            except BaseException as error:
-                # an invalidated capture ends with a vaguer error of its own: report the body's
-                recover_from_failed_capture(device, current)
-                raise (body_error or error) from None
+            # warm-up: the packing's lazy initialisation must not happen in capture (the kernel has compiled)
+            self.graph, (self.packed, self.call) = capture_graph(
+                device, body, warm_up=lambda: pack_model(model, weight_dtype, event))
 
     def replay(self, x0: Tensor, state: State | None, dt_steps: Tensor | None) -> tuple[Tensor, Tensor]:
         """Run the captured call on these inputs (shapes and dtypes as captured); returns the static

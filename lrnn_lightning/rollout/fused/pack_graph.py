@@ -26,7 +26,7 @@ from torch import nn
 
 from lrnn_lightning.rollout.fingerprint import Fingerprint, model_fingerprint
 from lrnn_lightning.rollout.fused.pack import PackedModel, pack_model
-from lrnn_lightning.rollout.step_graph import capture_stream
+from lrnn_lightning.rollout.step_graph import capture_graph
 
 MAX_RECAPTURES = 8
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
@@ -39,16 +39,8 @@ class PackGraph:
                  recaptures: int = 0):
         self.fingerprint: Fingerprint = model_fingerprint(model)
         self.recaptures = recaptures
-        side = capture_stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
         with torch.no_grad():
-            with torch.cuda.stream(side):
-                pack_model(model, weight_dtype, event)  # warm-up: lazy initialisation must not happen in capture
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: a DDP process's NCCL watchdog thread must not invalidate the capture
-            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
-                self.packed: PackedModel = pack_model(model, weight_dtype, event)
+            self.graph, self.packed = capture_graph(device, lambda: pack_model(model, weight_dtype, event))
 
     def replay(self) -> PackedModel:
         self.graph.replay()
