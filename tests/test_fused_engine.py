@@ -18,6 +18,7 @@ from lrnn_lightning.callbacks import RankReport, RolloutCallback
 from lrnn_lightning.models import SequenceModel
 from lrnn_lightning.module import NextStepModule
 from lrnn_lightning.rollout import RolloutEngine, RolloutStats
+from lrnn_lightning.rollout.fingerprint import model_signature
 from lrnn_lightning.rollout.fused import FusedKernelError, support
 from lrnn_lightning.utils.training import build, summary_line
 from tests import test_configs, test_fused
@@ -120,6 +121,8 @@ def test_fused_precision_follows_the_tf32_choice(interpreter_on, monkeypatch, kw
     context, dt = data(True)
     RolloutEngine(model, fused=True, event_mode=True, **kwargs).rollout(context, HORIZON, dt)
     (options, dt_steps, autocast), = seen
+    signature = options.pop("signature")  # the engine's own walk over the model, passed on (see below)
+    assert signature == model_signature(model)
     assert options == {"weight_dtype": None, "precision": precision} and not autocast
     torch.testing.assert_close(dt_steps, dt[:, C:C + HORIZON - 1])  # the steps' timesteps, as the loop's
 
@@ -178,8 +181,8 @@ def test_kernel_failure_under_auto_warns_once_and_falls_back(interpreter_on, mon
     real_choose = engine_module.choose_fused
     launches = []
 
-    def force_fused(model, fused, weight_dtype, on_gpu, batch=None, n_sms=None):  # as on a GPU: auto picks it
-        return real_choose(model, fused, weight_dtype, fused == "auto" or on_gpu, batch, n_sms or 132)
+    def force_fused(model, fused, weight_dtype, on_gpu, batch=None, n_sms=None, **options):  # as on a GPU
+        return real_choose(model, fused, weight_dtype, fused == "auto" or on_gpu, batch, n_sms or 132, **options)
 
     def broken(*args, **kwargs):
         launches.append(1)
@@ -222,6 +225,20 @@ def test_the_engine_asks_fused_support_once_per_rollout(interpreter_on, monkeypa
         engine.rollout(context, HORIZON)
         assert engine.stats.path == path and len(asked) == (0 if fused is False else 1), fused
         assert engine.next_backend(context.device) == (path, engine.stats.backend_reason)
+
+
+def test_a_fused_rollout_walks_the_model_once(interpreter, monkeypatch):
+    # the signature walk is host time before the kernel starts: the backend choice and fused_steps share one
+    from lrnn_lightning.rollout.fused import launch
+
+    model = make_model("lru", d_model=16)
+    context, _ = data(False)
+    engine = RolloutEngine(model, fused=True)
+    walks = [count_calls(monkeypatch, owner, "model_signature") for owner in (engine_module, launch, support)]
+    out = engine.rollout(context, HORIZON)
+    assert engine.stats.path == "fused"
+    assert sum(len(calls) for calls in walks) == 1
+    assert relative_error(out, loop_engine_rollout(model, context, HORIZON)) < FUSED_TOL
 
 
 def test_choose_backend_returns_a_named_pair(interpreter_off):
@@ -479,8 +496,8 @@ def test_auto_leaves_a_batch_of_more_than_two_rows_per_sm_to_the_graph(interpret
     real_choose = engine_module.choose_fused
     sms = {"n": 132}
 
-    def on_a_gpu(model, fused, weight_dtype, on_gpu, batch=None, n_sms=None):  # a GPU of sms["n"] SMs
-        return real_choose(model, fused, weight_dtype, True, batch, sms["n"])
+    def on_a_gpu(model, fused, weight_dtype, on_gpu, batch=None, n_sms=None, **options):  # a GPU of sms["n"] SMs
+        return real_choose(model, fused, weight_dtype, True, batch, sms["n"], **options)
 
     monkeypatch.setattr(engine_module, "choose_fused", on_a_gpu)
     monkeypatch.setattr(engine_module, "fused_steps", lambda model, x0, state, num_steps, dt_steps=None, **options:

@@ -43,6 +43,7 @@ from lrnn_lightning.rollout.checks import (
     model_device_dtype,
 )
 from lrnn_lightning.rollout.errors import CaptureError, StaleGraphError, describe_capture_failure
+from lrnn_lightning.rollout.fingerprint import model_signature
 from lrnn_lightning.rollout.fused import FusedKernelError, fused_steps
 from lrnn_lightning.rollout.fused.call_graph import release_calls
 from lrnn_lightning.rollout.fused.config import processor_count
@@ -194,11 +195,13 @@ class RolloutEngine:
         dt = None if dt is None else dt.to(context.dtype)  # every path sees the same timesteps
 
         with rollout_mode(self.model, context.device.type, self.autocast_dtype, self.tf32):
-            backend, reason = self.next_backend(context.device, batch)
+            # one walk over the model serves the backend choice and the fused call (prefill changes no tensor)
+            signature = None if self.fused is False else model_signature(self.model)
+            backend, reason = self._next_backend(context.device, batch, signature)
             out, graph = None, None
             if backend == "fused":
                 start = time.perf_counter()
-                out = self._rollout_fused(context, horizon, dt)
+                out = self._rollout_fused(context, horizon, dt, signature)
                 if out is None:  # fused="auto" and the kernel failed: the graph or the loop from now on
                     backend, reason = self.next_backend(context.device, batch)
             if out is None:
@@ -242,13 +245,17 @@ class RolloutEngine:
         """The backend ("fused", "graph" or "loop") and the reason of the next rollout of `batch` rows (None: not
         known) on `device`: what `stats.path` and `stats.backend_reason` will say unless that rollout falls
         back. Raises where a required backend (fused=True, cuda_graph=True) cannot run."""
+        return self._next_backend(device, batch, None)
+
+    def _next_backend(self, device: torch.device, batch: int | None, signature: tuple | None) -> BackendChoice:
         use_graph = self._graph_wanted(device)  # raises when cuda_graph=True cannot be honoured
-        fused = self._choose_fused(device, batch)
+        fused = self._choose_fused(device, batch, signature)
         if fused.fused:
             return BackendChoice("fused", fused.reason)
         return graph_or_loop(fused.reason, device, self.cuda_graph, use_graph=use_graph, graph_failed=self._fell_back)
 
-    def _choose_fused(self, device: torch.device, batch: int | None = None) -> FusedChoice:
+    def _choose_fused(self, device: torch.device, batch: int | None = None,
+                      signature: tuple | None = None) -> FusedChoice:
         """Whether this rollout (of `batch` rows, if known) takes the fused kernel (one `fused_support` call);
         raises, naming the reason, when fused=True cannot be honoured for the model where it lives now."""
         if self._fused_failed:  # only under fused="auto": fused=True re-raises the kernel's failure
@@ -256,7 +263,7 @@ class RolloutEngine:
                                None)
         on_gpu = device.type == "cuda" and torch.cuda.is_available()
         choice = choose_fused(self.model, self.fused, self.fused_weight_dtype, on_gpu, batch,
-                              processor_count(device) if on_gpu else None)
+                              processor_count(device) if on_gpu else None, signature=signature)
         if self.fused is True and choice.refusal is not None:
             raise ValueError(f"{OWNER}: fused=True, but the fused kernel cannot run this model: {choice.refusal}. "
                              "HINT: fused='auto' (generation.fused=auto) falls back to the CUDA graph or the step "
@@ -265,7 +272,8 @@ class RolloutEngine:
 
     # -- fused path ------------------------------------------------------------------------
 
-    def _rollout_fused(self, context: Tensor, horizon: int, dt: Tensor | None) -> Tensor | None:
+    def _rollout_fused(self, context: Tensor, horizon: int, dt: Tensor | None,
+                       signature: tuple | None = None) -> Tensor | None:
         """Prefill in PyTorch, then every step in one kernel launch; None when fused="auto" and the kernel failed."""
         first, state, dt_steps = prefill_context(self.model, context, horizon, dt)
         precision = self.fused_precision or ("tf32" if matmul_tf32_enabled() else "ieee")
@@ -273,7 +281,7 @@ class RolloutEngine:
             # the kernel packs the live weights itself: no autocast around that (its dtype is fused_weight_dtype)
             with torch.autocast(context.device.type, enabled=False):
                 rest = fused_steps(self.model, first, state, horizon - 1, dt_steps,
-                                   weight_dtype=self.fused_weight_dtype, precision=precision)
+                                   weight_dtype=self.fused_weight_dtype, precision=precision, signature=signature)
         except FusedKernelError as error:
             if self.fused is True:
                 raise

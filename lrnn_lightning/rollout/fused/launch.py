@@ -215,7 +215,7 @@ def kernel_module():
 def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None = None,
                 *, weight_dtype: torch.dtype | None = None, precision: str = "ieee",
                 config: KernelConfig | None = None, return_state: bool = False,
-                packed: PackedModel | None = None) -> Tensor | tuple[Tensor, State]:
+                packed: PackedModel | None = None, signature: tuple | None = None) -> Tensor | tuple[Tensor, State]:
     """`num_steps` fed-back steps of `model` from `x0` and `state` in one kernel launch (like `run_steps`).
 
     Args:
@@ -235,11 +235,14 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
         return_state: also return the state after the last step.
         packed: weights already packed by `pack_model(model, weight_dtype, event)`, used as they
             are: the caller answers for their freshness (benchmarks; None packs the live weights).
+        signature: `fingerprint.model_signature(model)` if the caller has just taken it, with no tensor
+            replaced or module swapped since (RolloutEngine's backend choice); None takes it here.
 
     Returns:
         (B, num_steps, W) outputs in x0's dtype, and the final state if asked.
     """
-    signature = model_signature(model)  # one walk over the model serves the support check and the graph cache
+    # one walk over the model serves the support check and the graph cache
+    signature = signature or model_signature(model)
     ok, why = fused_support(model, weight_dtype, signature=signature)
     if not ok:
         raise ValueError(f"fused_steps: the fused kernel cannot run this model: {why}. "

@@ -40,7 +40,7 @@ class FusedChoice(NamedTuple):
 
 
 def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype | None, on_gpu: bool,
-                 batch: int | None = None, n_sms: int | None = None) -> FusedChoice:
+                 batch: int | None = None, n_sms: int | None = None, *, signature: tuple | None = None) -> FusedChoice:
     """Whether a rollout of `model` takes the fused kernel, asking `fused_support` at most once; never raises
     (a caller that required the kernel raises on `refusal`).
 
@@ -52,11 +52,12 @@ def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype 
         batch: the rollout's rows, if known: "auto" takes the kernel only up to AUTO_MAX_ROWS_PER_SM
             rows per SM, where it was measured faster than the CUDA graph.
         n_sms: the GPU's SMs (None: the current CUDA device's).
+        signature: `fingerprint.model_signature(model)` if the caller has just taken it (None: taken here).
     """
     if fused is False:
         return FusedChoice(False, "fused=false", None)
     asked = "fused=true" if fused is True else "fused=auto"
-    covered, why = fused_support(model, weight_dtype)
+    covered, why = fused_support(model, weight_dtype, signature=signature)
     if not covered:
         return FusedChoice(False, f"{asked}, not fused: {why}", why)
     if fused is not True and not on_gpu:
