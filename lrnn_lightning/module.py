@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import CosineAnnealingLR
 from typing_extensions import override
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -33,6 +37,12 @@ def next_step_pair(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | N
     return window[:, :-1], window[:, 1:], None if dt is None else dt[:, :-1]
 
 
+def _is_cosine(factory: SchedulerFactory | None) -> bool:
+    """Whether `factory` is a `partial` of `CosineAnnealingLR` (or a subclass), as Hydra's `_partial_` makes."""
+    return (isinstance(factory, partial) and isinstance(factory.func, type)
+            and issubclass(factory.func, CosineAnnealingLR))
+
+
 class NextStepModule(LightningModule):
     """Trains `model` to predict each next sample of a window from all samples before it.
 
@@ -45,7 +55,9 @@ class NextStepModule(LightningModule):
         model: the sequence model (e.g. `build_model("lru", d_input=3)`), (B, L, H) -> (B, L, H).
         optimizer: a factory taking the parameters, e.g. Hydra's
             `{_target_: torch.optim.AdamW, _partial_: true, lr: 3e-3}`.
-        scheduler: an optional factory taking the optimizer (also `_partial_`).
+        scheduler: an optional factory taking the optimizer (also `_partial_`). A `CosineAnnealingLR`
+            factory without `T_max` is given the run's length at `configure_optimizers` time: the
+            trainer's epochs for interval "epoch", `trainer.estimated_stepping_batches` for "step".
         scheduler_interval: step the scheduler every "epoch" or every "step".
         loss: "mse", "mae" or "huber".
 
@@ -69,6 +81,12 @@ class NextStepModule(LightningModule):
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"NextStepModule: scheduler_interval must be 'epoch' or 'step', got "
                              f"{scheduler_interval!r}.")
+        t_max = scheduler.keywords.get("T_max") if _is_cosine(scheduler) else None
+        if t_max is not None and (not isinstance(t_max, (int, float)) or t_max <= 0):
+            raise ValueError(f"NextStepModule: the cosine scheduler's T_max must be a positive number of "
+                             f"{scheduler_interval}s, got {t_max!r}. HINT: leave module.scheduler.T_max unset to "
+                             f"derive it from the trainer, or set it > 0 (`${{trainer.max_epochs}}` gives -1 "
+                             f"when trainer.max_epochs=-1).")
         if loss not in LOSSES:
             raise ValueError(f"NextStepModule: unknown loss {loss!r}. Valid names: {', '.join(LOSSES)}.")
         # factories stay out of the checkpoint's hyperparameters: they would make it unloadable with
@@ -104,7 +122,45 @@ class NextStepModule(LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        factory = self.scheduler_factory
+        if _is_cosine(factory) and factory.keywords.get("T_max") is None:
+            factory = partial(factory, T_max=self._schedule_length())
+        scheduler = factory(optimizer)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval,
                                  "monitor": "val/loss"}}
+
+    def _schedule_length(self) -> int:
+        """The run's length in scheduler intervals, from the trainer: T_max of a cosine schedule."""
+        interval = self.hparams.scheduler_interval
+        hint = ("HINT: set module.scheduler.T_max, or give the trainer a finite length (trainer.max_epochs, or "
+                "trainer.max_epochs=-1 with +trainer.max_steps=N).")
+        if self._trainer is None:
+            raise ValueError(f"NextStepModule: the cosine scheduler has no T_max and the module is not attached "
+                             f"to a Trainer to derive it from. {hint}")
+        trainer = self.trainer
+        max_epochs = trainer.max_epochs
+        if interval == "epoch" and max_epochs not in (None, -1):
+            length, source = max(1, max_epochs), "trainer.max_epochs"
+        else:
+            if max_epochs is None:  # not yet resolved by `fit`: Lightning stops at max_steps, if any
+                total_steps = math.inf if trainer.max_steps == -1 else trainer.max_steps
+            else:
+                total_steps = trainer.estimated_stepping_batches
+            if not math.isfinite(total_steps):
+                raise ValueError(f"NextStepModule: the cosine scheduler has no T_max and the trainer's run has no "
+                                 f"end (max_epochs={max_epochs}, max_steps={trainer.max_steps}). {hint}")
+            length, source = max(1, int(total_steps)), "trainer.estimated_stepping_batches"
+            if interval == "epoch":  # the run ends at max_steps: count the whole epochs in it, so that a
+                # partial last epoch (which gets no epoch-end scheduler step) runs at eta_min, not above it
+                if trainer.train_dataloader is None:
+                    trainer.fit_loop.setup_data()  # what `estimated_stepping_batches` does when it needs it
+                steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+                if not math.isfinite(steps_per_epoch) or steps_per_epoch < 1:
+                    raise ValueError(f"NextStepModule: the cosine scheduler has no T_max and the epochs of a "
+                                     f"max_steps={trainer.max_steps} run cannot be counted: the training data has "
+                                     f"{trainer.num_training_batches} batches an epoch. {hint} Or use "
+                                     f"module.scheduler_interval=step.")
+                length, source = max(1, int(total_steps // steps_per_epoch)), f"{source} / epoch length"
+        rank_zero_info(f"NextStepModule: cosine schedule T_max={length} {interval}s (from {source}).")
+        return length
