@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -138,7 +138,8 @@ class RolloutCallback(Callback):
         context: context steps per rollout (the last ones of each window's context); None: all.
         horizon: steps rolled out (the first ones of each window's future); None: all.
         batch_size: rows per captured graph; more sequences are rolled out in slices.
-        every_n_epochs: roll out at every n-th epoch's validation.
+        every_n_epochs: roll out at every n-th epoch's validation. Above 1, a ModelCheckpoint or strict
+            EarlyStopping monitoring `<prefix>/...` must check at those epochs only (an error otherwise).
         chunk: steps per graph replay.
         compile: fuse the step body with torch.compile before capture.
         cuda_graph: "auto" (a graph when the model is on a GPU, else the step loop), True
@@ -151,14 +152,15 @@ class RolloutCallback(Callback):
             `tf32` picks the kernel's "tf32" dots; chunk, compile and batch_size concern
             the graph path only.
         on_capture_error: "fallback" (warn once, continue on the step loop) or "raise".
-        event_mode: roll out with the windows' dt; None: whenever the data provides dt.
+        event_mode: roll out with the windows' dt; None: whenever the data provides dt (False with data
+            that has dt warns once).
         autocast_dtype: None, "bfloat16" or "float16" for the engine's autocast.
         tf32: float32 matmuls of the rollout on TF32 tensor cores (faster small-batch steps,
             ~1e-3 relative error per matmul); False by default; None keeps the global setting.
         threshold: normalised RMSE that ends the valid prediction time.
         divergence_threshold: normalised error (in channel standard deviations) beyond
             which a rollout counts as diverged; above `threshold`.
-        seed: seeds the choice of windows.
+        seed: seeds the choice of windows (a resumed run keeps the checkpoint's windows, and warns if they differ).
         num_plots: sample plots per validation (W&B).
         plot_channels: channels drawn per sample plot.
         sanity_check: also roll out during the sanity-check validation (captures early).
@@ -259,6 +261,8 @@ class RolloutCallback(Callback):
         if datamodule is not None:  # fail before training when the data's windows cannot serve the rollout
             self._check_windows(getattr(datamodule, "context_length", None), getattr(datamodule, "horizon", None),
                                 getattr(datamodule, "event", None))
+        if stage == TrainerFn.FITTING:
+            self._check_monitors(trainer)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -311,8 +315,17 @@ class RolloutCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.seed = int(state_dict["seed"])
-        self.indices = None if state_dict.get("indices") is None else [int(i) for i in state_dict["indices"]]
+        # the checkpoint's windows win, so that the rollout curves before and after a resume are comparable
+        indices = None if state_dict.get("indices") is None else [int(i) for i in state_dict["indices"]]
+        seed = int(state_dict["seed"])
+        num_sequences = int(state_dict.get("num_sequences", self.num_sequences if indices is None else len(indices)))
+        if (seed, num_sequences) != (self.seed, self.num_sequences):
+            self._warn_once("resumed windows", f"{OWNER}: the checkpoint's rollout windows were drawn with seed={seed}"
+                            f", num_sequences={num_sequences}, but this callback was given seed={self.seed}, "
+                            f"num_sequences={self.num_sequences}; the checkpoint's windows are kept, so the rollout "
+                            "curves stay comparable across the resume. HINT: to roll out other windows, start a "
+                            "fresh run (no ckpt_path) with the new generation.seed / generation.num_sequences.")
+        self.seed, self.num_sequences, self.indices = seed, num_sequences, indices
         self._windows, self._windows_key = None, None
 
     # -- work --------------------------------------------------------------------------------
@@ -350,6 +363,11 @@ class RolloutCallback(Callback):
         has_dt = "dt" in items[0]
         self._check_windows(window_context, window_future, has_dt)
         use_dt = has_dt if self.event_mode is None else self.event_mode
+        if has_dt and self.event_mode is False:
+            self._warn_once("dt ignored", f"{OWNER}: event_mode=false, but the validation windows carry per-step dt "
+                            "(data.event=true): the rollout ignores the data's dt and steps the model as if the "
+                            "samples were evenly spaced, unlike in training. HINT: set generation.event=null (follow "
+                            "the data) or true to roll out with the data's dt.")
         stack = lambda name: torch.stack([item[name] for item in items])
         contexts, futures = stack("context")[:, window_context - context:], stack("future")[:, :horizon]
         dts = stack("dt")[:, window_context - context:window_context + horizon] if use_dt else None
@@ -378,6 +396,43 @@ class RolloutCallback(Callback):
             raise ValueError(f"{OWNER}: event_mode=true needs per-step dt from the data, but the validation windows "
                              "have none. HINT: set data.event=true (the data must have timestamps; for data=csv set "
                              "data.timestamp_column), or generation.event=false.")
+
+    def _check_monitors(self, trainer: pl.Trainer) -> None:
+        """Raise if a callback reads this callback's metrics at a validation that does not roll out.
+
+        With every_n_epochs > 1 the `<prefix>/` keys are missing at the other validations, where a ModelCheckpoint
+        or a strict EarlyStopping monitoring them stops training with Lightning's "could not find the monitored
+        key". Fine: a checkpoint that saves every multiple of every_n_epochs epochs, a non-strict EarlyStopping
+        (Lightning skips the check), and a trainer that validates only every multiple of every_n_epochs epochs.
+        """
+        every = self.every_n_epochs
+        validate_every = trainer.check_val_every_n_epoch
+        if every == 1 or (isinstance(validate_every, int) and validate_every >= 1 and validate_every % every == 0):
+            return
+        for callback in trainer.callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if callback is self or not isinstance(monitor, str) or not monitor.startswith(f"{self.prefix}/"):
+                continue
+            name, fix = type(callback).__name__, ""
+            if isinstance(callback, ModelCheckpoint):
+                if callback.every_n_epochs >= 1 and callback.every_n_epochs % every == 0:
+                    continue
+                name += (f"(monitor={monitor!r}, every_n_epochs={callback.every_n_epochs})" if callback.every_n_epochs
+                         else f"(monitor={monitor!r}, saving by training steps or time)")
+                fix = f", or give the checkpoint every_n_epochs={every} (or a multiple)"
+            elif isinstance(callback, EarlyStopping):
+                if not callback.strict:
+                    continue
+                name += f"(monitor={monitor!r}, strict=True)"
+                fix = ", or give it strict=False (it then skips the epochs without a rollout)"
+            else:
+                name += f"(monitor={monitor!r})"
+            raise ValueError(
+                f"{OWNER}: every_n_epochs={every} rolls out, and logs '{self.prefix}/...', only every {every} epochs, "
+                f"but {name} reads {monitor!r} at the other epochs' validations too and would stop training at "
+                f"the first one without a rollout. HINT: monitor val/loss, or set "
+                f"generation.every_n_epochs=1{fix}, or validate only every {every} epochs "
+                f"(trainer.check_val_every_n_epoch={every}).")
 
     def _run_engine(self, context: Tensor, horizon: int, dt: Tensor | None) -> Tensor:
         # the trainer's autocast (mixed precision) must not leak into the rollout: the engine's own setting rules
