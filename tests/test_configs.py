@@ -206,3 +206,18 @@ def test_slurm_launcher_config_composes(make_cfg):
     cfg = make_cfg("hydra/launcher=slurm", hydra=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+@pytest.mark.parametrize("overrides, unknown", [
+    (("experiment=smoke", "data=sunspots"), "num_samples, num_series"),  # smoke's keys for the generated data
+    (("+data.batchsize=4",), "batchsize"),  # a misspelt key
+])
+def test_a_data_key_its_module_does_not_take_is_named_before_anything_is_built(make_cfg, overrides, unknown):
+    with pytest.raises(ValueError, match=rf"data: \w+DataModule takes no {unknown} \(it takes .*batch_size.*HINT"):
+        build(make_cfg("logger=none", *overrides))
+
+
+def test_smoke_runs_on_shipped_data_without_the_generated_data_keys(make_cfg):
+    parts = build(make_cfg("logger=none", "experiment=smoke", "data=sunspots", "~data.num_series",
+                           "~data.num_samples"))
+    assert type(parts["datamodule"]).__name__ == "SunspotsDataModule"

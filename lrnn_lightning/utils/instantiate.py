@@ -1,6 +1,9 @@
-"""Build callbacks and loggers from their Hydra config groups (a dict of `_target_` configs each)."""
+"""Build callbacks and loggers from their Hydra config groups (a dict of `_target_` configs each), and check a
+`_target_` config's keys against what its target takes."""
 
 from __future__ import annotations
+
+import inspect
 
 import hydra
 from lightning.pytorch import Callback
@@ -35,3 +38,35 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     """Every logger in the `logger` group (empty for `logger=none`)."""
     return _instantiate_group(cfg, "logger", Logger)
+
+
+def accepted_keys(target: object) -> set[str] | None:
+    """The keyword arguments `target` (a class or a function) takes, following `**kwargs` up a class's bases;
+    None when it takes any (a `**kwargs` that reaches no further `__init__`)."""
+    if isinstance(target, type):
+        functions = [vars(cls)["__init__"] for cls in target.__mro__ if "__init__" in vars(cls) and cls is not object]
+    else:
+        functions = [target]
+    keys: set[str] = set()
+    for function in functions:
+        parameters = inspect.signature(function).parameters.values()
+        keys |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return keys - {"self"}
+    return None
+
+
+def check_target_keys(cfg: DictConfig, group: str, passed: tuple[str, ...] = ()) -> None:
+    """Raise, naming them, for keys of the `_target_` config `cfg` (the `group` config, e.g. "data") that its
+    target does not take; `passed` are the keyword arguments the caller adds itself."""
+    target = hydra.utils.get_object(cfg._target_)
+    accepted = accepted_keys(target)
+    if accepted is None:
+        return
+    unknown = sorted({str(key) for key in cfg if not str(key).startswith("_")} - accepted - set(passed))
+    if unknown:
+        name = getattr(target, "__name__", cfg._target_)
+        raise ValueError(f"{group}: {name} takes no {', '.join(unknown)} (it takes {', '.join(sorted(accepted))}). "
+                         f"HINT: fix the spelling, or drop the key: an experiment config may have set it for another "
+                         f"{group} config (experiment=smoke shrinks the generated data sets with data.num_series and "
+                         f"data.num_samples; with data=sunspots or data=csv, add ~data.num_series ~data.num_samples).")

@@ -7,12 +7,12 @@ from typing import Any
 
 import hydra
 from lightning.pytorch import seed_everything
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from lrnn_lightning.callbacks.result import MIXED
+from lrnn_lightning.callbacks.result import MIXED, RolloutResult
 from lrnn_lightning.callbacks.rollout import RolloutCallback
-from lrnn_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from lrnn_lightning.utils.instantiate import check_target_keys, instantiate_callbacks, instantiate_loggers
 from lrnn_lightning.utils.wandb_setup import finish_wandb
 
 
@@ -36,6 +36,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         dict with `datamodule`, `model`, `module`, `callbacks`, `loggers` and `trainer`.
     """
+    check_target_keys(cfg.data, "data")
+    check_target_keys(cfg.model, "model", passed=("d_input",))
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model, d_input=datamodule.num_channels)
     module = hydra.utils.instantiate(cfg.module, model=model)
@@ -56,18 +58,20 @@ def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
     return metrics[name]
 
 
-def summary_line(metrics: dict[str, float], prefix: str = "rollout", rank_paths: str | None = None) -> str:
+def summary_line(metrics: dict[str, float], prefix: str = "rollout", rank_paths: str | None = None,
+                 epoch: int | None = None) -> str:
     """One line that says whether the rollout beats doing nothing, and on which path it ran.
 
     `rank_paths` (e.g. "rank 0 fused, rank 1 graph", `RolloutResult.rank_paths`) is shown when
-    the processes took different paths.
+    the processes took different paths; `epoch`, the epoch of the rollout the metrics come from, when known.
     """
     if f"{prefix}/nrmse" not in metrics:
         return "No rollout metrics were logged (no RolloutCallback, or no validation ran)."
     path = _path_name(metrics, prefix)
     if path == MIXED and rank_paths:
         path = f"{MIXED} ({rank_paths})"
-    return (f"Rollout: normalised RMSE {metrics[f'{prefix}/nrmse']:.4f} vs persistence "
+    when = "" if epoch is None else f" at epoch {epoch}"
+    return (f"Rollout{when}: normalised RMSE {metrics[f'{prefix}/nrmse']:.4f} vs persistence "
             f"{metrics[f'{prefix}/persistence_nrmse']:.4f} (skill {metrics[f'{prefix}/skill']:+.3f}), "
             f"valid for {metrics[f'{prefix}/valid_steps']:.0f} steps, "
             f"{metrics[f'{prefix}/steps_per_second']:.0f} steps/s on the {path} path.")
@@ -82,13 +86,36 @@ def _path_name(metrics: dict[str, float], prefix: str) -> str:
     return MIXED
 
 
-def _rank_paths(trainer: Any, prefix: str) -> str | None:
-    """Each process's path from the trainer's `RolloutCallback` logging under `prefix`, when they differ."""
+def _last_rollout(trainer: Any, prefix: str) -> RolloutResult | None:
+    """The last result of the trainer's `RolloutCallback` logging under `prefix`, if any ran."""
     for callback in trainer.callbacks:
         if isinstance(callback, RolloutCallback) and callback.prefix == prefix and callback.last_result is not None:
-            result = callback.last_result
-            return result.rank_paths if result.path == MIXED else None
+            return callback.last_result
     return None
+
+
+def _rank_paths(trainer: Any, prefix: str) -> str | None:
+    """Each process's path from the trainer's `RolloutCallback` logging under `prefix`, when they differ."""
+    result = _last_rollout(trainer, prefix)
+    return result.rank_paths if result is not None and result.path == MIXED else None
+
+
+def _every_n_epochs(trainer: Any, prefix: str) -> int | None:
+    for callback in trainer.callbacks:
+        if isinstance(callback, RolloutCallback) and callback.prefix == prefix:
+            return callback.every_n_epochs
+    return None
+
+
+def stale_rollout_warning(result: RolloutResult | None, last_epoch: int, every_n_epochs: int | None) -> str | None:
+    """A warning when the run's last rollout (`result`) is older than its last trained epoch (0-based), else None:
+    the final rollout metrics and an `optimized_metric` taken from them then describe an older model."""
+    if result is None or result.epoch >= last_epoch:
+        return None
+    every = "" if every_n_epochs is None else f" (generation.every_n_epochs={every_n_epochs})"
+    return (f"The last rollout ran at epoch {result.epoch}, before the last trained epoch {last_epoch}{every}: the "
+            "rollout metrics above (and an optimized_metric taken from them) describe the model of epoch "
+            f"{result.epoch}. HINT: make trainer.max_epochs a multiple of generation.every_n_epochs.")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
@@ -107,7 +134,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     finally:
         finish_wandb(loggers, exit_code=exit_code)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    rank_zero_info(summary_line(metrics, rank_paths=_rank_paths(trainer, "rollout")))
+    last = _last_rollout(trainer, "rollout")
+    rank_zero_info(summary_line(metrics, rank_paths=_rank_paths(trainer, "rollout"),
+                                epoch=None if last is None else last.epoch))
+    # after fit, current_epoch is one past the last epoch that ran
+    stale = stale_rollout_warning(last, trainer.current_epoch - 1, _every_n_epochs(trainer, "rollout"))
+    if stale:
+        rank_zero_warn(stale)
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
         rank_zero_info(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path}")
     return metrics, metric_value(metrics, cfg.get("optimized_metric"))

@@ -1,0 +1,27 @@
+"""The end-of-run summary of `utils.training.train`: which rollout the final metrics come from."""
+
+from __future__ import annotations
+
+import pytest
+
+from lrnn_lightning.callbacks import RolloutCallback
+from lrnn_lightning.utils.training import _last_rollout, stale_rollout_warning, summary_line
+from tests.test_callback import tiny_data, tiny_module, tiny_trainer
+
+
+@pytest.mark.parametrize("max_epochs, stale", [(3, True), (4, False)])
+def test_a_last_rollout_older_than_the_last_epoch_is_named(tmp_path, max_epochs, stale):
+    callback = RolloutCallback(num_sequences=2, every_n_epochs=2, num_plots=0)
+    trainer = tiny_trainer(tmp_path, [callback], max_epochs=max_epochs)
+    trainer.fit(tiny_module(), datamodule=tiny_data())
+    last = _last_rollout(trainer, "rollout")
+    assert last is not None and last.epoch == (1 if stale else 3)
+    warning = stale_rollout_warning(last, trainer.current_epoch - 1, callback.every_n_epochs)
+    if stale:
+        assert warning is not None
+        assert "last rollout ran at epoch 1, before the last trained epoch 2" in warning
+        assert "generation.every_n_epochs=2" in warning and "HINT" in warning
+    else:
+        assert warning is None
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    assert summary_line(metrics, epoch=last.epoch).startswith(f"Rollout at epoch {last.epoch}: normalised RMSE")
