@@ -1,5 +1,6 @@
 """RolloutCallback's checks of settings that would otherwise fail late or silently: callbacks monitoring the
-rollout metrics with every_n_epochs > 1, a resume with other window settings, event data rolled out without dt."""
+rollout metrics with every_n_epochs > 1, a resume with other window settings, event data rolled out without dt,
+compile=true where no graph is compiled."""
 
 from __future__ import annotations
 
@@ -103,3 +104,17 @@ def test_event_data_rolled_out_without_dt_warns_once(tmp_path):
 
     assert len(_dt_warnings(tmp_path, RolloutCallback(num_sequences=2, event_mode=False), max_epochs=2)) == 1
     assert _dt_warnings(tmp_path, RolloutCallback(num_sequences=2), max_epochs=1) == []  # event_mode=None: with dt
+
+
+@pytest.mark.parametrize("compile_step", [True, False])
+def test_compile_on_the_loop_path_warns_that_it_does_nothing(tmp_path, compile_step):
+    callback = RolloutCallback(num_sequences=2, compile=compile_step)  # on the CPU: the step loop
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_trainer(tmp_path, [callback], logger=False, max_epochs=2).fit(tiny_module(), datamodule=tiny_data())
+    said = [str(w.message) for w in caught if "compile=true" in str(w.message)]
+    assert callback.last_result.stats.path == "loop"
+    if compile_step:  # once, naming the path and the fix
+        assert len(said) == 1 and "ran on the loop path, where it has no effect" in said[0] and "HINT" in said[0]
+    else:
+        assert said == []

@@ -244,6 +244,14 @@ class RolloutCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check_run(trainer, pl_module, trainer.datamodule, fitting=stage == TrainerFn.FITTING)
+
+    def check_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None,
+                  fitting: bool = True) -> None:
+        """Raise, before any training, where this callback's settings cannot serve the run: a graph or the fused
+        kernel required where they cannot run, windows too short for the context and horizon, event mode without
+        dt, a monitor that `every_n_epochs` would starve. `setup` calls it; `train.py` calls it too, before the
+        loggers start a run."""
         device = trainer.strategy.root_device
         if self.cuda_graph is True and device.type != "cuda":
             raise ValueError(f"{OWNER}: cuda_graph=true needs the model on a CUDA GPU, but the trainer runs it on "
@@ -257,11 +265,10 @@ class RolloutCallback(Callback):
             if device.type != "cuda" and not fused_checks.interpreter_active():
                 raise ValueError(f"{OWNER}: fused=true needs the model on a CUDA GPU, but the trainer runs it on "
                                  f"{device}. HINT: use trainer=gpu, or generation.fused=auto.")
-        datamodule = trainer.datamodule
         if datamodule is not None:  # fail before training when the data's windows cannot serve the rollout
             self._check_windows(getattr(datamodule, "context_length", None), getattr(datamodule, "horizon", None),
                                 getattr(datamodule, "event", None))
-        if stage == TrainerFn.FITTING:
+        if fitting:
             self._check_monitors(trainer)
 
     @override
@@ -291,6 +298,10 @@ class RolloutCallback(Callback):
             # already the same on every process; sync_dist only keeps Lightning's bookkeeping of epoch metrics
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
         rank_zero_info(f"{OWNER}: {result.describe(trainer.global_rank)}")
+        if self.compile and result.stats.path != "graph":
+            self._warn_once("compile unused", f"{OWNER}: compile=true, but the rollout ran on the {result.stats.path} "
+                            "path, where it has no effect (it compiles the step of the CUDA graph path only). "
+                            "HINT: drop generation.compile, or roll out on a GPU with generation.fused=false.")
         if result.diverged:
             self._warn_once("diverged", f"{OWNER}: {result.diverged} of {len(result.indices)} rolled-out sequences "
                             f"diverged at epoch {result.epoch} (the first at horizon step {result.first_diverged_step}"

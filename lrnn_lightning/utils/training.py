@@ -125,6 +125,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
         seed_everything(cfg.seed, workers=True)
     parts = build(cfg)
     trainer, loggers = parts["trainer"], parts["loggers"]
+    for callback in trainer.callbacks:  # a setting that cannot run fails before a W&B run starts for it
+        if isinstance(callback, RolloutCallback):
+            callback.check_run(trainer, parts["module"], parts["datamodule"])
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     exit_code = 1

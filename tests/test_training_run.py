@@ -1,12 +1,28 @@
-"""The end-of-run summary of `utils.training.train`: which rollout the final metrics come from."""
+"""The run around `trainer.fit` in `utils.training.train`: the checks before it, the summary after it."""
 
 from __future__ import annotations
 
 import pytest
 
 from lrnn_lightning.callbacks import RolloutCallback
-from lrnn_lightning.utils.training import _last_rollout, stale_rollout_warning, summary_line
+from lrnn_lightning.utils.training import _last_rollout, stale_rollout_warning, summary_line, train
+from tests import test_configs
 from tests.test_callback import tiny_data, tiny_module, tiny_trainer
+
+make_cfg = test_configs.make_cfg  # Hydra's compose, with the run directories in tmp_path
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generation.horizon=999", r"horizon=999 is longer than the validation windows' horizon"),
+    ("generation.every_n_epochs=2", r"every_n_epochs=2 rolls out.*ModelCheckpoint"),
+])
+def test_a_rollout_setting_that_cannot_run_fails_before_a_wandb_run_starts(make_cfg, tmp_path, override, message):
+    overrides = ("logger=wandb", "experiment=smoke", override)
+    if "every_n_epochs" in override:
+        overrides += ("callbacks.model_checkpoint.monitor=rollout/nrmse",)
+    with pytest.raises(ValueError, match=message):
+        train(make_cfg(*overrides))
+    assert not list(tmp_path.rglob("offline-run-*")), "a W&B run was started for a run that could not train"
 
 
 @pytest.mark.parametrize("max_epochs, stale", [(3, True), (4, False)])
