@@ -91,8 +91,8 @@ def test_shuffle_seed_must_be_an_integer(value):
 def test_csv_with_infinite_timestamps_or_values(tmp_path):
     path = tmp_path / "series.csv"
     path.write_text("t,a\n" + "\n".join(f"{'inf' if k == 9 else k},{k}" for k in range(40)))
-    with pytest.raises(ValueError, match=r"timestamp column 't' has missing or infinite values at row 9 \(file line "
-                                         r"11\), e\.g\. inf\. HINT"):
+    with pytest.raises(ValueError, match=r"timestamp column 't' has missing, non-numeric or infinite values at "
+                                         r"row 9 \(file line 11\), e\.g\. inf\. HINT"):
         CsvDataModule(path=path, columns=["a"], timestamp_column="t", event=True, context_length=4, horizon=2).setup()
     path.write_text("t,a\n" + "\n".join(f"{k},{'-inf' if k == 12 else k}" for k in range(40)))
     with pytest.raises(ValueError, match=r"column 'a' has an infinite value at row 12 \(file line 14\)"):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -122,9 +123,11 @@ class WindowDataModule(LightningDataModule, abc.ABC):
         if self.event:
             check_times(type(self).__name__, raw.times)
         train_values, val_values = zip(*(split_by_time(v, self.val_fraction) for v in raw.values), strict=True)
+        for split, values in (("training", train_values), ("validation", val_values)):
+            self._check_split_length(split, values)  # before any statistic of an empty split
         stacked = np.concatenate(train_values, axis=0)
         self.mean = stacked.mean(axis=0)
-        self.std = np.maximum(stacked.std(axis=0), 1e-8)
+        self.std = self._scales(stacked)
         normalise = lambda parts: [(p - self.mean) / self.std for p in parts]
         train_dts = val_dts = None
         if self.event:
@@ -135,15 +138,35 @@ class WindowDataModule(LightningDataModule, abc.ABC):
         self.train_dataset = self._windows("training", normalise(train_values), train_dts, self.stride)
         self.val_dataset = self._windows("validation", normalise(val_values), val_dts, self.val_stride)
 
+    def _scales(self, train: np.ndarray) -> np.ndarray:
+        """Per-channel standard deviations of the training samples (N, H); 1 for a channel constant there."""
+        std = train.std(axis=0)
+        # a floor like 1e-8 would scale a channel that only moves in validation (a flag, a step) to ~1e8
+        constant = (std == 0) | (std <= 1e-7 * np.abs(train.mean(axis=0)))  # relative: tiny-scale data still scales
+        if constant.any():
+            names = getattr(self, "columns", None) or [f"channel {i}" for i in range(train.shape[1])]
+            which = ", ".join(str(names[i]) for i in np.flatnonzero(constant))
+            rank_zero_warn(f"{type(self).__name__}: {which} {'is' if constant.sum() == 1 else 'are'} constant over "
+                           "the training split, so the model cannot learn how it moves; it is centred but not "
+                           "scaled. HINT: drop constant channels (data.columns), or change data.val_fraction.")
+        return np.where(constant, 1.0, std)
+
+    def _check_split_length(self, split: str, values) -> None:
+        longest = max(v.shape[0] for v in values)
+        if longest < self.context_length + self.horizon:
+            self._too_short(split, longest)
+
+    def _too_short(self, split: str, longest: int) -> None:
+        raise ValueError(
+            f"{type(self).__name__}: the {split} split has at most {longest} samples per series, fewer than one "
+            f"window of context_length + horizon = {self.context_length} + {self.horizon} = "
+            f"{self.context_length + self.horizon}. HINT: lower data.context_length / data.horizon (and "
+            "generation.context / generation.horizon with them), or change data.val_fraction.")
+
     def _windows(self, split: str, values, dts, stride: int) -> SeriesWindows:
         windows = SeriesWindows(values, dts, self.context_length, self.horizon, stride)
         if len(windows) == 0:
-            longest = max(v.shape[0] for v in values)
-            raise ValueError(
-                f"{type(self).__name__}: the {split} split has at most {longest} samples per series, fewer than one "
-                f"window of context_length + horizon = {self.context_length} + {self.horizon} = "
-                f"{windows.window_length}. HINT: lower data.context_length / data.horizon (and generation.context / "
-                "generation.horizon with them), or change data.val_fraction.")
+            self._too_short(split, max(v.shape[0] for v in values))
         return windows
 
     @override

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lrnn_lightning.data.base import RawSeries, WindowDataModule
@@ -81,6 +82,9 @@ class CsvDataModule(WindowDataModule):
                     f"CsvDataModule: data.path={str(self.path)!r} does not exist (resolved to "
                     f"{self.path.resolve()}). HINT: relative paths are taken from the directory train.py runs in.")
             frame = pd.read_csv(self.path)
+            if len(frame) == 0:
+                raise ValueError(f"CsvDataModule: {self.path} has a header but no data rows. HINT: check the file; "
+                                 "it needs at least context_length + horizon rows for each split.")
             wanted = list(self.columns or []) + ([self.timestamp_column] if self.timestamp_column else [])
             missing = [c for c in wanted if c not in frame.columns]
             if missing:
@@ -88,13 +92,40 @@ class CsvDataModule(WindowDataModule):
                     f"CsvDataModule: column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} not in "
                     f"{self.path}. Available columns: {', '.join(map(str, frame.columns))}.")
             if self.columns is None:
-                self.columns = [c for c in frame.columns
-                                if c != self.timestamp_column and pd.api.types.is_numeric_dtype(frame[c])]
-                if not self.columns:
-                    raise ValueError(f"CsvDataModule: {self.path} has no numeric column. Available columns: "
-                                     f"{', '.join(map(str, frame.columns))}. HINT: set data.columns.")
+                self.columns = self._numeric_columns(frame)
             self._frame = frame
         return self._frame
+
+    def _numeric_columns(self, frame) -> list[str]:
+        """The value columns when data.columns is not given: every numeric column but the timestamp and a
+        written-out index ("Unnamed: 0"); a text column whose cells are mostly numbers is an error (a stray
+        token would otherwise drop a channel silently)."""
+        import pandas as pd
+
+        chosen, skipped = [], []
+        for column in frame.columns:
+            if column == self.timestamp_column:
+                continue
+            if str(column).startswith("Unnamed: "):
+                skipped.append(f"{column!r} (an index written with the file)")
+                continue
+            if pd.api.types.is_numeric_dtype(frame[column]):
+                chosen.append(str(column))
+                continue
+            cells = frame[column].dropna()
+            numeric = pd.to_numeric(cells, errors="coerce")
+            if len(cells) and numeric.notna().mean() >= 0.5:
+                bad = np.flatnonzero(numeric.isna().to_numpy())
+                raise ValueError(f"CsvDataModule: column {column!r} is mostly numbers but not at "
+                                 f"{_rows(cells.index[bad].to_numpy())}, e.g. {_show(cells.iloc[bad[0]])}. HINT: fix "
+                                 "those cells, or name the value columns with data.columns.")
+            skipped.append(f"{column!r} (text)")
+        if not chosen:
+            raise ValueError(f"CsvDataModule: {self.path} has no numeric column. Available columns: "
+                             f"{', '.join(map(str, frame.columns))}. HINT: set data.columns.")
+        rank_zero_info(f"CsvDataModule: value columns {', '.join(chosen)}"
+                       + (f"; skipped {', '.join(skipped)}" if skipped else "") + " (data.columns picks them).")
+        return chosen
 
     @property
     @override
@@ -128,10 +159,16 @@ class CsvDataModule(WindowDataModule):
         import pandas as pd
 
         raw = frame[self.timestamp_column]
-        if pd.api.types.is_numeric_dtype(raw):
-            times = raw.to_numpy(dtype=np.float64)
+        as_numbers = pd.to_numeric(raw, errors="coerce")
+        if pd.api.types.is_numeric_dtype(raw) or as_numbers.notna().mean() >= 0.5:
+            # numbers (with perhaps a stray token, reported below by its row): not dates
+            times = as_numbers.to_numpy(dtype=np.float64)
         else:
-            parsed = pd.to_datetime(raw, errors="coerce")
+            try:  # utc: offsets that change within the file (daylight saving) are one time axis
+                parsed = pd.to_datetime(raw, errors="coerce", utc=True)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"CsvDataModule: timestamp column {self.timestamp_column!r} could not be read as "
+                                 f"dates: {error}. HINT: write ISO 8601 times, or numbers.") from error
             bad = np.flatnonzero(parsed.isna().to_numpy())
             if bad.size:
                 raise ValueError(f"CsvDataModule: timestamp column {self.timestamp_column!r} has values that are "
@@ -139,9 +176,9 @@ class CsvDataModule(WindowDataModule):
             times = (parsed - parsed.iloc[0]).dt.total_seconds().to_numpy(dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(times))
         if bad.size:
-            raise ValueError(f"CsvDataModule: timestamp column {self.timestamp_column!r} has missing or infinite "
-                             f"values at {_rows(bad)}, e.g. {_show(raw.iloc[bad[0]])}. HINT: fill or drop those rows; "
-                             "event mode derives dt from the gaps between timestamps.")
+            raise ValueError(f"CsvDataModule: timestamp column {self.timestamp_column!r} has missing, non-numeric "
+                             f"or infinite values at {_rows(bad)}, e.g. {_show(raw.iloc[bad[0]])}. HINT: fill or drop "
+                             "those rows; event mode derives dt from the gaps between timestamps.")
         bad = np.flatnonzero(np.diff(times) <= 0) + 1
         if bad.size:
             first = int(bad[0])

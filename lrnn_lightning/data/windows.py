@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 
 
 class SeriesWindows(Dataset):
-    """All windows of `context_length + horizon` consecutive samples, every `stride` samples.
+    """All windows of `context_length + horizon` consecutive samples, every `stride` samples from each series'
+    first sample; the last (N_i - C - T) mod stride samples of a series end no window.
 
     Args:
         series: one array (N_i, H) per independent series.
