@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrnn_lightning.models.mixer import Mixer, State
+from lrnn_lightning.models.mixer import Mixer, State, state_placement
 from lrnn_lightning.models.step_ops import gated_linear_step, linear_step
 from lrnn_lightning.models.validation import (
     check_dt,
@@ -91,7 +91,7 @@ class SequenceModel(nn.Module):
                  d_state: int = 32, n_layers: int = 2, dropout: float = 0.0, mlp_expand: int = 2,
                  mixer_kwargs: dict | None = None):
         super().__init__()
-        from lrnn_lightning.models.registry import get_mixer_class
+        from lrnn_lightning.models.registry import check_mixer_options, get_mixer_class
 
         for name, value in (("d_input", d_input), ("d_output", d_output), ("d_model", d_model),
                             ("d_state", d_state), ("n_layers", n_layers), ("mlp_expand", mlp_expand)):
@@ -99,6 +99,7 @@ class SequenceModel(nn.Module):
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"SequenceModel: dropout must lie in [0, 1), got {dropout!r}.")
         mixer_cls = get_mixer_class(mixer) if isinstance(mixer, str) else mixer
+        check_mixer_options(mixer_cls, mixer_kwargs or {})
         self.mixer_name = mixer if isinstance(mixer, str) else mixer_cls.__name__
         self.d_input, self.d_output, self.d_model = d_input, d_output, d_model
         self.encoder = nn.Linear(d_input, d_model)
@@ -123,8 +124,10 @@ class SequenceModel(nn.Module):
         return self.decoder(self.final_norm(h))
 
     def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
-                       dtype: torch.dtype = torch.float32) -> State:
-        """Zeroed state of every layer, keys `"<layer>.<name>"`."""
+                       dtype: torch.dtype | None = None) -> State:
+        """Zeroed state of every layer, keys `"<layer>.<name>"`, on `device` in `dtype` (None: the model's
+        parameters', `mixer.state_placement`)."""
+        device, dtype = state_placement(self, device, dtype)
         state: State = {}
         for i, layer in enumerate(self.layers):
             for key, tensor in layer.mixer.allocate_state(batch_size, device, dtype).items():

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lrnn_lightning.models.lti_complex import working_precision
-from lrnn_lightning.models.mixer import Mixer, State
+from lrnn_lightning.models.mixer import Mixer, State, state_placement
 from lrnn_lightning.models.validation import check_step_dt, check_step_input
 
 
@@ -42,8 +42,9 @@ class ComplexStateMixer(Mixer):
         updates state["h_re"], state["h_im"] in place."""
 
     def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
-                       dtype: torch.dtype = torch.float32) -> State:
+                       dtype: torch.dtype | None = None) -> State:
         """Zeroed state {"h_re", "h_im"}, each of `_state_shape(batch_size)`."""
+        device, dtype = state_placement(self, device, dtype)
         shape = self._state_shape(batch_size)
         return {"h_re": torch.zeros(shape, device=device, dtype=dtype),
                 "h_im": torch.zeros(shape, device=device, dtype=dtype)}

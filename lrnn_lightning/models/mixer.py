@@ -7,7 +7,9 @@
 
 Capture rules: `step` derives every weight-dependent tensor from the live parameters
 on each call, updates state tensors only in place, and never synchronises with the
-host, so one CUDA graph of it stays valid across optimizer steps. State tensors are
+host, so one CUDA graph of it stays valid across optimizer steps. `step` is for inference
+(under `torch.no_grad()` or `inference_mode`): its in-place state updates leave nothing for
+autograd to differentiate through, so train with `forward`. State tensors are
 real floating tensors of the dtype given to `allocate_state` (a complex state is kept
 as real and imaginary parts), so the engine can zero, pad and copy them generically.
 """
@@ -37,8 +39,9 @@ class Mixer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
-                       dtype: torch.dtype = torch.float32) -> State:
-        """Zeroed recurrent state for `batch_size` rows."""
+                       dtype: torch.dtype | None = None) -> State:
+        """Zeroed recurrent state for `batch_size` rows, on `device` in `dtype` (None: the mixer's parameters',
+        `state_placement`)."""
 
     @abc.abstractmethod
     def step(self, x_t: Tensor, state: State, dt_t: Tensor | None = None) -> Tensor:
@@ -47,3 +50,15 @@ class Mixer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def prefill(self, x: Tensor, dt: Tensor | None = None) -> tuple[Tensor, State]:
         """Parallel pass that also returns the state after the last step."""
+
+
+def state_placement(module: nn.Module, device: torch.device | str | None,
+                    dtype: torch.dtype | None) -> tuple[torch.device | str | None, torch.dtype]:
+    """Where a new state of `module` lives: `device` and `dtype` as given, else those of its first floating-point
+    parameter (a float64 model steps a float64 state; one on a GPU a state there), else the CPU and float32."""
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if device is None and param is not None:
+        device = param.device
+    if dtype is None:
+        dtype = param.dtype if param is not None else torch.float32
+    return device, dtype

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lrnn_lightning.models.causal_conv import CausalConv1d
 from lrnn_lightning.models.derived import derived
-from lrnn_lightning.models.mixer import Mixer, State
+from lrnn_lightning.models.mixer import Mixer, State, state_placement
 from lrnn_lightning.models.scan import pairwise_scan
 from lrnn_lightning.models.step_ops import linear_step
 from lrnn_lightning.models.validation import (
@@ -136,8 +136,9 @@ class RGLRU(Mixer):
         return y, {"conv": self.conv.final_window(x_in), "h": h.clone()}
 
     def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
-                       dtype: torch.dtype = torch.float32) -> State:
+                       dtype: torch.dtype | None = None) -> State:
         """Zeroed {"conv": (B, W, d_conv - 1), "h": (B, W)}."""
+        device, dtype = state_placement(self, device, dtype)
         return {"conv": self.conv.allocate_window(batch_size, device, dtype),
                 "h": torch.zeros(batch_size, self.width, device=device, dtype=dtype)}
 

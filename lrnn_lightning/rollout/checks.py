@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -53,11 +54,12 @@ def model_device_dtype(model: nn.Module, default: Tensor) -> tuple[torch.device,
 
 
 def check_positive_int(value: object, name: str, owner: str, hint: str = "") -> int:
-    """Return `value` if it is an int >= 1 (bools excluded), else raise."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    """Return `value` as an int if it is an integer >= 1 (a NumPy or torch integer too; bools excluded), else
+    raise."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         hint = f" HINT: {hint}" if hint else ""
         raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}.{hint}")
-    return value
+    return int(value)
 
 
 def check_context(context: object, width: int | None, model: nn.Module, owner: str) -> tuple[int, int, int]:

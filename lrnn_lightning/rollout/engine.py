@@ -158,7 +158,12 @@ class RolloutEngine:
             raise ValueError(f"{OWNER}: fused_precision must be None or one of {PRECISIONS}, got "
                              f"{fused_precision!r}. HINT: None follows the tf32 choice; 'ieee' is exact fp32.")
         self.model, self.batch_size, self.chunk = model, batch_size, chunk
-        self.cuda_graph, self.compile, self.event_mode = cuda_graph, bool(compile), bool(event_mode)
+        for name, value in (("event_mode", event_mode), ("compile", compile)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{OWNER}: {name} must be True or False, got {value!r}.")
+        if tf32 is not None and not isinstance(tf32, bool):
+            raise ValueError(f"{OWNER}: tf32 must be True, False or None (keep the global setting), got {tf32!r}.")
+        self.cuda_graph, self.compile, self.event_mode = cuda_graph, compile, event_mode
         self.autocast_dtype, self.on_capture_error, self.on_stale = autocast_dtype, on_capture_error, on_stale
         self.n_warmups, self.tf32 = n_warmups, tf32
         self.fused, self.fused_precision = fused, fused_precision

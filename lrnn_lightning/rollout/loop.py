@@ -36,6 +36,11 @@ def run_steps(model: nn.Module, x0: Tensor, state: State, num_steps: int, dt_ste
     Returns:
         The outputs y_1..y_num_steps, shape (B, num_steps, H), in x0's dtype.
     """
+    # shapes only (no host sync): this body is also what a CUDA graph captures
+    if dt_steps is not None and (dt_steps.dim() != 2 or dt_steps.shape[0] != x0.shape[0]
+                                 or dt_steps.shape[1] < num_steps):
+        raise ValueError(f"run_steps: dt_steps must be ({x0.shape[0]}, >= {num_steps}): one timestep per row and "
+                         f"step, got {tuple(dt_steps.shape)}. HINT: column k is the dt of step k.")
     outputs = []
     x = x0
     step = model.step if step is None else step

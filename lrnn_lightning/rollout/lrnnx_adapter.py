@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lrnn_lightning.models.mixer import state_placement
 from lrnn_lightning.rollout.state import State
 
 
@@ -59,8 +60,10 @@ class LrnnxAdapter(nn.Module):
         self._extras: dict[str, Any] = {}
 
     def allocate_state(self, batch_size: int, device: torch.device | str | None = None,
-                       dtype: torch.dtype = torch.float32) -> State:
-        """The cache's tensors for `batch_size` rows, zeroed, on `device`; real floating ones in `dtype`."""
+                       dtype: torch.dtype | None = None) -> State:
+        """The cache's tensors for `batch_size` rows, zeroed, on `device`; real floating ones in `dtype` (None: the
+        wrapped model's parameters', `state_placement`)."""
+        device, dtype = state_placement(self.model, device, dtype)
         state: State = {}
         for key, value in self.model.allocate_inference_cache(batch_size, self.max_seqlen).items():
             if isinstance(value, Tensor):
