@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -20,7 +21,8 @@ _checked_dt: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("che
 
 
 def check_positive_int(value: object, name: str, owner: str, alternative: str = "") -> int:
-    """Return `value` if it is an int >= 1 (bools excluded), else raise a ValueError naming it.
+    """Return `value` as an int if it is an integer >= 1 (a NumPy or torch integer too; bools excluded), else raise
+    a ValueError naming it.
 
     Args:
         value: the value to check.
@@ -28,10 +30,10 @@ def check_positive_int(value: object, name: str, owner: str, alternative: str = 
         owner: the class or function the argument belongs to, for the message.
         alternative: another accepted form, named in the message (e.g. '"auto" for ...').
     """
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         expected = f"a positive integer or {alternative}" if alternative else "a positive integer"
         raise ValueError(f"{owner}: {name} must be {expected}, got {value!r}.")
-    return value
+    return int(value)
 
 
 def check_sequence(x: Tensor, d_model: int, owner: str) -> tuple[int, int]:

@@ -86,25 +86,21 @@ def _path_name(metrics: dict[str, float], prefix: str) -> str:
     return MIXED
 
 
+def _rollout_callback(trainer: Any, prefix: str) -> RolloutCallback | None:
+    """The trainer's `RolloutCallback` logging under `prefix`, if it has one."""
+    return next((c for c in trainer.callbacks if isinstance(c, RolloutCallback) and c.prefix == prefix), None)
+
+
 def _last_rollout(trainer: Any, prefix: str) -> RolloutResult | None:
     """The last result of the trainer's `RolloutCallback` logging under `prefix`, if any ran."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, RolloutCallback) and callback.prefix == prefix and callback.last_result is not None:
-            return callback.last_result
-    return None
+    callback = _rollout_callback(trainer, prefix)
+    return None if callback is None else callback.last_result
 
 
 def _rank_paths(trainer: Any, prefix: str) -> str | None:
     """Each process's path from the trainer's `RolloutCallback` logging under `prefix`, when they differ."""
     result = _last_rollout(trainer, prefix)
     return result.rank_paths if result is not None and result.path == MIXED else None
-
-
-def _every_n_epochs(trainer: Any, prefix: str) -> int | None:
-    for callback in trainer.callbacks:
-        if isinstance(callback, RolloutCallback) and callback.prefix == prefix:
-            return callback.every_n_epochs
-    return None
 
 
 def stale_rollout_warning(result: RolloutResult | None, last_epoch: int, every_n_epochs: int | None) -> str | None:
@@ -137,11 +133,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     finally:
         finish_wandb(loggers, exit_code=exit_code)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    last = _last_rollout(trainer, "rollout")
+    callback = _rollout_callback(trainer, "rollout")
+    last = None if callback is None else callback.last_result
     rank_zero_info(summary_line(metrics, rank_paths=_rank_paths(trainer, "rollout"),
                                 epoch=None if last is None else last.epoch))
     # after fit, current_epoch is one past the last epoch that ran
-    stale = stale_rollout_warning(last, trainer.current_epoch - 1, _every_n_epochs(trainer, "rollout"))
+    every = None if callback is None else callback.every_n_epochs
+    stale = stale_rollout_warning(last, trainer.current_epoch - 1, every)
     if stale:
         rank_zero_warn(stale)
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
