@@ -108,3 +108,18 @@ def test_shuffle_orders_of_neighbouring_seeds_do_not_repeat_a_shifted_epoch():
 
     assert order(0, 1) != order(1, 0) and order(3, 2) != order(5, 0)
     assert order(0, 1) == order(0, 1) and sorted(order(7, 4)) == list(range(50))
+
+
+def test_a_shuffle_seed_that_ddp_ignores_is_said(tmp_path):
+    from types import SimpleNamespace
+
+    path = write(tmp_path, pd.DataFrame({"x": np.sin(np.arange(60))}))
+    dm = CsvDataModule(path=path, shuffle_seed=123, **WINDOW)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=2)  # what Lightning sets before asking for the loader
+    with pytest.warns(UserWarning, match=r"shuffle_seed=123 has no effect with 2 processes.*HINT: set seed"):
+        dm.train_dataloader()
+    dm.trainer = SimpleNamespace(world_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.train_dataloader()

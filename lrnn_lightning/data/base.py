@@ -171,6 +171,11 @@ class WindowDataModule(LightningDataModule, abc.ABC):
 
     @override
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if self.shuffle_seed is not None and trainer is not None and trainer.world_size > 1:
+            rank_zero_warn(f"{type(self).__name__}: shuffle_seed={self.shuffle_seed} has no effect with "
+                           f"{trainer.world_size} processes: Lightning's DistributedSampler orders the training "
+                           "windows by the run's seed and the epoch. HINT: set seed to vary the order.")
         seed = torch.initial_seed() if self.shuffle_seed is None else self.shuffle_seed
         sampler = EpochShuffle(self.train_dataset, seed)
         return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, drop_last=False,
