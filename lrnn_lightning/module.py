@@ -140,7 +140,7 @@ class NextStepModule(LightningModule):
                              f"to a Trainer to derive it from. {hint}")
         trainer = self.trainer
         max_epochs = trainer.max_epochs
-        if interval == "epoch" and max_epochs not in (None, -1):
+        if interval == "epoch" and max_epochs not in (None, -1) and trainer.max_steps == -1:
             length, source = max(1, max_epochs), "trainer.max_epochs"
         else:
             if max_epochs is None:  # not yet resolved by `fit`: Lightning stops at max_steps, if any

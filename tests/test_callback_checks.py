@@ -21,8 +21,16 @@ from tests.test_callback import tiny_data, tiny_module, tiny_trainer
     ("roll", lambda path: ModelCheckpoint(dirpath=path, monitor="roll/skill", every_n_epochs=3),
      r"ModelCheckpoint\(monitor='roll/skill', every_n_epochs=3\)"),
     ("rollout", lambda path: EarlyStopping(monitor="rollout/nrmse"),
-     r"EarlyStopping\(monitor='rollout/nrmse', strict=True\).*HINT: .*or give it strict=False"),
-], ids=["checkpoint", "checkpoint-every-3-epochs-other-prefix", "strict-early-stopping"])
+     r"EarlyStopping\(monitor='rollout/nrmse'\) reads 'rollout/nrmse' at the other epochs' validations too, where "
+     r"it is missing \(before the first rollout\) or an older rollout's value"),
+    # not strict, it would count an older rollout's value again as no improvement: patience runs out early
+    ("rollout", lambda path: EarlyStopping(monitor="rollout/nrmse", strict=False),
+     r"EarlyStopping\(monitor='rollout/nrmse'\).*HINT: .*trainer.check_val_every_n_epoch=2"),
+    ("rollout", lambda path: ModelCheckpoint(dirpath=path, monitor="rollout/nrmse", every_n_epochs=0,
+                                             every_n_train_steps=1),
+     r"ModelCheckpoint\(monitor='rollout/nrmse', saving by training steps or time\)"),
+], ids=["checkpoint", "checkpoint-every-3-epochs-other-prefix", "strict-early-stopping", "non-strict-early-stopping",
+        "checkpoint-by-steps"])
 def test_every_n_epochs_with_a_callback_monitoring_the_rollout_fails_at_fit_start(tmp_path, prefix,
                                                                                 monitor_callback, message):
     callbacks = [RolloutCallback(num_sequences=2, every_n_epochs=2, prefix=prefix), monitor_callback(tmp_path / "c")]
@@ -35,11 +43,11 @@ def test_every_n_epochs_with_a_callback_monitoring_the_rollout_fails_at_fit_star
 @pytest.mark.parametrize(("every_n_epochs", "monitor_callback", "trainer_options"), [
     (1, lambda path: ModelCheckpoint(dirpath=path, monitor="rollout/nrmse"), {}),
     (2, lambda path: ModelCheckpoint(dirpath=path, monitor="rollout/nrmse", every_n_epochs=2), {}),
-    (2, lambda path: EarlyStopping(monitor="rollout/nrmse", strict=False, verbose=False), {}),
+    (2, lambda path: EarlyStopping(monitor="rollout/nrmse", verbose=False), dict(check_val_every_n_epoch=2)),
     (2, lambda path: ModelCheckpoint(dirpath=path, monitor="rollout/nrmse"), dict(check_val_every_n_epoch=2)),
     (2, lambda path: ModelCheckpoint(dirpath=path, monitor="val/loss"), {}),
-], ids=["every-epoch", "checkpoint-every-2-epochs", "non-strict-early-stopping", "trainer-validates-every-2-epochs",
-        "monitors-val-loss"])
+], ids=["every-epoch", "checkpoint-every-2-epochs", "early-stopping-validating-every-2-epochs",
+        "trainer-validates-every-2-epochs", "monitors-val-loss"])
 def test_callbacks_that_see_the_rollout_metrics_whenever_they_look_train(tmp_path, every_n_epochs, monitor_callback,
                                                                           trainer_options):
     rollout, monitor = RolloutCallback(num_sequences=2, every_n_epochs=every_n_epochs), monitor_callback(tmp_path / "c")

@@ -221,3 +221,17 @@ def test_smoke_runs_on_shipped_data_without_the_generated_data_keys(make_cfg):
     parts = build(make_cfg("logger=none", "experiment=smoke", "data=sunspots", "~data.num_series",
                            "~data.num_samples"))
     assert type(parts["datamodule"]).__name__ == "SunspotsDataModule"
+
+
+def test_keys_of_a_target_that_forwards_kwargs_elsewhere_are_not_second_guessed():
+    from lightning.pytorch import LightningDataModule
+
+    from lrnn_lightning.utils.instantiate import accepted_keys
+
+    class UserData(LightningDataModule):  # **options go where this package cannot see
+        def __init__(self, path: str, **options):
+            super().__init__()
+            self.options = options
+
+    assert accepted_keys(UserData) is None
+    assert accepted_keys(WindowDataModule) >= {"context_length", "horizon", "batch_size"}

@@ -123,3 +123,26 @@ def test_a_shuffle_seed_that_ddp_ignores_is_said(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dm.train_dataloader()
+
+
+def test_a_small_move_around_a_large_value_is_still_scaled(tmp_path):
+    rng = np.random.default_rng(2)
+    path = write(tmp_path, pd.DataFrame({"p": 1e6 + 0.05 * rng.normal(size=60)}))
+    dm = CsvDataModule(path=path, **WINDOW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not "constant"
+        dm.setup("fit")
+    assert 0.02 < dm.std[0] < 0.1
+    assert 0.3 < float(dm.train_dataset[0]["context"].std()) < 3.0  # unit scale, not +-0.05
+
+
+def test_no_shuffle_seed_warning_when_lightning_keeps_the_sampler(tmp_path):
+    from types import SimpleNamespace
+
+    path = write(tmp_path, pd.DataFrame({"x": np.sin(np.arange(60))}))
+    dm = CsvDataModule(path=path, shuffle_seed=123, **WINDOW)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=2, _accelerator_connector=SimpleNamespace(use_distributed_sampler=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # use_distributed_sampler=False: EpochShuffle, and its seed, stay
+        dm.train_dataloader()

@@ -75,6 +75,13 @@ def test_cosine_without_t_max_spans_max_epochs(tmp_path, interval, length):
 
 
 @pytest.mark.parametrize("interval, length", [("epoch", 3), ("step", 9)])
+def test_cosine_without_t_max_spans_max_steps_when_they_end_the_run_before_max_epochs(tmp_path, interval, length):
+    trainer, lrs = fit(cosine_module(interval), tmp_path, max_epochs=50, max_steps=9)
+    assert len(lrs) == 9
+    assert_one_cosine_over_the_run(trainer, lrs, interval, length)
+
+
+@pytest.mark.parametrize("interval, length", [("epoch", 3), ("step", 9)])
 def test_cosine_without_t_max_spans_max_steps_when_epochs_are_unbounded(tmp_path, interval, length):
     trainer, lrs = fit(cosine_module(interval), tmp_path, max_epochs=-1, max_steps=9)
     assert len(lrs) == 9
@@ -124,7 +131,7 @@ def test_the_default_module_config_derives_t_max_from_the_trainer(tmp_path, over
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "out")
         cfg.paths.log_dir = str(tmp_path / "logs")
-    assert "T_max" not in cfg.module.scheduler
+    assert cfg.module.scheduler.T_max is None  # and `module.scheduler.T_max=N` overrides it without a +
     parts = build(cfg)
     trainer = parts["trainer"]
     trainer.fit(parts["module"], datamodule=parts["datamodule"])

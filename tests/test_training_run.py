@@ -41,3 +41,12 @@ def test_a_last_rollout_older_than_the_last_epoch_is_named(tmp_path, max_epochs,
         assert warning is None
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     assert summary_line(metrics, epoch=last.epoch).startswith(f"Rollout at epoch {last.epoch}: normalised RMSE")
+
+
+def test_train_warns_when_the_last_rollout_is_older_than_the_last_epoch(make_cfg):
+    cfg = make_cfg("logger=none", "experiment=smoke", "trainer.max_epochs=3", "generation.every_n_epochs=2",
+                   "callbacks.model_checkpoint.monitor=val/loss")
+    with pytest.warns(UserWarning, match=r"The last rollout ran at epoch 1, before the last trained epoch 2 "
+                                         r"\(generation.every_n_epochs=2\)"):
+        metrics, _ = train(cfg)
+    assert "rollout/nrmse" in metrics

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -138,8 +138,8 @@ class RolloutCallback(Callback):
         context: context steps per rollout (the last ones of each window's context); None: all.
         horizon: steps rolled out (the first ones of each window's future); None: all.
         batch_size: rows per captured graph; more sequences are rolled out in slices.
-        every_n_epochs: roll out at every n-th epoch's validation. Above 1, a ModelCheckpoint or strict
-            EarlyStopping monitoring `<prefix>/...` must check at those epochs only (an error otherwise).
+        every_n_epochs: roll out at every n-th epoch's validation. Above 1, a ModelCheckpoint or EarlyStopping
+            monitoring `<prefix>/...` must check at those epochs only (an error otherwise).
         chunk: steps per graph replay.
         compile: fuse the step body with torch.compile before capture.
         cuda_graph: "auto" (a graph when the model is on a GPU, else the step loop), True
@@ -413,8 +413,9 @@ class RolloutCallback(Callback):
 
         With every_n_epochs > 1 the `<prefix>/` keys are missing at the other validations, where a ModelCheckpoint
         or a strict EarlyStopping monitoring them stops training with Lightning's "could not find the monitored
-        key". Fine: a checkpoint that saves every multiple of every_n_epochs epochs, a non-strict EarlyStopping
-        (Lightning skips the check), and a trainer that validates only every multiple of every_n_epochs epochs.
+        key", and later validations read an older rollout's value again (an EarlyStopping, strict or not, counts it
+        as no improvement). Fine: a checkpoint that saves every multiple of every_n_epochs epochs (or never by its
+        monitor), and a trainer that validates only every multiple of every_n_epochs epochs.
         """
         every = self.every_n_epochs
         validate_every = trainer.check_val_every_n_epoch
@@ -426,22 +427,21 @@ class RolloutCallback(Callback):
                 continue
             name, fix = type(callback).__name__, ""
             if isinstance(callback, ModelCheckpoint):
-                if callback.every_n_epochs >= 1 and callback.every_n_epochs % every == 0:
-                    continue
+                by_steps = bool(getattr(callback, "_every_n_train_steps", 0))
+                by_time = getattr(callback, "_train_time_interval", None) is not None
+                if callback.every_n_epochs % every == 0 and (callback.every_n_epochs or not (by_steps or by_time)):
+                    continue  # saves only at rollout epochs, or never by its monitor
                 name += (f"(monitor={monitor!r}, every_n_epochs={callback.every_n_epochs})" if callback.every_n_epochs
                          else f"(monitor={monitor!r}, saving by training steps or time)")
                 fix = f", or give the checkpoint every_n_epochs={every} (or a multiple)"
-            elif isinstance(callback, EarlyStopping):
-                if not callback.strict:
-                    continue
-                name += f"(monitor={monitor!r}, strict=True)"
-                fix = ", or give it strict=False (it then skips the epochs without a rollout)"
-            else:
+            else:  # EarlyStopping, strict or not, and any other monitor: read at every validation
                 name += f"(monitor={monitor!r})"
+            # Lightning keeps an epoch's logged metrics until they are logged again: before the first rollout the
+            # key is missing (a strict monitor stops training), after it the older rollout's value is read again
             raise ValueError(
                 f"{OWNER}: every_n_epochs={every} rolls out, and logs '{self.prefix}/...', only every {every} epochs, "
-                f"but {name} reads {monitor!r} at the other epochs' validations too and would stop training at "
-                f"the first one without a rollout. HINT: monitor val/loss, or set "
+                f"but {name} reads {monitor!r} at the other epochs' validations too, where it is missing (before "
+                f"the first rollout) or an older rollout's value. HINT: monitor val/loss, or set "
                 f"generation.every_n_epochs=1{fix}, or validate only every {every} epochs "
                 f"(trainer.check_val_every_n_epoch={every}).")
 

@@ -142,7 +142,7 @@ class WindowDataModule(LightningDataModule, abc.ABC):
         """Per-channel standard deviations of the training samples (N, H); 1 for a channel constant there."""
         std = train.std(axis=0)
         # a floor like 1e-8 would scale a channel that only moves in validation (a flag, a step) to ~1e8
-        constant = (std == 0) | (std <= 1e-7 * np.abs(train.mean(axis=0)))  # relative: tiny-scale data still scales
+        constant = np.ptp(train, axis=0) == 0  # exactly: a small move around a large value still scales
         if constant.any():
             names = getattr(self, "columns", None) or [f"channel {i}" for i in range(train.shape[1])]
             which = ", ".join(str(names[i]) for i in np.flatnonzero(constant))
@@ -172,7 +172,8 @@ class WindowDataModule(LightningDataModule, abc.ABC):
     @override
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        if self.shuffle_seed is not None and trainer is not None and trainer.world_size > 1:
+        replaced = getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
+        if self.shuffle_seed is not None and trainer is not None and trainer.world_size > 1 and replaced:
             rank_zero_warn(f"{type(self).__name__}: shuffle_seed={self.shuffle_seed} has no effect with "
                            f"{trainer.world_size} processes: Lightning's DistributedSampler orders the training "
                            "windows by the run's seed and the epoch. HINT: set seed to vary the order.")

@@ -55,10 +55,12 @@ class Mixer(nn.Module, abc.ABC):
 def state_placement(module: nn.Module, device: torch.device | str | None,
                     dtype: torch.dtype | None) -> tuple[torch.device | str | None, torch.dtype]:
     """Where a new state of `module` lives: `device` and `dtype` as given, else those of its first floating-point
-    parameter (a float64 model steps a float64 state; one on a GPU a state there), else the CPU and float32."""
+    parameter (a float64 model steps a float64 state; one on a GPU a state there), else float32 on the device of
+    any of its tensors, else on the CPU."""
     param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    if device is None and param is not None:
-        device = param.device
+    if device is None:  # any tensor of the module says where it lives (complex parameters, buffers)
+        anywhere = param if param is not None else next(iter([*module.parameters(), *module.buffers()]), None)
+        device = None if anywhere is None else anywhere.device
     if dtype is None:
         dtype = param.dtype if param is not None else torch.float32
     return device, dtype

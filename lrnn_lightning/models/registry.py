@@ -35,13 +35,14 @@ def build_model(name: str, d_input: int, d_output: int | None = None, **kwargs):
     from lrnn_lightning.models.backbone import SequenceModel
 
     mixer_cls = get_mixer_class(name)  # fail early with the list of valid names
-    unknown = sorted(set(kwargs) - set(inspect.signature(SequenceModel).parameters))
+    own = [name for name in inspect.signature(SequenceModel).parameters if name not in ("mixer", "d_input", "d_output")]
+    unknown = sorted(set(kwargs) - set(own))
     if unknown:
         mixer_options = set(mixer_options_of(mixer_cls))
         owned = [key for key in unknown if key in mixer_options]
         hint = (f"HINT: {mixer_cls.__name__}'s own options go in mixer_kwargs, e.g. mixer_kwargs="
                 f"{ {key: kwargs[key] for key in owned} } (model.mixer_kwargs in the config)." if owned else
-                f"HINT: SequenceModel takes d_model, d_state, n_layers, dropout, mlp_expand and mixer_kwargs; "
+                f"HINT: SequenceModel takes {', '.join(own)}; "
                 f"{mixer_cls.__name__} takes {', '.join(mixer_options_of(mixer_cls)) or 'no options'}.")
         raise ValueError(f"build_model: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for a "
                          f"{name} model. {hint}")

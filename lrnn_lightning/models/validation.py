@@ -21,7 +21,7 @@ _checked_dt: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("che
 
 
 def check_positive_int(value: object, name: str, owner: str, alternative: str = "") -> int:
-    """Return `value` as an int if it is an integer >= 1 (a NumPy or torch integer too; bools excluded), else raise
+    """Return `value` as an int if it is an integer >= 1 (a NumPy integer too; bools excluded), else raise
     a ValueError naming it.
 
     Args:

@@ -54,7 +54,7 @@ def model_device_dtype(model: nn.Module, default: Tensor) -> tuple[torch.device,
 
 
 def check_positive_int(value: object, name: str, owner: str, hint: str = "") -> int:
-    """Return `value` as an int if it is an integer >= 1 (a NumPy or torch integer too; bools excluded), else
+    """Return `value` as an int if it is an integer >= 1 (a NumPy integer too; bools excluded), else
     raise."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         hint = f" HINT: {hint}" if hint else ""

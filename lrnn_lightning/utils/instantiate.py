@@ -41,10 +41,13 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
 
 
 def accepted_keys(target: object) -> set[str] | None:
-    """The keyword arguments `target` (a class or a function) takes, following `**kwargs` up a class's bases;
-    None when it takes any (a `**kwargs` that reaches no further `__init__`)."""
-    if isinstance(target, type):
-        functions = [vars(cls)["__init__"] for cls in target.__mro__ if "__init__" in vars(cls) and cls is not object]
+    """The keyword arguments `target` (a class or a function) takes, or None when it takes any. A `**kwargs` of
+    one of this package's classes is followed up its bases (our data modules pass theirs to WindowDataModule);
+    elsewhere it may go anywhere, so it counts as taking any."""
+    ours = isinstance(target, type) and target.__module__.startswith("lrnn_lightning.")
+    if ours:
+        functions = [vars(cls)["__init__"] for cls in target.__mro__
+                     if "__init__" in vars(cls) and cls.__module__.startswith("lrnn_lightning.")]
     else:
         functions = [target]
     keys: set[str] = set()
@@ -66,7 +69,9 @@ def check_target_keys(cfg: DictConfig, group: str, passed: tuple[str, ...] = ())
     unknown = sorted({str(key) for key in cfg if not str(key).startswith("_")} - accepted - set(passed))
     if unknown:
         name = getattr(target, "__name__", cfg._target_)
+        smoke = "" if group != "data" else (
+            " (experiment=smoke shrinks the generated data sets with data.num_series and data.num_samples; with "
+            "data=sunspots or data=csv, add '~data.num_series' '~data.num_samples')")
         raise ValueError(f"{group}: {name} takes no {', '.join(unknown)} (it takes {', '.join(sorted(accepted))}). "
                          f"HINT: fix the spelling, or drop the key: an experiment config may have set it for another "
-                         f"{group} config (experiment=smoke shrinks the generated data sets with data.num_series and "
-                         f"data.num_samples; with data=sunspots or data=csv, add ~data.num_series ~data.num_samples).")
+                         f"{group} config{smoke}.")

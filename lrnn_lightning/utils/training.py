@@ -135,8 +135,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     callback = _rollout_callback(trainer, "rollout")
     last = None if callback is None else callback.last_result
-    rank_zero_info(summary_line(metrics, rank_paths=_rank_paths(trainer, "rollout"),
-                                epoch=None if last is None else last.epoch))
+    rank_paths = last.rank_paths if last is not None and last.path == MIXED else None
+    rank_zero_info(summary_line(metrics, rank_paths=rank_paths, epoch=None if last is None else last.epoch))
     # after fit, current_epoch is one past the last epoch that ran
     every = None if callback is None else callback.every_n_epochs
     stale = stale_rollout_warning(last, trainer.current_epoch - 1, every)
