@@ -75,3 +75,15 @@ def test_a_numpy_integer_horizon_is_a_horizon():
     out = engine.rollout(context, np.int64(4))
     assert out.shape == (2, 4, 3)
     assert torch.equal(out, engine.rollout(context, 4))
+
+
+def test_a_state_that_is_not_the_models_is_named():
+    model = build_model("lru", d_input=3, d_model=16, d_state=8, n_layers=2).eval()
+    mixer_state = model.layers[0].mixer.allocate_state(2)  # a bare mixer's keys: h_re, h_im
+    with pytest.raises(ValueError, match=r"SequenceModel.step: the state has no entries of layer 0 \(keys "
+                                         r"'0.<name>'\); its keys are \['h_im', 'h_re'\]\. HINT: make it with this "
+                                         r"model's allocate_state or prefill"):
+        model.step(torch.randn(2, 3), mixer_state)
+    one_layer = build_model("lru", d_input=3, d_model=16, d_state=8, n_layers=1).allocate_state(2)
+    with pytest.raises(ValueError, match=r"no entries of layer 1"):
+        model.step(torch.randn(2, 3), one_layer)

@@ -136,7 +136,11 @@ class SequenceModel(nn.Module):
 
     def _layer_state(self, state: State, i: int) -> State:
         prefix = f"{i}."
-        return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        layer = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        if not layer:  # e.g. a bare mixer's state, or another model's: say so rather than a KeyError deep inside
+            raise ValueError(f"SequenceModel.step: the state has no entries of layer {i} (keys '{i}.<name>'); its keys "
+                             f"are {sorted(state)[:6]}. HINT: make it with this model's allocate_state or prefill.")
+        return layer
 
     def step(self, x_t: Tensor, state: State, dt_t: Tensor | None = None) -> Tensor:
         """x_t (B, d_input), dt_t (B,) or None -> (B, d_output); `state` updated in place."""
