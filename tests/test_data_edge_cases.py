@@ -146,3 +146,18 @@ def test_no_shuffle_seed_warning_when_lightning_keeps_the_sampler(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # use_distributed_sampler=False: EpochShuffle, and its seed, stay
         dm.train_dataloader()
+
+
+def test_a_time_column_taken_as_a_channel_is_said(tmp_path):
+    rng = np.random.default_rng(3)
+    path = write(tmp_path, pd.DataFrame({"time": 0.5 * np.arange(60), "x": rng.normal(size=60)}))
+    dm = CsvDataModule(path=path, **WINDOW)
+    with pytest.warns(UserWarning, match=r"column 'time' increases at every row, like a time or an index, and is "
+                                         r"used as a channel.*HINT: data.timestamp_column=time"):
+        dm.setup("fit")
+    assert dm.columns == ["time", "x"]  # still as asked: only said
+    declared = CsvDataModule(path=path, timestamp_column="time", **WINDOW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        declared.setup("fit")
+    assert declared.columns == ["x"]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lrnn_lightning.data.base import RawSeries, WindowDataModule
@@ -123,6 +123,14 @@ class CsvDataModule(WindowDataModule):
         if not chosen:
             raise ValueError(f"CsvDataModule: {self.path} has no numeric column. Available columns: "
                              f"{', '.join(map(str, frame.columns))}. HINT: set data.columns.")
+        ramps = [c for c in chosen if len(frame) > 2 and bool((np.diff(frame[c].to_numpy(dtype=np.float64)) > 0).all())]
+        if ramps:  # a time or index column taken as a channel: validation would push it beyond anything trained on
+            one = len(ramps) == 1
+            rank_zero_warn(f"CsvDataModule: column{'' if one else 's'} {', '.join(map(repr, ramps))} "
+                           f"{'increases' if one else 'increase'} at every row, like a time or an index, and "
+                           f"{'is' if one else 'are'} used as {'a channel' if one else 'channels'}. HINT: "
+                           f"data.timestamp_column={ramps[0]} if it is the time, or name the value columns with "
+                           "data.columns.")
         rank_zero_info(f"CsvDataModule: value columns {', '.join(chosen)}"
                        + (f"; skipped {', '.join(skipped)}" if skipped else "") + " (data.columns picks them).")
         return chosen
