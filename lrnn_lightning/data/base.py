@@ -135,8 +135,8 @@ class WindowDataModule(LightningDataModule, abc.ABC):
             unit = self.dt_unit or float(np.median(np.concatenate([split_by_time(g, self.val_fraction)[0]
                                                                   for g in gaps])))
             train_dts, val_dts = zip(*(split_by_time(g / unit, self.val_fraction) for g in gaps), strict=True)
-        self.train_dataset = self._windows("training", normalise(train_values), train_dts, self.stride)
-        self.val_dataset = self._windows("validation", normalise(val_values), val_dts, self.val_stride)
+        self.train_dataset = self._windows(normalise(train_values), train_dts, self.stride)
+        self.val_dataset = self._windows(normalise(val_values), val_dts, self.val_stride)
 
     def _scales(self, train: np.ndarray) -> np.ndarray:
         """Per-channel standard deviations of the training samples (N, H); 1 for a channel constant there."""
@@ -152,22 +152,18 @@ class WindowDataModule(LightningDataModule, abc.ABC):
         return np.where(constant, 1.0, std)
 
     def _check_split_length(self, split: str, values) -> None:
+        """Raise unless some series of the split holds one whole window (then `_windows` makes at least one)."""
         longest = max(v.shape[0] for v in values)
-        if longest < self.context_length + self.horizon:
-            self._too_short(split, longest)
-
-    def _too_short(self, split: str, longest: int) -> None:
+        if longest >= self.context_length + self.horizon:
+            return
         raise ValueError(
             f"{type(self).__name__}: the {split} split has at most {longest} samples per series, fewer than one "
             f"window of context_length + horizon = {self.context_length} + {self.horizon} = "
             f"{self.context_length + self.horizon}. HINT: lower data.context_length / data.horizon (and "
             "generation.context / generation.horizon with them), or change data.val_fraction.")
 
-    def _windows(self, split: str, values, dts, stride: int) -> SeriesWindows:
-        windows = SeriesWindows(values, dts, self.context_length, self.horizon, stride)
-        if len(windows) == 0:
-            self._too_short(split, max(v.shape[0] for v in values))
-        return windows
+    def _windows(self, values, dts, stride: int) -> SeriesWindows:
+        return SeriesWindows(values, dts, self.context_length, self.horizon, stride)
 
     @override
     def train_dataloader(self) -> DataLoader:

@@ -99,7 +99,10 @@ def _last_rollout(trainer: Any, prefix: str) -> RolloutResult | None:
 
 def _rank_paths(trainer: Any, prefix: str) -> str | None:
     """Each process's path from the trainer's `RolloutCallback` logging under `prefix`, when they differ."""
-    result = _last_rollout(trainer, prefix)
+    return _differing_paths(_last_rollout(trainer, prefix))
+
+
+def _differing_paths(result: RolloutResult | None) -> str | None:
     return result.rank_paths if result is not None and result.path == MIXED else None
 
 
@@ -135,8 +138,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     callback = _rollout_callback(trainer, "rollout")
     last = None if callback is None else callback.last_result
-    rank_paths = last.rank_paths if last is not None and last.path == MIXED else None
-    rank_zero_info(summary_line(metrics, rank_paths=rank_paths, epoch=None if last is None else last.epoch))
+    rank_zero_info(summary_line(metrics, rank_paths=_differing_paths(last), epoch=None if last is None else last.epoch))
     # after fit, current_epoch is one past the last epoch that ran
     every = None if callback is None else callback.every_n_epochs
     stale = stale_rollout_warning(last, trainer.current_epoch - 1, every)
