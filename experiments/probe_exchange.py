@@ -1,14 +1,19 @@
 """What a split step's exchange and a program's weight streaming cost on this GPU, measured alone.
 
-The fused kernel's split steps (lrnn_lightning/rollout/fused/kernels/group.py) pay, per
-exchange, a group barrier plus a gather of every rank's (rows, d_model) partial from L2; a
-program that does not split streams all of its weights from L2 at every step. This probe times
-both on their own, so the kernel's step time can be broken down (RESULTS.md):
+The fused kernel's split steps (lrnn_lightning/rollout/fused/kernels/group.py) exchange
+partial sums between the programs of a row tile at every layer; a program that does not
+split streams all of its weights from L2 at every step. This probe times both on their own,
+so the kernel's step time can be broken down (RESULTS.md):
 
-    exchange   µs per `group_sum` for groups of SPLIT programs (as many groups as fit the SMs),
-               for (rows, width) partials; every result is checked (a wrong sum is reported)
-    barrier    the same with the relaxed poll + explicit fence.acq_rel.gpu barrier variant
+    tagged     µs per exchange of group.py's tagged protocol (values in 64-bit words tagged with
+               the exchange, polled until the tag shows) for groups of SPLIT programs (as many
+               groups as fit the SMs, SPLIT <= 8), for (rows, width) partials
+    counter    the same with group.py's counter barrier (a release atomic on a per-group
+               counter, an acquire poll, then the loads of the data)
+    relaxed    the counter barrier with a relaxed poll and an explicit fence.acq_rel.gpu
     stream     GB/s one program pulls from L2 (or L1) when P programs stream the same weight-sized buffer
+
+Every exchanged sum is checked against its expected value (a wrong sum is reported).
 
     python experiments/probe_exchange.py --out probe.json
 """
@@ -23,7 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-from lrnn_lightning.rollout.fused.kernels.group import gather, group_barrier, publish
+from lrnn_lightning.rollout.fused.kernels.group import (
+    MAX_RANKS,
+    exchange_slot,
+    gather,
+    gather_tagged,
+    group_barrier,
+    publish,
+    publish_tagged,
+)
+
+PROTOCOLS = ("tagged", "counter", "relaxed")
 
 
 @triton.jit
@@ -43,12 +58,13 @@ def relaxed_barrier(sem, rank, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def exchange_probe_kernel(part_ptr, sem_ptr, err_ptr, n_iter, SPLIT: tl.constexpr, BB: tl.constexpr,
-                          BD: tl.constexpr, RELAXED: tl.constexpr):
+def exchange_probe_kernel(part_ptr, words_ptr, sem_ptr, err_ptr, n_iter, SPLIT: tl.constexpr, BB: tl.constexpr,
+                          BD: tl.constexpr, PROTOCOL: tl.constexpr):
     pid = tl.program_id(0)
     group = pid // SPLIT
     rank = pid % SPLIT
     part = part_ptr + group.to(tl.int64) * (2 * SPLIT * BB * BD)
+    words = words_ptr + group.to(tl.int64) * (2 * SPLIT * BB * BD)
     sem = sem_ptr + group
     r = tl.arange(0, BB)[:, None]
     c = tl.arange(0, BD)[None, :]
@@ -57,13 +73,18 @@ def exchange_probe_kernel(part_ptr, sem_ptr, err_ptr, n_iter, SPLIT: tl.constexp
     for i in range(n_iter):
         # rank's value depends on the last sum, so every exchange waits for the one before
         x = carry + (rank + 1).to(tl.float32) + (r * BD + c).to(tl.float32) * 1e-3
-        slot = part + (i & 1) * (SPLIT * BB * BD)
-        publish(x, slot, rank, 0, BB, BD, BD)
-        if RELAXED:
-            relaxed_barrier(sem, rank, SPLIT)
+        if PROTOCOL == 0:
+            slot = exchange_slot(words, i, SPLIT, True, BB, BD)
+            publish_tagged(x, slot, rank, 0, i + 1, BB, BD, BD)
+            total = gather_tagged(slot, 0, i + 1, SPLIT, BB, BD, BD)
         else:
-            group_barrier(sem, rank, SPLIT)
-        total = gather(slot, 0, SPLIT, BB, BD, BD)
+            slot = part + (i & 1) * (SPLIT * BB * BD)
+            publish(x, slot, rank, 0, BB, BD, BD)
+            if PROTOCOL == 1:
+                group_barrier(sem, rank, SPLIT)
+            else:
+                relaxed_barrier(sem, rank, SPLIT)
+            total = gather(slot, 0, SPLIT, BB, BD, BD)
         expected = SPLIT * (carry + (r * BD + c).to(tl.float32) * 1e-3) + SPLIT * (SPLIT + 1) / 2
         err = tl.maximum(err, tl.abs(total - expected))
         carry = (total - expected) + (i % 3).to(tl.float32)
@@ -96,22 +117,25 @@ def time_ms(fn, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def probe_exchange(split: int, rows: int, width: int, relaxed: bool, n_sms: int, n_iter: int) -> dict:
+def probe_exchange(split: int, rows: int, width: int, protocol: str, n_sms: int, n_iter: int) -> dict:
     groups = max(1, n_sms // split)
     device = torch.device("cuda")
-    part = torch.empty(groups * 2 * split * rows * width, device=device)
+    size = groups * 2 * split * rows * width
+    part = torch.empty(size, device=device)
+    words = torch.zeros(size, device=device, dtype=torch.int64)
     sem = torch.zeros(groups, device=device, dtype=torch.int32)
     err = torch.empty(groups * split, rows, width, device=device)
 
     def run(iters=n_iter):
-        exchange_probe_kernel[(groups * split,)](part, sem, err, iters, SPLIT=split, BB=rows, BD=width,
-                                                 RELAXED=relaxed, num_warps=8, launch_cooperative_grid=True)
+        words.zero_()  # tags restart at 1 every launch, as in the kernel
+        exchange_probe_kernel[(groups * split,)](part, words, sem, err, iters, SPLIT=split, BB=rows, BD=width,
+                                                 PROTOCOL=PROTOCOLS.index(protocol), num_warps=8,
+                                                 launch_cooperative_grid=True)
     short = time_ms(lambda: run(8))
     full = time_ms(run)
     us = 1e3 * (full - short) / (n_iter - 8)
-    return {"probe": "barrier_relaxed" if relaxed else "exchange", "split": split, "groups": groups, "rows": rows,
-            "width": width, "us_per_exchange": us, "gather_KB": split * rows * width * 4 / 1024,
-            "max_error": float(err.max().item())}
+    return {"probe": protocol, "split": split, "groups": groups, "rows": rows, "width": width,
+            "us_per_exchange": us, "max_error": float(err.max().item())}
 
 
 def probe_stream(programs: int, kbytes: int, n_iter: int = 50) -> dict:
@@ -132,6 +156,8 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", default="2,4,8,16,32,64,128")
     parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma-separated subset of {PROTOCOLS}")
+    parser.add_argument("--no-stream", action="store_true", help="skip the streaming probe")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -148,17 +174,18 @@ def main(argv=None) -> list[dict]:
                 json.dump(rows, f, indent=1)
     for split in [int(s) for s in args.splits.split(",")]:
         for batch_rows, width in ((1, 16), (1, 128), (16, 128), (32, 128)):
-            try:
-                record(probe_exchange(split, batch_rows, width, False, n_sms, args.iters))
-            except Exception as error:  # noqa: BLE001 (a shape may not fit; the others still run)
-                record({"probe": "exchange", "split": split, "rows": batch_rows, "error": str(error)[:300]})
-        try:
-            record(probe_exchange(split, 1, 16, True, n_sms, args.iters))
-        except Exception as error:  # noqa: BLE001
-            record({"probe": "barrier_relaxed", "split": split, "error": str(error)[:300]})
-    for programs in (1, 8, 32, 128, 132):
-        for kbytes in (64, 512, 2048):
-            record(probe_stream(programs, kbytes))
+            for protocol in args.protocols.split(","):
+                if (protocol == "relaxed" and (batch_rows, width) != (1, 16)) or (protocol == "tagged"
+                                                                                   and split > MAX_RANKS):
+                    continue
+                try:
+                    record(probe_exchange(split, batch_rows, width, protocol, n_sms, args.iters))
+                except Exception as error:  # noqa: BLE001 (a shape may not fit; the others still run)
+                    record({"probe": protocol, "split": split, "rows": batch_rows, "error": str(error)[:300]})
+    if not args.no_stream:
+        for programs in (1, 8, 32, 128, 132):
+            for kbytes in (64, 512, 2048):
+                record(probe_stream(programs, kbytes))
     return rows
 
 

@@ -55,6 +55,7 @@ from lrnn_lightning.rollout.fused.launch import (
     build_call,
     default_launch,
     registers_fit,
+    tagged_exchange,
     weight_bytes,
 )
 from lrnn_lightning.rollout.fused.pack import pack_model
@@ -585,6 +586,35 @@ def test_split_steps_choice_and_errors(interpreter, monkeypatch):
     assert build_call(tiny, x0, None, 2, None, "ieee", one_row, False).constexprs["SPLIT"] == 1
 
 
+def test_split_steps_exchange_protocol(interpreter, monkeypatch):
+    """LRU / S5 one-row split steps exchange tagged words, Mamba and row tiles the counter (kernels/group.py);
+    either way the launch zeroes the slots (tag 0 is never expected) and the counters."""
+    from lrnn_lightning.rollout.fused.kernels.group import MAX_RANKS, _gather_asm
+    from lrnn_lightning.rollout.fused.pack import MAMBA, MODAL
+
+    assert MAX_RANKS == MAX_SPLIT  # gather_tagged polls every rank of the widest split at once
+    assert tagged_exchange(MODAL, 1, 128, 4) and tagged_exchange(MODAL, 1, 256, 8)
+    assert not tagged_exchange(MODAL, 1, 256, 4)  # two values a thread: waited for one after the other
+    assert not tagged_exchange(MODAL, 16, 128, 8) and not tagged_exchange(MAMBA, 1, 128, 8)
+    monkeypatch.setattr(launch, "processor_count", lambda device: 132)
+    one_row = replace(small_tile_config(1), num_warps=8, split=4)
+    x0 = torch.randn(B, W)
+    for name, tagged in (("lru", True), ("s5", True), ("mamba", False)):
+        packed = pack_model(make_model(name, d_model=128, d_state=64, n_layers=2), torch.float32, event=False)
+        call = build_call(packed, x0, None, 2, None, "ieee", one_row, False)
+        part, sem = call.args[9], call.args[10]
+        assert call.constexprs["TAGGED"] is tagged, name
+        assert part.dtype == torch.int64 and part.numel() == B * 2 * 4 * call.constexprs["BX"], name
+        assert not part.any() and sem.dtype == torch.int32 and sem.numel() == B and not sem.any(), name
+    lru = pack_model(make_model("lru", d_model=128, d_state=64, n_layers=2), torch.float32, event=False)
+    dot = build_call(lru, torch.randn(64, W), None, 2, None, "tf32x3", KernelConfig(block_b=16, block_k=32, split=2),
+                     False)
+    assert dot.constexprs["SPLIT"] == 2 and dot.constexprs["TAGGED"] is False
+    # the poll's operands: ranks outputs, then ranks addresses, then the tag; every stale word is re-read
+    asm = _gather_asm(4)
+    assert asm.count("ld.relaxed.gpu.global.b64") == 8 and "[$7]" in asm and "$8;" in asm and "$9" not in asm
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("block_b", [16, 4], ids=["dot", "small"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -660,17 +690,21 @@ def test_kernel_compiles_for_sm90():
         split = compile_for_target(make_model("lru", d_model=128, d_state=64), config=KernelConfig(
             block_b=1, block_n=64, block_k=64, num_warps=8, split=8), batch=16)
         assert split.constexprs["SPLIT"] == 8 and split.fits, split
+        # Mamba's three-part selection exchange, over a split that is not a power of two
+        mamba = compile_for_target(make_model("mamba", d_model=64, d_state=16), event=True, config=KernelConfig(
+            block_b=1, block_n=64, block_k=64, num_warps=8, split=3), batch=8)
+        assert mamba.constexprs["SPLIT"] == 3 and mamba.fits, mamba
         resident = compile_for_target(make_model("s5", {"discretization": "zoh"}, d_model=32, d_state=16, n_layers=1),
                                       event=True, config=small_tile_config(1), batch=32)
         assert resident.constexprs["RESIDENT"] and resident.fits, resident
-        print("compiled", len(CASES) * 3 + 2)
+        print("compiled", len(CASES) * 3 + 3)
     """)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"compiled {len(CASES) * 3 + 2}" in result.stdout
+    assert f"compiled {len(CASES) * 3 + 3}" in result.stdout
 
 
 def test_the_one_row_resident_step_keeps_vectors_in_one_layout():

@@ -6,8 +6,8 @@ Before its kernel starts, an eager fused call spends about 0.3 ms of host time o
 launcher binding 60 arguments, the output, state and scratch buffers, the packing graph's replay
 and the checks. A 256-step rollout of a small model spends less than that in its kernel. A
 `CallGraph` replays all of it as one graph launch: its nodes pack the live weights (`pack_model`,
-the ops `pack_live` replays), lay out the state, zero the semaphores, run the kernel and leave the
-outputs in static buffers that the caller copies out. What stays on the host before the kernel
+the ops `pack_live` replays), lay out the state, zero the exchange slots and counters, run the
+kernel and leave the outputs in static buffers that the caller copies out. What stays on the host before the kernel
 starts: `fused_steps`' checks, the model's signature, the cache lookup, one copy of x0, the state
 and the timesteps into static inputs, and the graph launch (50-70 µs on an H100 host).
 

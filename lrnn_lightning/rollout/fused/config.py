@@ -22,13 +22,16 @@ and streams every weight of the model (from L1/L2) at every step. What an H100 m
 
 Split steps (`KernelConfig.split`, kernels/group.py). Where row tiles leave SMs idle, the
 register kernel splits each tile's step over several programs, each streaming 1/split of the
-weights and exchanging partial sums at a barrier (2 a layer, Mamba 3). On the H100 at B=32
+weights and exchanging partial sums (2 a layer, Mamba 3). On the H100 at B=32
 (32 one-row tiles, 4 programs each): (32, 128, 64, 4) LRU 54 -> 35 µs, Mamba 176 -> 69 µs
 per step; but (32, 32, 16, 1) Mamba 7.5 -> 12 µs, where the barriers cost more than the
 streaming they share; at (32, 64, 32, 2) the LRU (0.27 MB of weights) got slower split
 (13 -> 15-20 µs) and the Mamba (0.52 MB) faster (29 -> 26). So `default_split` splits only
 steps that stream at least SPLIT_MIN_WEIGHT_BYTES (384 KB), as far as all programs stay
 resident: at B=1 and 8 the 4-layer models then run split 8 (LRU 55 -> 34 µs, Mamba 168 -> 54).
+These figures were taken with the counter barrier; LRU / S5 one-row steps now exchange tagged
+words, about half as dear (kernels/group.py, ninth session), so for them the threshold may be
+conservative (not re-measured).
 
 What `launch.default_launch` adds, knowing the model (H100, 2026-11-27, µs per step of the kernel):
 - tensor-core tl.dot tiles of an LRU at d_model 128, 4 layers, split as `default_split` says where at

@@ -164,6 +164,17 @@ def register_blocks(packed: PackedModel, config: KernelConfig, split: int = 1) -
     return blocks
 
 
+def tagged_exchange(mixer_id: int, block_b: int, exchange_width: int, num_warps: int) -> bool:
+    """Whether a split step exchanges through tagged words (kernels/group.py) rather than the counter barrier:
+    for LRU / S5 (modal) steps whose (block_b, exchange_width) partials are at most one value a thread.
+
+    A thread waits for its values one after the other, so with more the counter was faster (16 x 128 on 8
+    warps: 2.9-3.6 µs an exchange against 1.5-1.9). Mamba's split step at (32, 128, 64, 4) ran 2.5x slower
+    tagged on 8 warps (158 against 62 µs a step; 97 against 111 on 4), while the LRU's gained (23.6 against
+    27.5 µs; 24.6 against 48.6 on 4 warps): H100, experiments/RESULTS.md, ninth session."""
+    return mixer_id == MODAL and block_b * exchange_width <= 32 * num_warps
+
+
 def resident_fits(packed: PackedModel, config: KernelConfig, blocks: dict[str, int]) -> bool:
     """Whether the register kernel runs `packed` whole-model-resident (kernels/resident.py): a one-layer
     LRU / S5 model, unsplit, whose modes and hidden units each fit one block of `blocks` (`register_blocks`)
@@ -446,8 +457,11 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
         # Mamba's conv outputs cross between its two passes through these rows (kernels/register_mamba.py)
         mixer_rows = torch.empty(n_prog * split * bb, packed.sizes[0] if packed.mixer_id == MAMBA else 1,
                                  device=device, dtype=f32)
-        part = torch.empty(n_prog * 2 * split * bb * blocks["BX"] if split > 1 else 1, device=device, dtype=f32)
+        # the exchanges' slots (int64 tagged words or fp32 values) and counters (kernels/group.py), zeroed at
+        # every launch (a CUDA graph replays the zeroing)
+        part = torch.zeros(n_prog * 2 * split * bb * blocks["BX"] if split > 1 else 1, device=device, dtype=torch.int64)
         sem = torch.zeros(n_prog, device=device, dtype=torch.int32)
+        blocks["TAGGED"] = tagged_exchange(packed.mixer_id, bb, blocks["BX"], config.num_warps)
         args = (*io, states, states.stride(0), packed.state_width, mixer_rows, part, sem, columns, *weights)
         return KernelCall("register_rollout_kernel", (n_prog * split,), args, {**constexprs, **blocks},
                           config.num_warps, out, states, cooperative=split > 1)

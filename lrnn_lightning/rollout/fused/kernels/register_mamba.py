@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from lrnn_lightning.rollout.fused.kernels.common import product, row_sum, silu, softplus
-from lrnn_lightning.rollout.fused.kernels.group import gather, group_barrier, publish
+from lrnn_lightning.rollout.fused.kernels.group import exchange_slot, gather, group_barrier, publish
 from lrnn_lightning.rollout.fused.kernels.ltv import conv_window_step
 
 
@@ -38,9 +38,9 @@ def mamba_mixer(a, state, s_stride, scratch, slots, rows, row_ok, dt, layer, D, 
     Weights (stacked over layers, `layer` selects): in_w (2E, D), conv_w (E, KC), conv_b (E,),
     x_w (R+2N, E), dt_w (E, R), dt_b (E,), a_mat = -exp(A_log) (E, N), d_skip (E,), out_w (D, E).
     scratch (programs * BB, E) holds u between the passes, this program's rows at `slots`; dt (BB,) is the
-    step's event timestep; rank, part, sem and exchange as in group.py (the result is rank's partial sum). The
-    next layer's pass 1 overwrites the scratch rows only after the barrier in this layer's last pass-2
-    block, so every thread has read its u by then.
+    step's event timestep; rank, part, sem and exchange as in group.py, whose counter protocol it uses (the
+    result is rank's partial sum). The next layer's pass 1 overwrites the scratch rows only after the barrier
+    in this layer's last pass-2 block, so every thread has read its u by then.
     """
     in_w += layer * (2 * E * D)
     conv_w += layer * (E * KC)
@@ -85,7 +85,7 @@ def mamba_mixer(a, state, s_stride, scratch, slots, rows, row_ok, dt, layer, D, 
                          BB, PREC, W_BF16, EMULATE_BF16)
     tl.debug_barrier()  # u goes through scratch to whichever thread holds it in pass 2
     if SPLIT > 1:  # the selection sums over every channel: add up the ranks' parts
-        slot = part + (exchange & 1) * (SPLIT * BB * BX)
+        slot = exchange_slot(part, exchange, SPLIT, False, BB, BX)
         publish(dt_low, slot, rank, 0, BB, BR, BX)
         publish(b_sel, slot, rank, BR, BB, BN, BX)
         publish(c_sel, slot, rank, BR + BN, BB, BN, BX)

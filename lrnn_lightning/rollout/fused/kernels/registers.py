@@ -105,19 +105,20 @@ def register_rollout_kernel(
     MIXER: tl.constexpr, RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr,
     BB: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
     BP: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BKC: tl.constexpr,
-    SPLIT: tl.constexpr, BX: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    SPLIT: tl.constexpr, TAGGED: tl.constexpr, BX: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
     RESIDENT: tl.constexpr,
 ):
     """Grid (cdiv(B, BB) * SPLIT,): SPLIT programs a row tile (group.py). out (B, n_steps + 1, W) holds x0 in
     column 0 and receives step t's output in column t + 1; dt (B, n_steps) fp32 when EVENT; state (L, row
     tiles * BB, state width) fp32, updated in place; scratch (programs * BB, md0) fp32 for Mamba's conv
-    outputs; part (row tiles, 2, SPLIT, BB, BX) fp32 and sem (row tiles,) int32, zeroed, for the exchanges
-    of a split step (unused when SPLIT is 1); columns (W + 2P + F, D), the transposed encoder, readout and
-    down-projection (`pack.transposed_columns`; read only when RESIDENT is 2); weights and mixer slots
-    m0..m8, md0..md3 as packed by `pack_model`. MIXER 0: LRU / S5 (`modal_mixer`, BP), 2: Mamba
-    (`mamba_mixer`, BE, BR, BN, BKC). RESIDENT (MIXER 0, one layer, P <= BP, F <= BF, SPLIT 1, weight
-    tiles within the register budget; `launch.resident_fits`): 1 `resident_modal_steps`, 2 (one row a
-    program) `resident_row_steps`."""
+    outputs; part (row tiles, 2, SPLIT, BB, BX) int64 and sem (row tiles,) int32, zeroed, for the exchanges
+    of a split step (unused when SPLIT is 1; TAGGED picks their protocol, group.py); columns (W + 2P + F, D),
+    the transposed encoder, readout and down-projection (`pack.transposed_columns`; read only when RESIDENT
+    is 2); weights and mixer slots m0..m8, md0..md3 as packed by `pack_model`. MIXER 0: LRU / S5
+    (`modal_mixer`, BP), 2: Mamba (`mamba_mixer`, BE, BR, BN, BKC). RESIDENT (MIXER 0, one layer, P <= BP,
+    F <= BF, SPLIT 1, weight tiles within the register budget; `launch.resident_fits`): 1
+    `resident_modal_steps`, 2 (one row a program) `resident_row_steps`."""
     pid = tl.program_id(0)
     tile = pid // SPLIT
     rank = pid % SPLIT
@@ -167,8 +168,8 @@ def register_rollout_kernel(
                 layer_up_w = up_w + layer * (2 * F * D)
                 layer_up_b = up_b + layer * (2 * F)
                 layer_down_w = down_w + layer * (D * F)
-                # running number of this layer's first exchange: only its parity is used (exchange & 1), which
-                # survives int32 wrap-around on very long rollouts
+                # running number of this layer's first exchange: its parity picks the buffer and exchange + 1 is
+                # its tag (group.py); both survive int32 wrap-around on very long rollouts
                 exchange = (t * n_layers + layer) * exchanges
                 # the MLP's first weight block is loaded now, to arrive while the mixer runs
                 w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(layer_up_w, layer_up_b, layer_down_w, D, F,
@@ -180,18 +181,20 @@ def register_rollout_kernel(
                                     m1 + layer * (2 * P * D), m3 + layer * (2 * P), m4 + layer * (2 * P),
                                     m5 + layer * P, rank, RULE, EVENT, HAS_SCALE, BB, BD, BP, SPLIT, PREC, W_BF16,
                                     EMULATE_BF16)
-                    y = group_sum(y, part, sem, rank, exchange, SPLIT, BB, BD, BX)
+                    y = group_sum(y, part, sem, rank, exchange, SPLIT, TAGGED, BB, BD, BX)
                     y += tl.load(m2 + layer * D + ds, mask=d_ok, other=0.0)[None, :] * a
                 else:
+                    # the selection exchange takes the counter, whose fp32 values would corrupt tagged words
+                    tl.static_assert(not TAGGED, "Mamba's split steps exchange through the counter (group.py)")
                     y = mamba_mixer(a, state, state_stride_row, scratch_ptr, slots, rows, row_ok, dt, layer, D,
                                     md0, md1, md2, md3, m0, m1, m2, m3, m4, m5, m6, m7, m8, rank, part, sem, exchange,
                                     EVENT, BB, BD, BE, BR, BN, BKC, SPLIT, BX, PREC, W_BF16, EMULATE_BF16)
-                    y = group_sum(y, part, sem, rank, exchange + 1, SPLIT, BB, BD, BX)
+                    y = group_sum(y, part, sem, rank, exchange + 1, SPLIT, TAGGED, BB, BD, BX)
                 h = h + y
                 a = normalize(h, norm2_g + layer * D, norm2_b + layer * D, D, eps, BD)
                 z = gated_mlp(a, D, F, layer_up_w, layer_up_b, layer_down_w, w_value, w_gate, w_down, b_value, b_gate,
                               rank, BB, BD, BF, SPLIT, PREC, W_BF16, EMULATE_BF16)
-                z = group_sum(z, part, sem, rank, exchange + exchanges - 1, SPLIT, BB, BD, BX)
+                z = group_sum(z, part, sem, rank, exchange + exchanges - 1, SPLIT, TAGGED, BB, BD, BX)
                 h = h + (z + tl.load(down_b + layer * D + ds, mask=d_ok, other=0.0)[None, :])
                 state += state_stride_layer  # a pointer step: (layer * stride) could overflow int32
             a = normalize(h, final_g, final_b, D, eps, BD)
