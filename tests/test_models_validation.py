@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,15 +84,19 @@ def test_dt_values_checked_skips_only_that_tensor_and_only_inside_the_block(valu
 # ---------------------------------------------------------------- positive integers
 
 
-def test_one_positive_int_check_serves_the_whole_models_package():
-    folder = pathlib.Path(models_package.__file__).parent
-    bool_excluded = re.compile(r"isinstance\(\w+, bool\)")  # the tell of a hand-written int check
-    owners = [path.name for path in sorted(folder.glob("*.py")) if bool_excluded.search(path.read_text())]
-    assert owners == ["validation.py"]
-    assert check_positive_int(3, "n", "Owner") == 3
-    for bad in (0, -2, 2.0, True, "4", None):
-        with pytest.raises(ValueError, match=rf"Owner: n must be a positive integer, got {bad!r}\."):
+def test_one_positive_int_check_serves_the_whole_package():
+    folder = pathlib.Path(models_package.__file__).parent.parent
+    # the tell of a hand-written positive-int check: bools excluded and "< 1" on one line
+    bool_excluded = re.compile(r"isinstance\(\w+, bool\).*< 1\b")
+    owners = [str(path.relative_to(folder)) for path in sorted(folder.rglob("*.py"))
+              if bool_excluded.search(path.read_text())]
+    assert owners == ["models/validation.py"]
+    assert check_positive_int(3, "n", "Owner") == 3 and check_positive_int(np.int64(3), "n", "Owner") == 3
+    for bad in (0, -2, 2.0, True, "4", None, np.float32(1)):
+        with pytest.raises(ValueError, match=rf"Owner: n must be a positive integer, got {re.escape(repr(bad))}\.$"):
             check_positive_int(bad, "n", "Owner")
+    with pytest.raises(ValueError, match=r'Owner: n must be a positive integer or "auto", got 0\. HINT: try 8\.$'):
+        check_positive_int(0, "n", "Owner", '"auto"', hint="try 8.")
 
 
 @pytest.mark.parametrize("build,message", [

@@ -26,6 +26,7 @@ from lrnn_lightning.callbacks.result import (
     split_sums,
 )
 from lrnn_lightning.callbacks.wandb_media import log_rollout_media
+from lrnn_lightning.models.validation import check_positive_int
 from lrnn_lightning.rollout import RolloutEngine
 from lrnn_lightning.rollout.fingerprint import model_signature
 from lrnn_lightning.rollout.fused import support as fused_checks
@@ -58,10 +59,7 @@ class _Windows:
 def _positive_int(name: str, value: Any, hint: str = "", allow_none: bool = False) -> int | None:
     if allow_none and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{OWNER}: {name} must be a positive integer{' or None' if allow_none else ''}, got "
-                         f"{value!r}." + (f" HINT: {hint}" if hint else ""))
-    return value
+    return check_positive_int(value, name, OWNER, "None" if allow_none else "", hint=hint)
 
 
 def _auto_option(value: Any, name: str, hint: str) -> bool | str:

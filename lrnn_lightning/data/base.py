@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lrnn_lightning.data.sampling import EpochShuffle
 from lrnn_lightning.data.windows import SeriesWindows, gaps_from_times, split_by_time
+from lrnn_lightning.models.validation import check_positive_int
 
 
 @dataclass
@@ -28,14 +29,6 @@ class RawSeries:
 
     values: list[np.ndarray]
     times: list[np.ndarray] | None = None
-
-
-def check_positive_int(owner: str, name: str, value, hint: str = "") -> int:
-    """Return `value` if it is a positive integer, else raise naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}." + (f" HINT: {hint}" if hint
-                                                                                             else ""))
-    return int(value)
 
 
 def check_times(owner: str, times: list[np.ndarray]) -> None:
@@ -81,11 +74,11 @@ class WindowDataModule(LightningDataModule, abc.ABC):
                  dt_unit: float | None = None, num_workers: int = 0, shuffle_seed: int | None = None):
         super().__init__()
         owner = type(self).__name__
-        self.context_length = check_positive_int(owner, "context_length", context_length)
-        self.horizon = check_positive_int(owner, "horizon", horizon)
-        self.batch_size = check_positive_int(owner, "batch_size", batch_size, "use e.g. data.batch_size=32.")
-        self.stride = check_positive_int(owner, "stride", stride)
-        self.val_stride = self.stride if val_stride is None else check_positive_int(owner, "val_stride", val_stride)
+        self.context_length = check_positive_int(context_length, "context_length", owner)
+        self.horizon = check_positive_int(horizon, "horizon", owner)
+        self.batch_size = check_positive_int(batch_size, "batch_size", owner, hint="use e.g. data.batch_size=32.")
+        self.stride = check_positive_int(stride, "stride", owner)
+        self.val_stride = self.stride if val_stride is None else check_positive_int(val_stride, "val_stride", owner)
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"{owner}: val_fraction must lie in (0, 1), got {val_fraction!r}.")
         if dt_unit is not None and not (isinstance(dt_unit, (int, float)) and np.isfinite(dt_unit) and dt_unit > 0):

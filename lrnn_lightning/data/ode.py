@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lrnn_lightning.data.base import check_positive_int
+from lrnn_lightning.models.validation import check_positive_int
 
 Rhs = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (t (S, 1), y (S, D)) -> dy/dt (S, D)
 
@@ -66,9 +66,9 @@ def check_sampling(owner: str, num_series, num_samples, substeps, sample_dt,
     Returns:
         (num_series, num_samples, substeps, sample_dt, dt_jitter), converted.
     """
-    num_series = check_positive_int(owner, "num_series", num_series)
-    num_samples = check_positive_int(owner, "num_samples", num_samples)
-    substeps = check_positive_int(owner, "substeps", substeps)
+    num_series = check_positive_int(num_series, "num_series", owner)
+    num_samples = check_positive_int(num_samples, "num_samples", owner)
+    substeps = check_positive_int(substeps, "substeps", owner)
     if not float(sample_dt) > 0:
         raise ValueError(f"{owner}: sample_dt must be positive, got {sample_dt!r}.")
     if not 0.0 <= float(dt_jitter) < 1.0:

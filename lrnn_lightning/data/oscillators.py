@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from typing_extensions import override
 
-from lrnn_lightning.data.base import RawSeries, WindowDataModule, check_positive_int
+from lrnn_lightning.data.base import RawSeries, WindowDataModule
 from lrnn_lightning.data.ode import check_sampling, integrate_sampled, sample_gaps
+from lrnn_lightning.models.validation import check_positive_int
 
 
 class OscillatorsDataModule(WindowDataModule):
@@ -46,7 +47,7 @@ class OscillatorsDataModule(WindowDataModule):
                  seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         owner = type(self).__name__
-        self.num_oscillators = check_positive_int(owner, "num_oscillators", num_oscillators)
+        self.num_oscillators = check_positive_int(num_oscillators, "num_oscillators", owner)
         self.num_series, self.num_samples, self.substeps, self.sample_dt, self.dt_jitter = check_sampling(
             owner, num_series, num_samples, substeps, sample_dt, dt_jitter)
         self.coupling, self.seed = float(coupling), int(seed)

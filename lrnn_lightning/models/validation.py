@@ -20,19 +20,25 @@ from torch import Tensor
 _checked_dt: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("checked_dt", default=None)
 
 
-def check_positive_int(value: object, name: str, owner: str, alternative: str = "") -> int:
+def check_positive_int(value: object, name: str, owner: str, alternative: str = "", *, hint: str = "") -> int:
     """Return `value` as an int if it is an integer >= 1 (a NumPy integer too; bools excluded), else raise
-    a ValueError naming it.
+    a ValueError naming it. The one such check of the package: the models, the rollout engine and the data
+    modules all call it.
 
     Args:
         value: the value to check.
         name: the argument's name, for the message.
         owner: the class or function the argument belongs to, for the message.
         alternative: another accepted form, named in the message (e.g. '"auto" for ...').
+        hint: what to do instead, appended as "HINT: ...".
+
+    Example:
+        >>> check_positive_int(3, "horizon", "RolloutEngine")
+        3
     """
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         expected = f"a positive integer or {alternative}" if alternative else "a positive integer"
-        raise ValueError(f"{owner}: {name} must be {expected}, got {value!r}.")
+        raise ValueError(f"{owner}: {name} must be {expected}, got {value!r}." + (f" HINT: {hint}" if hint else ""))
     return int(value)
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import numbers
 
 import torch
 from torch import Tensor, nn
 
-from lrnn_lightning.models.validation import check_dt_values
+from lrnn_lightning.models.validation import check_dt_values, check_positive_int
 
 STEP_PROTOCOL = ("allocate_state", "step", "prefill")
 
@@ -53,15 +52,6 @@ def model_device_dtype(model: nn.Module, default: Tensor) -> tuple[torch.device,
     return default.device, default.dtype
 
 
-def check_positive_int(value: object, name: str, owner: str, hint: str = "") -> int:
-    """Return `value` as an int if it is an integer >= 1 (a NumPy integer too; bools excluded), else
-    raise."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        hint = f" HINT: {hint}" if hint else ""
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}.{hint}")
-    return int(value)
-
-
 def check_context(context: object, width: int | None, model: nn.Module, owner: str) -> tuple[int, int, int]:
     """Validate a context (B, C, H) against the model; return (B, C, H)."""
     expected = f"(B, C, {width if width is not None else 'H'})"
@@ -97,7 +87,7 @@ def check_context(context: object, width: int | None, model: nn.Module, owner: s
 
 def check_horizon(horizon: object, owner: str) -> int:
     """Return `horizon` if it is an int >= 1."""
-    return check_positive_int(horizon, "horizon", owner, "the horizon counts the predicted steps, the first one "
+    return check_positive_int(horizon, "horizon", owner, hint="the horizon counts the predicted steps, the first one "
                                                           "coming from the prefill.")
 
 

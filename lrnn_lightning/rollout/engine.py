@@ -140,8 +140,8 @@ class RolloutEngine:
         check_step_model(model, OWNER)
         feature_size(model, OWNER)
         if batch_size is not None:
-            check_positive_int(batch_size, "batch_size", OWNER, "or None to size the graph by the first rollout.")
-        check_positive_int(chunk, "chunk", OWNER, "the number of steps per graph replay, e.g. 16.")
+            check_positive_int(batch_size, "batch_size", OWNER, hint="or None to size the graph by the first rollout.")
+        check_positive_int(chunk, "chunk", OWNER, hint="the number of steps per graph replay, e.g. 16.")
         if cuda_graph not in (True, False, "auto"):
             raise ValueError(f"{OWNER}: cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
         if autocast_dtype not in (None, *AUTOCAST_DTYPES):
