@@ -3,6 +3,8 @@ wrong length, flags of the wrong type, NumPy integers."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,18 @@ def test_a_state_that_is_not_the_models_is_named():
     one_layer = build_model("lru", d_input=3, d_model=16, d_state=8, n_layers=1).allocate_state(2)
     with pytest.raises(ValueError, match=r"no entries of layer 1"):
         model.step(torch.randn(2, 3), one_layer)
+
+
+@pytest.mark.parametrize("name", ["lru", "mamba"])
+def test_a_state_of_another_batch_size_is_named(name):
+    model = build_model(name, d_input=3, d_model=16, d_state=8, n_layers=2).eval()
+    x = torch.randn(3, 3)
+    with torch.no_grad():
+        for rows in (1, 2, 4):  # each used to fail deep inside the mixer, with a broadcasting error
+            state = model.allocate_state(rows)
+            first = next(iter(state))  # the first layer's first entry is checked first
+            with pytest.raises(ValueError, match=rf"SequenceModel.step: state '{re.escape(first)}' has shape "
+                                                 rf"\({rows}, .*but x_t has 3 rows.*HINT: allocate_state\(3\)"):
+                model.step(x, state)
+        state = model.allocate_state(3)
+        assert model.step(x, state).shape == (3, 3)

@@ -599,13 +599,27 @@ def test_split_steps_exchange_protocol(interpreter, monkeypatch):
     monkeypatch.setattr(launch, "processor_count", lambda device: 132)
     one_row = replace(small_tile_config(1), num_warps=8, split=4)
     x0 = torch.randn(B, W)
+    seen = []
+
+    class Kernels:  # records what the kernel would find in the exchange buffers
+        class register_rollout_kernel:
+            def __class_getitem__(cls, grid):
+                return lambda *args, **options: seen.append((args[9].clone(), args[10].clone(), options))
+
     for name, tagged in (("lru", True), ("s5", True), ("mamba", False)):
         packed = pack_model(make_model(name, d_model=128, d_state=64, n_layers=2), torch.float32, event=False)
         call = build_call(packed, x0, None, 2, None, "ieee", one_row, False)
         part, sem = call.args[9], call.args[10]
         assert call.constexprs["TAGGED"] is tagged, name
         assert part.dtype == torch.int64 and part.numel() == B * 2 * 4 * call.constexprs["BX"], name
-        assert not part.any() and sem.dtype == torch.int32 and sem.numel() == B and not sem.any(), name
+        assert sem.dtype == torch.int32 and sem.numel() == B and call.zeroed == (part, sem), name
+        for _ in range(2):  # what a launch leaves behind, the next finds zeroed: tags restart at every launch
+            part.fill_(7 << 32)
+            sem.fill_(-5)
+            call.launch(Kernels)
+            assert not seen[-1][0].any() and not seen[-1][1].any() and seen[-1][2]["launch_cooperative_grid"], name
+    unsplit = build_call(packed, x0, None, 2, None, "ieee", replace(one_row, split=1), False)
+    assert unsplit.zeroed == () and unsplit.constexprs["SPLIT"] == 1
     lru = pack_model(make_model("lru", d_model=128, d_state=64, n_layers=2), torch.float32, event=False)
     dot = build_call(lru, torch.randn(64, W), None, 2, None, "tf32x3", KernelConfig(block_b=16, block_k=32, split=2),
                      False)

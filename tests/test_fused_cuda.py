@@ -309,7 +309,7 @@ def split_config(split: int) -> KernelConfig:
     return replace(small_tile_config(1), num_warps=8, split=split)
 
 
-@pytest.mark.parametrize("split", [2, 4, 8])
+@pytest.mark.parametrize("split", [2, 3, 4, 8])
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=case_id)
 def test_split_steps_equal_the_loop(case, split):
     # d_model 128: 64 modes, 256 MLP units (and Mamba channels), so every program has blocks of its own
@@ -317,8 +317,32 @@ def test_split_steps_equal_the_loop(case, split):
     context, dt = gpu_data(batch=SPLIT_BATCH, event=True)
     out = fused_rollout(model, context, HORIZON, dt, config=split_config(split))
     assert_fp32_accurate(model, context, HORIZON, dt, out)
-    # the barrier counters reset themselves, and every program adds the partial sums in the same order
+    # the exchange buffers are zeroed again, and every program adds the partial sums in the same order
     assert torch.equal(fused_rollout(model, context, HORIZON, dt, config=split_config(split)), out)
+
+
+def test_a_split_call_launched_twice_gives_the_same_numbers():
+    """One step of a one-layer model makes exactly two exchanges (tags 1 and 2), which a second launch of the
+    same call would find still in its slots if they were not zeroed again: it would add the first launch's
+    partials without waiting for its own."""
+    from lrnn_lightning.rollout.fused.launch import kernel_module
+
+    model = gpu_model("lru", d_model=128, d_state=64, n_layers=1)
+    packed = pack_model(model, torch.float32, event=False)
+    x0 = torch.randn(SPLIT_BATCH, model.d_input, device="cuda")
+    call = build_call(packed, x0, None, 1, None, "ieee", split_config(4), False)
+    assert call.constexprs["TAGGED"] and call.constexprs["SPLIT"] == 4
+    kernels = kernel_module()
+    call.launch(kernels)
+    first = call.out.clone()
+    with torch.no_grad():
+        state = model.allocate_state(SPLIT_BATCH)
+        expected = model.step(x0, state)
+    assert relative_error(first[:, 1], expected) < 1e-5
+    for _ in range(3):
+        call.out[:, 1:].fill_(float("nan"))
+        call.launch(kernels)
+        assert torch.equal(call.out, first)
 
 
 @pytest.mark.parametrize("name", ["lru", "mamba"])

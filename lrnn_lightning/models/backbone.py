@@ -134,12 +134,17 @@ class SequenceModel(nn.Module):
                 state[f"{i}.{key}"] = tensor
         return state
 
-    def _layer_state(self, state: State, i: int) -> State:
+    def _layer_state(self, state: State, i: int, batch: int) -> State:
         prefix = f"{i}."
         layer = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
         if not layer:  # e.g. a bare mixer's state, or another model's: say so rather than a KeyError deep inside
             raise ValueError(f"SequenceModel.step: the state has no entries of layer {i} (keys '{i}.<name>'); its keys "
                              f"are {sorted(state)[:6]}. HINT: make it with this model's allocate_state or prefill.")
+        for key, value in layer.items():  # metadata only: free inside a captured step
+            if value.dim() == 0 or value.shape[0] != batch:
+                raise ValueError(f"SequenceModel.step: state '{prefix}{key}' has shape {tuple(value.shape)}, but x_t "
+                                 f"has {batch} rows (state tensors are (B, ...)). HINT: allocate_state({batch}) or "
+                                 "prefill a context of this batch size.")
         return layer
 
     def step(self, x_t: Tensor, state: State, dt_t: Tensor | None = None) -> Tensor:
@@ -148,7 +153,7 @@ class SequenceModel(nn.Module):
         check_step_dt(dt_t, batch, "SequenceModel")
         h = linear_step(x_t, self.encoder)
         for i, layer in enumerate(self.layers):
-            h = layer.step(h, self._layer_state(state, i), dt_t)
+            h = layer.step(h, self._layer_state(state, i, batch), dt_t)
         return linear_step(h, self.decoder, norm=self.final_norm)
 
     def prefill(self, x: Tensor, dt: Tensor | None = None) -> tuple[Tensor, State]:

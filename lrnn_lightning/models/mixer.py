@@ -1,7 +1,7 @@
 """The step protocol every sequence mixer implements.
 
     forward(x, dt=None)              x (B, L, D) -> y (B, L, D); dt (B, L) event timesteps
-    allocate_state(B, device, dtype) -> dict[str, Tensor] of zeroed state tensors
+    allocate_state(B, device, dtype) -> dict[str, Tensor] of zeroed state tensors, each (B, ...)
     step(x_t, state, dt_t=None)      x_t (B, D) -> y_t (B, D); updates `state` in place
     prefill(x, dt=None)              -> (y (B, L, D), state): parallel pass + final state
 
@@ -11,7 +11,8 @@ host, so one CUDA graph of it stays valid across optimizer steps. `step` is for 
 (under `torch.no_grad()` or `inference_mode`): its in-place state updates leave nothing for
 autograd to differentiate through, so train with `forward`. State tensors are
 real floating tensors of the dtype given to `allocate_state` (a complex state is kept
-as real and imaginary parts), so the engine can zero, pad and copy them generically.
+as real and imaginary parts) with the batch first, so the engine can zero, pad and copy
+them generically.
 """
 
 from __future__ import annotations

@@ -355,9 +355,13 @@ class KernelCall:
     out: Tensor
     states: Tensor
     cooperative: bool = False  # a split step: every program must be resident (kernels/group.py)
+    zeroed: tuple[Tensor, ...] = ()  # zeroed before every launch: a split step's exchange slots and counters
 
     def launch(self, kernels) -> None:
-        """Launch it from the kernel module `kernels` (`kernel_module()`)."""
+        """Launch it from the kernel module `kernels` (`kernel_module()`). Launching one call again is
+        correct: the exchange slots are zeroed first, since tags restart at every launch (kernels/group.py)."""
+        for tensor in self.zeroed:
+            tensor.zero_()
         options = {"launch_cooperative_grid": True} if self.cooperative else {}
         getattr(kernels, self.kernel)[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
                                                  num_stages=1, **options)
@@ -457,14 +461,15 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
         # Mamba's conv outputs cross between its two passes through these rows (kernels/register_mamba.py)
         mixer_rows = torch.empty(n_prog * split * bb, packed.sizes[0] if packed.mixer_id == MAMBA else 1,
                                  device=device, dtype=f32)
-        # the exchanges' slots (int64 tagged words or fp32 values) and counters (kernels/group.py), zeroed at
-        # every launch (a CUDA graph replays the zeroing)
-        part = torch.zeros(n_prog * 2 * split * bb * blocks["BX"] if split > 1 else 1, device=device, dtype=torch.int64)
-        sem = torch.zeros(n_prog, device=device, dtype=torch.int32)
+        # the exchanges' slots (int64 tagged words or fp32 values) and counters (kernels/group.py), zeroed by
+        # every launch (a captured call replays the zeroing)
+        part = torch.empty(n_prog * 2 * split * bb * blocks["BX"] if split > 1 else 1, device=device, dtype=torch.int64)
+        sem = torch.empty(n_prog, device=device, dtype=torch.int32)
         blocks["TAGGED"] = tagged_exchange(packed.mixer_id, bb, blocks["BX"], config.num_warps)
         args = (*io, states, states.stride(0), packed.state_width, mixer_rows, part, sem, columns, *weights)
         return KernelCall("register_rollout_kernel", (n_prog * split,), args, {**constexprs, **blocks},
-                          config.num_warps, out, states, cooperative=split > 1)
+                          config.num_warps, out, states, cooperative=split > 1,
+                          zeroed=(part, sem) if split > 1 else ())
     if config.split not in (None, 1):
         raise ValueError(f"fused_steps: split={config.split} splits the register kernel's steps, but this launch "
                          "takes the scratch kernel (see registers_fit). HINT: split=None.")

@@ -19,7 +19,7 @@ An exchange then costs about one L2 round trip after the last rank stored (0.6-0
 H100 against 1.2-1.3 for the counter, experiments/probe_exchange.py). But a thread waits for
 its values one after the other, so where a thread holds several (tiles of several rows) the
 round trips add up: at 16 rows x 128 it took 2.9-3.6 µs, the counter 1.5-1.9. Mamba's split
-step ran slower tagged too (`launch.tagged_exchange` has the figures).
+step on 8 warps, its default, ran 2.5x slower tagged (`launch.tagged_exchange` has the figures).
 
 counter (tiles of several rows, Mamba). Plain fp32 stores, then a barrier on a counter per
 group, then the loads:
@@ -34,12 +34,15 @@ others 1): it resets itself, so no epoch can overflow, and needs the counter zer
 Both add in rank order, so every rank holds the same bits and computes the same residual
 stream (rank 0 alone writes the output). The slots alternate between two buffers, so a slot
 is overwritten only two exchanges later, by a rank that has gathered the exchange in
-between, which every rank publishes only after it finished reading: no reader can miss a
-value. Tags: the k-th exchange of a launch is tagged k + 1 and the buffers are zeroed before
-each launch (tag 0 is never expected). Ranks spin on each other, so all programs must be
-resident at once: the launch is cooperative (`launch_cooperative_grid`), which makes a grid
-that cannot be an error instead of a hang, and `launch.build_call` keeps the grid within the
-SM count.
+between, which every rank publishes only after it finished reading. For the counter that
+is what keeps a reader from missing a value. For tagged words the tags do: the k-th
+exchange of a launch is tagged k + 1, and `KernelCall.launch` zeroes the slots first, so a
+slot read at exchange k holds zero (only before the launch's first two exchanges), the word
+of exchange k - 2 (tag k - 1) or its own (tag k + 1). These never match the wrong one, even
+after int32 wrap-around, so a too-early overwrite could only make a reader wait for ever,
+never take a stale value. Ranks spin on each other, so all programs must be resident at
+once: the launch is cooperative (`launch_cooperative_grid`), which makes a grid that cannot
+be an error instead of a hang, and `launch.build_call` keeps the grid within the SM count.
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ def _gather_asm(ranks: int) -> str:
     lines.append("LL_CHECK:")
     lines += [f"mov.b64 {{${g}, %llhi{g}}}, %llw{g};" for g in range(ranks)]
     lines += [f"setp.ne.s32 %lls{g}, %llhi{g}, ${2 * ranks};" for g in range(ranks)]
-    lines.append("or.pred %llany, %lls0, %lls1;")
-    lines += [f"or.pred %llany, %llany, %lls{g};" for g in range(2, ranks)]
+    lines.append("mov.pred %llany, %lls0;")
+    lines += [f"or.pred %llany, %llany, %lls{g};" for g in range(1, ranks)]
     lines.append("@!%llany bra LL_DONE;")
     lines += [f"@%lls{g} ld.relaxed.gpu.global.b64 %llw{g}, [${ranks + g}];" for g in range(ranks)]
     lines += ["bra LL_CHECK;", "LL_DONE:", "}"]
@@ -118,7 +121,7 @@ def gather_tagged(slot, col0, tag, SPLIT: tl.constexpr, BB: tl.constexpr, BC: tl
     if SPLIT > 7:
         total += v7.to(tl.float32, bitcast=True)
     # the next exchange's stores (which may overwrite this one's buffer two exchanges on, see the module doc)
-    # follow every thread's reads of this one
+    # follow every thread's reads of this one: each poll loop exits only once its loads have returned
     tl.debug_barrier()
     return total
 

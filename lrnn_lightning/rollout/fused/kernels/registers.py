@@ -23,7 +23,7 @@ scratch kernel. With one row a program (`config.default_config` at small batch) 
 product runs in the weight tile's own layout (`common.small_product`), which made the
 (32, 128, 64, 4) LRU step 2.7x faster than a 3-D broadcast product (RESULTS.md). With SPLIT > 1
 several programs share a row tile's step, each taking every SPLIT-th block of modes, Mamba
-channels and hidden units, and add up their partial sums at a barrier (group.py). A one-layer
+channels and hidden units, and exchange their partial sums (group.py). A one-layer
 LRU / S5 model whose modes and hidden units each fit one block runs `resident.py` instead
 (RESIDENT): its weights and state stay in registers from the first step to the last.
 """
