@@ -50,3 +50,29 @@ def test_train_warns_when_the_last_rollout_is_older_than_the_last_epoch(make_cfg
                                          r"\(generation.every_n_epochs=2\)"):
         metrics, _ = train(cfg)
     assert "rollout/nrmse" in metrics
+
+
+def test_an_output_dir_away_from_hydras_run_directory_is_named(make_cfg, tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from lrnn_lightning.utils.training import output_dir_warning
+
+    cfg = make_cfg("logger=none", "experiment=smoke", hydra=True)  # paths.output_dir: tmp_path / "out"
+    assert output_dir_warning(cfg) is None  # composed: Hydra set no run directory
+    for run_dir, split in ((tmp_path / "out", False), (tmp_path / "hydra_run", True)):
+        OmegaConf.set_readonly(cfg.hydra, False)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+        HydraConfig.instance().set_config(cfg)  # as hydra.main does before the task runs
+        warning = output_dir_warning(cfg)
+        if not split:
+            assert warning is None
+        else:
+            assert f"paths.output_dir={tmp_path / 'out'} is not Hydra's run directory {run_dir}" in warning
+            assert "HINT: override hydra.run.dir" in warning
+    with open_dict(cfg):
+        del cfg.hydra
+    with pytest.warns(UserWarning, match=r"is not Hydra's run directory .*hydra_run"):
+        train(cfg)
+    make_cfg("logger=none")  # leaves Hydra's global config as composed, without a run directory

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -117,9 +118,30 @@ def stale_rollout_warning(result: RolloutResult | None, last_epoch: int, every_n
             f"{result.epoch}. HINT: make trainer.max_epochs a multiple of generation.every_n_epochs.")
 
 
+def output_dir_warning(cfg: DictConfig) -> str | None:
+    """A warning when `paths.output_dir` is not Hydra's run directory, where Hydra keeps the run's log and
+    `.hydra/config.yaml`: the run's files would then be split over two places. None where they agree or
+    Hydra set no run directory (a composed config)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    output = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    try:
+        run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    except Exception:  # compose() leaves the runtime directory unset (missing)
+        run_dir = None
+    if not run_dir or not output or Path(str(output)).resolve() == Path(str(run_dir)).resolve():
+        return None
+    return (f"paths.output_dir={output} is not Hydra's run directory {run_dir}: checkpoints and logger files "
+            "go to the first, Hydra's log and .hydra/config.yaml stay in the second. HINT: override "
+            "hydra.run.dir (hydra.sweep.dir in a multirun) to move the whole run.")
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     """Fit the configured model; return the final metrics and the optimised metric's value."""
     route_lightning_logs_through_hydra()
+    split_run = output_dir_warning(cfg)
+    if split_run:
+        rank_zero_warn(split_run)
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
     parts = build(cfg)
