@@ -208,7 +208,15 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
     call = build_call(packed, x0, None, args.steps, None, precision, best[1], interpreted=False)
     kernel_only = cuda_median_seconds(lambda: call.launch(kernels), args.repeats) / args.steps
     return {"seconds": seconds, "prepacked": prepacked, "kernel": kernel_only, "config": best[1], "tried": tried,
-            "kernel_name": call.kernel, "split": call.constexprs.get("SPLIT", 1), "out": best[2]()}
+            "kernel_name": call.kernel, "split": call.constexprs.get("SPLIT", 1), "exchange": exchange_protocol(call),
+            "out": best[2]()}
+
+
+def exchange_protocol(call) -> str | None:
+    """How a split launch's programs exchange partial sums (kernels/group.py); None for an unsplit one."""
+    if call.constexprs.get("SPLIT", 1) == 1:
+        return None
+    return "tagged" if call.constexprs.get("TAGGED") else "counter"
 
 
 def bench_config(name: str, config: tuple[int, int, int, int], args, deadline: float) -> list[dict]:
@@ -233,7 +241,7 @@ def bench_config(name: str, config: tuple[int, int, int, int], args, deadline: f
                     n_programs = -(-batch // best.block_b)
                     # the split the launch resolved (None: default_split's choice), and which kernel ran
                     row.update(config=vars(replace(best, split=timing["split"])), kernel=timing["kernel_name"],
-                               tried=timing["tried"], programs=n_programs,
+                               exchange=timing["exchange"], tried=timing["tried"], programs=n_programs,
                                weight_bytes=weight_bytes(model, FUSED[variant][0]))
                     row["bytes_read_per_step"] = n_programs * row["weight_bytes"]
                     print_shapes(variant, batch, timing["tried"])
@@ -308,6 +316,7 @@ def markdown_table(rows: list[dict]) -> str:
         shape = ""
         if "config" in r:
             shape = shape_label(r["config"], r["programs"])
+            shape += f", {r['exchange']} exchange" if r.get("exchange") else ""
         target = f"{r['target']}: {'met' if r['meets_target'] else 'MISSED'}" if "target" in r else ""
         if "error" in r:
             cells = [r["model"], r["B"], r["d_model"], r["d_state"], r["layers"], r["variant"],

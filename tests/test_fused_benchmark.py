@@ -65,7 +65,27 @@ def test_targets_and_table(bench):
     assert "| lru | 32 | 32 | 16 | 1 | fused | 2.50 |  | 1.50 | 26.70x |" in table
     assert "kernel <= 2 µs/step: met" in table and "error: OutOfResources" in table
     assert "| 133 | 0.25 | 3.0e-07 |" in table
-    assert "b16 n64 k16 w4 auto split auto (2 row tiles)" in table
+    assert "b16 n64 k16 w4 auto split auto (2 row tiles) |" in table  # unsplit: no exchange named
+    split = dict(rows[1], config={"block_b": 1, "block_n": 64, "block_k": 64, "num_warps": 8, "split": 4},
+                 programs=32, exchange="tagged")
+    assert "b1 n64 k64 w8 auto split 4 (32 row tiles), tagged exchange |" in bench.markdown_table([split])
+
+
+def test_the_exchange_protocol_a_launch_used(bench, monkeypatch):
+    from dataclasses import replace
+
+    from lrnn_lightning.rollout.fused import launch
+    from lrnn_lightning.rollout.fused.config import small_tile_config
+
+    monkeypatch.setattr(launch, "processor_count", lambda device: 132)  # build for an H100 on the CPU
+    x0 = torch.randn(8, 8)
+    for name, protocol in (("lru", "tagged"), ("mamba", "counter")):
+        packed = pack_model(SequenceModel(name, d_input=8, d_output=8, d_model=128, d_state=64, n_layers=2),
+                            torch.float32, event=False)
+        for split, expected in ((4, protocol), (1, None)):
+            config = replace(small_tile_config(1), num_warps=8, split=split)
+            call = launch.build_call(packed, x0, None, 2, None, "ieee", config, interpreted=False)
+            assert bench.exchange_protocol(call) == expected, (name, split)
 
 
 def test_launch_shapes_to_try(bench):
