@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
@@ -122,8 +123,6 @@ def output_dir_warning(cfg: DictConfig) -> str | None:
     """A warning when `paths.output_dir` is not Hydra's run directory, where Hydra keeps the run's log and
     `.hydra/config.yaml`: the run's files would then be split over two places. None where they agree or
     Hydra set no run directory (a composed config)."""
-    from hydra.core.hydra_config import HydraConfig
-
     output = OmegaConf.select(cfg, "paths.output_dir", default=None)
     try:
         run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
