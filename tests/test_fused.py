@@ -41,9 +41,12 @@ from lrnn_lightning.rollout.fused.config import (
     DOT_SPLIT_WARPS,
     MAX_ONE_ROW_PROGRAMS_PER_SM,
     MAX_SPLIT,
+    NARROW_SPLIT_WARPS,
+    ONE_ROW_WARPS,
     RESIDENT_WARPS,
     SMALL_BLOCK_BS,
     SMALL_TILE,
+    SPLIT_MIN_LAYER_BYTES,
     SPLIT_MIN_WEIGHT_BYTES,
     default_split,
     processor_count,
@@ -55,6 +58,7 @@ from lrnn_lightning.rollout.fused.launch import (
     build_call,
     default_launch,
     registers_fit,
+    split_pays,
     tagged_exchange,
     weight_bytes,
 )
@@ -541,13 +545,44 @@ def test_default_launch_refines_the_batch_rule_with_the_model():
 
 
 def test_default_split_rule():
-    big, small_step = SPLIT_MIN_WEIGHT_BYTES, SPLIT_MIN_WEIGHT_BYTES - 1
     # one-row tiles on 132 SMs: as many programs a tile as stay resident together, up to MAX_SPLIT
-    assert [default_split(tiles, 132, big, blocks=16) for tiles in (1, 16, 17, 32, 33, 34, 66, 67, 132)] == \
+    assert [default_split(tiles, 132, blocks=16) for tiles in (1, 16, 17, 32, 33, 34, 66, 67, 132)] == \
         [MAX_SPLIT, 8, 4, 4, 4, 2, 2, 1, 1]
-    assert default_split(32, 132, small_step, blocks=16) == 1  # too little to stream to be worth the exchanges
-    assert default_split(1, 132, big, blocks=2) == 2  # no program without a block of its own
-    assert default_split(1, 1, big, blocks=16) == 1
+    assert default_split(1, 132, blocks=2) == 2  # no program without a block of its own
+    assert default_split(1, 1, blocks=16) == 1
+
+
+@pytest.mark.parametrize("name, d_model, d_state, n_layers, pays", [
+    ("lru", 32, 16, 4, False),   # 34 KB a layer: the exchanges cost more than the streaming they share
+    ("lru", 48, 24, 4, True),    # 75 KB a layer
+    ("s5", 64, 32, 1, True),
+    ("mamba", 64, 32, 2, True),  # counter exchanges: 384 KB in all
+    ("mamba", 32, 16, 4, False),
+])
+def test_a_step_is_split_only_where_its_weights_pay_for_the_exchanges(name, d_model, d_state, n_layers, pays):
+    packed = pack_model(make_model(name, d_model=d_model, d_state=d_state, n_layers=n_layers), torch.float32, False)
+    one_row = replace(small_tile_config(1), num_warps=8)
+    tagged = name != "mamba"
+    per_layer = weight_bytes(packed) / n_layers
+    assert pays == (per_layer >= SPLIT_MIN_LAYER_BYTES if tagged else weight_bytes(packed) >= SPLIT_MIN_WEIGHT_BYTES)
+    assert split_pays(packed, one_row) == pays
+    call = build_call(packed, torch.randn(32, W), None, 2, None, "ieee", one_row, interpreted=False, n_sms=132)
+    assert call.constexprs["SPLIT"] == (4 if pays else 1)
+
+
+def test_narrow_split_one_row_steps_take_fewer_warps():
+    h100 = 132
+    for d_model, d_state, n_layers, batch, expected in ((64, 32, 2, 32, (NARROW_SPLIT_WARPS, 4)),
+                                                         (48, 24, 4, 16, (NARROW_SPLIT_WARPS, 4)),
+                                                         (64, 32, 2, 8, (NARROW_SPLIT_WARPS, 8)),
+                                                         (32, 16, 4, 32, (ONE_ROW_WARPS, 1)),  # not worth a split
+                                                         (128, 64, 4, 32, (ONE_ROW_WARPS, 4))):  # wide: 8 warps
+        packed = pack_model(make_model("lru", d_model=d_model, d_state=d_state, n_layers=n_layers), torch.float32,
+                            event=False)
+        config = default_launch(packed, batch, torch.float32, "ieee", h100)
+        call = build_call(packed, torch.randn(batch, W), None, 2, None, "ieee", config, interpreted=False, n_sms=h100)
+        assert (config.num_warps, call.constexprs["SPLIT"]) == expected, (d_model, n_layers, batch)
+        assert call.constexprs["TAGGED"] or expected[1] == 1  # the measured gain was with tagged exchanges
 
 
 def test_split_steps_choice_and_errors(interpreter, monkeypatch):

@@ -26,12 +26,16 @@ weights and exchanging partial sums (2 a layer, Mamba 3). On the H100 at B=32
 (32 one-row tiles, 4 programs each): (32, 128, 64, 4) LRU 54 -> 35 µs, Mamba 176 -> 69 µs
 per step; but (32, 32, 16, 1) Mamba 7.5 -> 12 µs, where the barriers cost more than the
 streaming they share; at (32, 64, 32, 2) the LRU (0.27 MB of weights) got slower split
-(13 -> 15-20 µs) and the Mamba (0.52 MB) faster (29 -> 26). So `default_split` splits only
-steps that stream at least SPLIT_MIN_WEIGHT_BYTES (384 KB), as far as all programs stay
-resident: at B=1 and 8 the 4-layer models then run split 8 (LRU 55 -> 34 µs, Mamba 168 -> 54).
-These figures were taken with the counter barrier; LRU / S5 one-row steps now exchange tagged
-words, about half as dear (kernels/group.py, ninth session), so for them the threshold may be
-conservative (not re-measured).
+(13 -> 15-20 µs) and the Mamba (0.52 MB) faster (29 -> 26). So steps that exchange through
+the counter split only where they stream at least SPLIT_MIN_WEIGHT_BYTES (384 KB), as far as
+all programs stay resident: at B=1 and 8 the 4-layer models then run split 8 (LRU 55 -> 34 µs,
+Mamba 168 -> 54). LRU / S5 one-row steps exchange tagged words, about half as dear
+(kernels/group.py), and split from SPLIT_MIN_LAYER_BYTES (64 KB) of weights a layer, with
+NARROW_SPLIT_WARPS warps up to d_model NARROW_SPLIT_D_MODEL (tenth session, B=32, LRU / S5, µs
+per step, before -> after): (32, 48, 24, 4) 16.3 -> 13.6-14.0 and 15.4 -> 13.8-14.0, (32, 64, 32, 2)
+8.7-8.8 -> 7.1-7.5, (32, 64, 32, 3) 11.5 (split, 8 warps) -> 10.3-10.5 and 13.1 -> 10.5-10.6; at B=16,
+(64, 32, 2) 8.8 -> 6.4-6.8. At d_model 32 (about 34 KB a layer) a split was slower (LRU (32, 32,
+16, 4): 7.7-8.1 unsplit, 10.1-12.3 split), and at d_model 128 8 warps stay faster (23.4 vs 24.2).
 
 What `launch.default_launch` adds, knowing the model (H100, 2026-11-27, µs per step of the kernel):
 - tensor-core tl.dot tiles of an LRU at d_model 128, 4 layers, split as `default_split` says where at
@@ -43,7 +47,9 @@ What `launch.default_launch` adds, knowing the model (H100, 2026-11-27, µs per 
   takes one-row programs (4 warps) instead, as exact fp32 does;
 - one-layer LRU / S5 models whose weights and state stay in registers (kernels/resident.py) run
   fastest with RESIDENT_WARPS: (32, 32, 16, 1), one row a program on vectors (resident_row_steps), LRU
-  1.89 µs with 4 warps, 2.25 with 8; S5 1.84 and 2.23 (the (1, N) tile path: LRU 2.20 / 2.23).
+  1.89 µs with 4 warps, 2.25 with 8; S5 1.84 and 2.23 (the (1, N) tile path: LRU 2.20 / 2.23);
+- one-row LRU / S5 steps that split take NARROW_SPLIT_WARPS up to d_model NARROW_SPLIT_D_MODEL (the
+  split paragraph above).
 
 `experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
 against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their
@@ -67,6 +73,9 @@ WIDE_D_MODEL = 128  # from this width on, tensor-core tl.dot tiles run with 8 wa
 ACTIVATIONS = ("auto", "registers", "scratch")
 MAX_SPLIT = 8  # programs a row tile's step may be split over (kernels/group.py)
 SPLIT_MIN_WEIGHT_BYTES = 384 << 10  # split only steps that stream at least this many weight bytes (module doc)
+SPLIT_MIN_LAYER_BYTES = 64 << 10  # ... or, exchanging tagged words (LRU / S5 one-row steps), this many a layer
+NARROW_SPLIT_D_MODEL = 64  # split one-row LRU / S5 steps up to this (padded) d_model run NARROW_SPLIT_WARPS
+NARROW_SPLIT_WARPS = 4
 MIN_DOT_SPLIT = 4  # tl.dot tiles split by default only this many ways or more (module doc)
 DOT_SPLIT_WARPS = 4  # warps of a split tl.dot tile (module doc)
 RESIDENT_WARPS = 4  # warps of a whole-model-resident one-row program (module doc)
@@ -153,15 +162,14 @@ def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precis
     return config
 
 
-def default_split(tiles: int, n_sms: int, weight_bytes: int, blocks: int) -> int:
-    """Programs per row tile for the register kernel (kernels/group.py): the largest power of two up to
-    MAX_SPLIT that keeps all `tiles * split` programs on the `n_sms` SMs at once and gives every program
-    one of the step's `blocks` (blocks of its widest blocked loop), for steps that stream at least
-    SPLIT_MIN_WEIGHT_BYTES of `weight_bytes`; else 1."""
+def default_split(tiles: int, n_sms: int, blocks: int) -> int:
+    """Programs per row tile for the register kernel (kernels/group.py), for a step worth splitting
+    (`launch.split_pays`): the largest power of two up to MAX_SPLIT that keeps all `tiles * split` programs
+    on the `n_sms` SMs at once and gives every program one of the step's `blocks` (blocks of its widest
+    blocked loop)."""
     split = 1
-    if weight_bytes >= SPLIT_MIN_WEIGHT_BYTES:
-        while 2 * split <= MAX_SPLIT and tiles * 2 * split <= n_sms and 2 * split <= blocks:
-            split *= 2
+    while 2 * split <= MAX_SPLIT and tiles * 2 * split <= n_sms and 2 * split <= blocks:
+        split *= 2
     return split
 
 

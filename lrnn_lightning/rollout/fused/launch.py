@@ -39,7 +39,11 @@ from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig an
     MAX_ONE_ROW_PROGRAMS_PER_SM,
     MAX_SPLIT,
     MIN_DOT_SPLIT,
+    NARROW_SPLIT_D_MODEL,
+    NARROW_SPLIT_WARPS,
     RESIDENT_WARPS,
+    SPLIT_MIN_LAYER_BYTES,
+    SPLIT_MIN_WEIGHT_BYTES,
     KernelConfig,
     default_config,
     default_split,
@@ -173,6 +177,15 @@ def tagged_exchange(mixer_id: int, block_b: int, exchange_width: int, num_warps:
     tagged on 8 warps (158 against 62 µs a step; 97 against 111 on 4), while the LRU's gained (23.6 against
     27.5 µs; 24.6 against 48.6 on 4 warps): H100, experiments/RESULTS.md, ninth session."""
     return mixer_id == MODAL and block_b * exchange_width <= 32 * num_warps
+
+
+def split_pays(packed: PackedModel, config: KernelConfig) -> bool:
+    """Whether a step of `packed` under `config` streams enough weights to gain from splitting over its
+    exchanges (config.py's module doc): SPLIT_MIN_LAYER_BYTES a layer where they are tagged words (LRU / S5
+    one-row steps), else SPLIT_MIN_WEIGHT_BYTES in all."""
+    if tagged_exchange(packed.mixer_id, config.block_b, register_blocks(packed, config)["BX"], config.num_warps):
+        return weight_bytes(packed) >= SPLIT_MIN_LAYER_BYTES * packed.n_layers
+    return weight_bytes(packed) >= SPLIT_MIN_WEIGHT_BYTES
 
 
 def resident_fits(packed: PackedModel, config: KernelConfig, blocks: dict[str, int]) -> bool:
@@ -374,9 +387,9 @@ def resolve_split(packed: PackedModel, config: KernelConfig, tiles: int, device:
     n_sms: the SMs the launch may fill (None: `device`'s)."""
     n_sms = n_sms or processor_count(device)
     if config.split is None:
-        if interpreted or config.block_b >= 16:
+        if interpreted or config.block_b >= 16 or not split_pays(packed, config):
             return 1
-        return default_split(tiles, n_sms, weight_bytes(packed), split_blocks(packed))
+        return default_split(tiles, n_sms, split_blocks(packed))
     if config.split > 1 and interpreted:
         raise ValueError(f"fused_steps: split={config.split} needs a GPU: its programs wait for each other, and "
                          "the Triton interpreter runs one program at a time. HINT: split=1 (or None).")
@@ -397,7 +410,8 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
     - a tl.dot tile in registers splits its step over default_split's programs (with DOT_SPLIT_WARPS warps
       where the model still fits them) where at least MIN_DOT_SPLIT of them fit each tile (tiles *
       MIN_DOT_SPLIT <= SMs);
-    - a one-layer LRU / S5 model that runs resident (kernels/resident.py) takes RESIDENT_WARPS warps.
+    - a one-layer LRU / S5 model that runs resident (kernels/resident.py) takes RESIDENT_WARPS warps;
+    - a one-row LRU / S5 step that splits, up to d_model NARROW_SPLIT_D_MODEL, takes NARROW_SPLIT_WARPS.
     """
     config = default_config(batch, weight_dtype, precision, n_sms=n_sms, d_model=packed.d_model)
     tiles = -(-batch // config.block_b)
@@ -408,7 +422,7 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
                 return one_row
             return config
         if packed.mixer_id in (MODAL, MAMBA) and tiles * MIN_DOT_SPLIT <= n_sms:
-            split = default_split(tiles, n_sms, weight_bytes(packed), split_blocks(packed))
+            split = default_split(tiles, n_sms, split_blocks(packed)) if split_pays(packed, config) else 1
             if split >= MIN_DOT_SPLIT:
                 # 4 warps measured faster, but half the warps hold half the registers: wide inputs may not fit
                 for num_warps in (DOT_SPLIT_WARPS, config.num_warps):
@@ -418,6 +432,11 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
         return config
     narrow = replace(config, num_warps=RESIDENT_WARPS)
     if registers_fit(packed, narrow, precision)[0] and resident_fits(packed, narrow, register_blocks(packed, narrow)):
+        return narrow
+    narrow = replace(config, num_warps=NARROW_SPLIT_WARPS)
+    if (packed.mixer_id == MODAL and config.block_b == 1 and _whole(packed.d_model) <= NARROW_SPLIT_D_MODEL
+            and registers_fit(packed, narrow, precision)[0]
+            and resolve_split(packed, narrow, tiles, torch.device("cuda"), False, n_sms) > 1):
         return narrow
     return config
 
