@@ -46,7 +46,6 @@ from lrnn_lightning.rollout.fused.config import (
     RESIDENT_WARPS,
     SMALL_BLOCK_BS,
     SMALL_TILE,
-    SPLIT_MIN_LAYER_BYTES,
     SPLIT_MIN_WEIGHT_BYTES,
     default_split,
     processor_count,
@@ -552,22 +551,31 @@ def test_default_split_rule():
     assert default_split(1, 1, blocks=16) == 1
 
 
-@pytest.mark.parametrize("name, d_model, d_state, n_layers, pays", [
-    ("lru", 32, 16, 4, False),   # 34 KB a layer: the exchanges cost more than the streaming they share
-    ("lru", 48, 24, 4, True),    # 75 KB a layer
-    ("s5", 64, 32, 1, True),
-    ("mamba", 64, 32, 2, True),  # counter exchanges: 384 KB in all
-    ("mamba", 32, 16, 4, False),
+@pytest.mark.parametrize("name, d_model, d_state, n_layers, width, block_b, pays", [
+    ("lru", 32, 16, 4, W, 1, False),     # 34 KB a layer: the exchanges cost more than the streaming they share
+    ("lru", 32, 256, 1, W, 1, False),    # 150 KB, but at d_model 32 only the 384 KB rule was measured
+    ("lru", 48, 24, 4, W, 1, True),      # 75 KB a layer
+    ("s5", 64, 32, 1, W, 1, True),
+    ("lru", 64, 32, 2, W, 2, False),     # two-row tiles keep the 384 KB rule
+    ("lru", 32, 64, 1, 32, 1, False),    # 67 KB, but its weights stay in registers unsplit (resident)
+    ("mamba", 64, 32, 2, W, 1, True),    # counter exchanges: 384 KB in all
+    ("mamba", 32, 16, 4, W, 1, False),
 ])
-def test_a_step_is_split_only_where_its_weights_pay_for_the_exchanges(name, d_model, d_state, n_layers, pays):
-    packed = pack_model(make_model(name, d_model=d_model, d_state=d_state, n_layers=n_layers), torch.float32, False)
-    one_row = replace(small_tile_config(1), num_warps=8)
-    tagged = name != "mamba"
-    per_layer = weight_bytes(packed) / n_layers
-    assert pays == (per_layer >= SPLIT_MIN_LAYER_BYTES if tagged else weight_bytes(packed) >= SPLIT_MIN_WEIGHT_BYTES)
-    assert split_pays(packed, one_row) == pays
-    call = build_call(packed, torch.randn(32, W), None, 2, None, "ieee", one_row, interpreted=False, n_sms=132)
-    assert call.constexprs["SPLIT"] == (4 if pays else 1)
+def test_a_step_is_split_only_where_its_weights_pay_for_the_exchanges(name, d_model, d_state, n_layers, width,
+                                                                        block_b, pays):
+    packed = pack_model(make_model(name, d_model=d_model, d_state=d_state, n_layers=n_layers, width=width),
+                        torch.float32, False)
+    config = replace(small_tile_config(block_b), num_warps=8)
+    assert split_pays(packed, config) == pays
+    call = build_call(packed, torch.randn(32, width), None, 2, None, "ieee", config, interpreted=False, n_sms=132)
+    assert call.constexprs["SPLIT"] == ((4 if block_b == 1 else 8) if pays else 1)
+
+
+def test_a_model_resident_on_eight_warps_is_not_split_on_four():
+    packed = pack_model(make_model("lru", d_model=32, d_state=64, n_layers=1, width=32), torch.float32, False)
+    config = default_launch(packed, 32, torch.float32, "ieee", 132)
+    call = build_call(packed, torch.randn(32, 32), None, 2, None, "ieee", config, interpreted=False, n_sms=132)
+    assert (config.num_warps, call.constexprs["SPLIT"], call.constexprs["RESIDENT"]) == (8, 1, ROW_RESIDENT)
 
 
 def test_narrow_split_one_row_steps_take_fewer_warps():

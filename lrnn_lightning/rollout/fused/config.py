@@ -30,8 +30,11 @@ streaming they share; at (32, 64, 32, 2) the LRU (0.27 MB of weights) got slower
 the counter split only where they stream at least SPLIT_MIN_WEIGHT_BYTES (384 KB), as far as
 all programs stay resident: at B=1 and 8 the 4-layer models then run split 8 (LRU 55 -> 34 µs,
 Mamba 168 -> 54). LRU / S5 one-row steps exchange tagged words, about half as dear
-(kernels/group.py), and split from SPLIT_MIN_LAYER_BYTES (64 KB) of weights a layer, with
-NARROW_SPLIT_WARPS warps up to d_model NARROW_SPLIT_D_MODEL (tenth session, B=32, LRU / S5, µs
+(kernels/group.py), and from a padded d_model of SPLIT_LAYER_RULE_MIN_D_MODEL on split from
+SPLIT_MIN_LAYER_BYTES (64 KB) of weights a layer (the model's bytes over its layers), with
+NARROW_SPLIT_WARPS warps up to d_model NARROW_SPLIT_D_MODEL; a model that keeps its weights in
+registers (kernels/resident.py) never splits. Measured on fp32 weights, 1-4 layers (bf16 weights
+count their own, halved, bytes: not measured) (tenth session, B=32, LRU / S5, µs
 per step, before -> after): (32, 48, 24, 4) 16.3 -> 13.6-14.0 and 15.4 -> 13.8-14.0, (32, 64, 32, 2)
 8.7-8.8 -> 7.1-7.5, (32, 64, 32, 3) 11.5 (split, 8 warps) -> 10.3-10.5 and 13.1 -> 10.5-10.6; at B=16,
 (64, 32, 2) 8.8 -> 6.4-6.8. At d_model 32 (about 34 KB a layer) a split was slower (LRU (32, 32,
@@ -73,7 +76,8 @@ WIDE_D_MODEL = 128  # from this width on, tensor-core tl.dot tiles run with 8 wa
 ACTIVATIONS = ("auto", "registers", "scratch")
 MAX_SPLIT = 8  # programs a row tile's step may be split over (kernels/group.py)
 SPLIT_MIN_WEIGHT_BYTES = 384 << 10  # split only steps that stream at least this many weight bytes (module doc)
-SPLIT_MIN_LAYER_BYTES = 64 << 10  # ... or, exchanging tagged words (LRU / S5 one-row steps), this many a layer
+SPLIT_MIN_LAYER_BYTES = 64 << 10  # ... or this many a layer: one-row LRU / S5 steps with tagged exchanges,
+SPLIT_LAYER_RULE_MIN_D_MODEL = 64  # from this padded d_model on (at 32, splits were slower; module doc)
 NARROW_SPLIT_D_MODEL = 64  # split one-row LRU / S5 steps up to this (padded) d_model run NARROW_SPLIT_WARPS
 NARROW_SPLIT_WARPS = 4
 MIN_DOT_SPLIT = 4  # tl.dot tiles split by default only this many ways or more (module doc)
@@ -101,8 +105,8 @@ class KernelConfig:
         split: programs that share one row tile's step in the register kernel, each streaming
             1/split of the weights (kernels/group.py): 1 to MAX_SPLIT, with every program of
             the grid resident at once (grid <= SMs). None lets `default_split` choose for
-            small tiles (block_b < 16) and runs tl.dot tiles unsplit; the scratch kernel runs
-            unsplit.
+            small tiles (block_b < 16) whose step is worth splitting (`launch.split_pays`) and
+            runs tl.dot tiles unsplit; the scratch kernel runs unsplit.
     """
 
     block_b: int = 16

@@ -42,6 +42,7 @@ from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig an
     NARROW_SPLIT_D_MODEL,
     NARROW_SPLIT_WARPS,
     RESIDENT_WARPS,
+    SPLIT_LAYER_RULE_MIN_D_MODEL,
     SPLIT_MIN_LAYER_BYTES,
     SPLIT_MIN_WEIGHT_BYTES,
     KernelConfig,
@@ -180,10 +181,15 @@ def tagged_exchange(mixer_id: int, block_b: int, exchange_width: int, num_warps:
 
 
 def split_pays(packed: PackedModel, config: KernelConfig) -> bool:
-    """Whether a step of `packed` under `config` streams enough weights to gain from splitting over its
-    exchanges (config.py's module doc): SPLIT_MIN_LAYER_BYTES a layer where they are tagged words (LRU / S5
-    one-row steps), else SPLIT_MIN_WEIGHT_BYTES in all."""
-    if tagged_exchange(packed.mixer_id, config.block_b, register_blocks(packed, config)["BX"], config.num_warps):
+    """Whether an unsplit step of `packed` under `config` streams enough weights to gain from splitting over its
+    exchanges (config.py's module doc, where the thresholds were measured): SPLIT_MIN_LAYER_BYTES a layer for
+    one-row LRU / S5 steps from d_model 33 on whose exchanges are tagged words, else SPLIT_MIN_WEIGHT_BYTES in
+    all; never for a step that keeps its weights in registers (`resident_fits`)."""
+    blocks = register_blocks(packed, config)
+    if resident_fits(packed, config, blocks):
+        return False
+    if (config.block_b == 1 and blocks["BD"] >= SPLIT_LAYER_RULE_MIN_D_MODEL
+            and tagged_exchange(packed.mixer_id, config.block_b, blocks["BX"], config.num_warps)):
         return weight_bytes(packed) >= SPLIT_MIN_LAYER_BYTES * packed.n_layers
     return weight_bytes(packed) >= SPLIT_MIN_WEIGHT_BYTES
 
@@ -383,7 +389,8 @@ class KernelCall:
 def resolve_split(packed: PackedModel, config: KernelConfig, tiles: int, device: torch.device,
                   interpreted: bool, n_sms: int | None = None) -> int:
     """The register kernel's programs per row tile under `config` (see `KernelConfig.split`); by default
-    (split None) `default_split`'s choice for small tiles (block_b < 16, where it was measured), else 1.
+    (split None) `default_split`'s choice for small tiles (block_b < 16, where it was measured) whose step
+    is worth splitting (`split_pays`), else 1.
     n_sms: the SMs the launch may fill (None: `device`'s)."""
     n_sms = n_sms or processor_count(device)
     if config.split is None:
@@ -434,9 +441,10 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
     if registers_fit(packed, narrow, precision)[0] and resident_fits(packed, narrow, register_blocks(packed, narrow)):
         return narrow
     narrow = replace(config, num_warps=NARROW_SPLIT_WARPS)
+    # (split_pays on `config` too: a model resident on its 8 warps stays so)
     if (packed.mixer_id == MODAL and config.block_b == 1 and _whole(packed.d_model) <= NARROW_SPLIT_D_MODEL
-            and registers_fit(packed, narrow, precision)[0]
-            and resolve_split(packed, narrow, tiles, torch.device("cuda"), False, n_sms) > 1):
+            and registers_fit(packed, narrow, precision)[0] and split_pays(packed, config)
+            and split_pays(packed, narrow) and default_split(tiles, n_sms, split_blocks(packed)) > 1):
         return narrow
     return config
 
