@@ -342,6 +342,23 @@ def test_a_split_call_launched_twice_gives_the_same_numbers():
             assert relative_error(call.out[:, 1], expected) < 1e-5
 
 
+@pytest.mark.parametrize("case", [("lru", {}), ("s5", {"discretization": "zoh"})], ids=case_id)
+def test_the_default_launch_of_a_narrow_model_splits_on_four_warps_and_equals_the_loop(case):
+    # d_model 64, 2 layers (about 130 KB of weights a layer): the default splits each row's step over 4
+    # programs of NARROW_SPLIT_WARPS warps (launch.split_pays), where it was 8 warps unsplit before
+    from lrnn_lightning.rollout.fused.config import NARROW_SPLIT_WARPS
+
+    model = gpu_model(*case, d_model=64, d_state=32)
+    context, dt = gpu_data(batch=SPLIT_BATCH, event=True)
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    packed = pack_model(model, torch.float32, event=True)
+    default = default_launch(packed, SPLIT_BATCH, torch.float32, "ieee", n_sms)
+    call = build_call(packed, context[:, -1], None, 2, dt[:, :2], "ieee", default, False)
+    assert default.num_warps == NARROW_SPLIT_WARPS and call.constexprs["SPLIT"] > 1 and call.constexprs["TAGGED"]
+    out = fused_rollout(model, context, HORIZON, dt)  # config None: default_launch
+    assert_fp32_accurate(model, context, HORIZON, dt, out)
+
+
 @pytest.mark.parametrize("name", ["lru", "mamba"])
 def test_split_steps_leave_the_loops_final_state(name):
     # no dt; each program writes only its own modes / channels of the state
