@@ -176,7 +176,8 @@ def tagged_exchange(mixer_id: int, block_b: int, exchange_width: int, num_warps:
     A thread waits for its values one after the other, so with more the counter was faster (16 x 128 on 8
     warps: 2.9-3.6 µs an exchange against 1.5-1.9). Mamba's split step at (32, 128, 64, 4) ran 2.5x slower
     tagged on 8 warps (158 against 62 µs a step; 97 against 111 on 4), while the LRU's gained (23.6 against
-    27.5 µs; 24.6 against 48.6 on 4 warps): H100, experiments/RESULTS.md, ninth session."""
+    27.5 µs; 24.6 against 48.6 on 4 warps): H100, experiments/RESULTS.md, ninth session. Tagging only Mamba's
+    y and z exchanges was slower too (134-140 against 63 µs a step at B=32, tenth session)."""
     return mixer_id == MODAL and block_b * exchange_width <= 32 * num_warps
 
 
