@@ -74,6 +74,9 @@ def _specialize(fn, call) -> tuple[dict, dict, dict]:
         if param.name in call.constexprs:
             signature[param.name] = "constexpr"
             continue
+        if param.is_constexpr:  # a constexpr passed positionally (the register kernel's model sizes)
+            signature[param.name], constexprs[param.name] = "constexpr", values[param.name]
+            continue
         kind, attr = native_specialize_impl(BaseBackend, values[param.name], False, not param.do_not_specialize,
                                             not param.do_not_specialize_on_alignment)
         signature[param.name] = kind
