@@ -43,6 +43,7 @@ from lrnn_lightning.rollout.fused.config import (
     MAX_SPLIT,
     NARROW_SPLIT_WARPS,
     ONE_ROW_WARPS,
+    REDUCTION_CHUNK,
     RESIDENT_WARPS,
     SMALL_BLOCK_BS,
     SMALL_TILE,
@@ -471,6 +472,35 @@ def test_one_row_resident_steps_widen_bf16_weights_like_the_tile_path(interprete
     fp32 = fused_rollout(model, context, HORIZON, dt, config=small_tile_config(1))
     assert relative_error(one_row[:, 1:], two_rows[:, 1:]) < 1e-5
     assert relative_error(one_row[:, 1:], fp32[:, 1:]) > 1e-4  # the weights were rounded to bf16
+
+
+@pytest.mark.parametrize("chunk", [REDUCTION_CHUNK, 2 * REDUCTION_CHUNK], ids=["chunk", "chunk-wider-than-a-block"])
+@pytest.mark.parametrize("case", [("lru", {}), ("s5", {"discretization": "zoh"})], ids=case_id)
+def test_chunked_weight_tiles_sum_what_flat_tiles_do(interpreter, case, chunk):
+    # bf16 weights on one-row programs load their tiles chunked (launch.build_call, common.load_tile). d_model 40
+    # in 64 columns, 20 states and 80 hidden units in blocks of 16 (the last mode block partly padded): the
+    # chunked sums must equal the flat ones; a chunk wider than a 16-wide block is capped at the block
+    model = make_model(*case, d_model=40, d_state=20)
+    context, dt = make_data(event=True)
+    packed = pack_model(model, torch.bfloat16, event=True)
+    config = replace(small_tile_config(1), block_n=16)
+    steps = HORIZON - 1
+    chunked, flat = (build_call(packed, context[:, -1], None, steps, dt[:, :steps], "ieee", config, True)
+                     for _ in range(2))
+    assert chunked.constexprs["CHUNK"] == REDUCTION_CHUNK and chunked.constexprs["RESIDENT"] == 0
+    assert chunked.constexprs["BP"] == chunked.constexprs["BF"] == 16 and chunked.constexprs["BD"] == 64
+    chunked.constexprs["CHUNK"], flat.constexprs["CHUNK"] = chunk, 0
+    chunked.launch(interpreter)
+    flat.launch(interpreter)
+    assert relative_error(chunked.out[:, 1:], flat.out[:, 1:]) < FUSED_TOL
+    assert relative_error(chunked.states, flat.states) < FUSED_TOL
+    assert relative_error(flat.out[:, -1], flat.out[:, 1]) > 1e-2  # the rollout moves
+    # fp32 weights and tiles of two rows stay flat
+    fp32 = pack_model(model, torch.float32, event=True)
+    two_rows = replace(small_tile_config(2), block_n=16)
+    for weights, shape in ((fp32, config), (packed, two_rows)):
+        assert build_call(weights, context[:, -1], None, steps, dt[:, :steps], "ieee", shape, True).constexprs[
+            "CHUNK"] == 0
 
 
 @pytest.mark.parametrize("case", [("lru", {}), ("s5", {"discretization": "bilinear"})], ids=case_id)

@@ -39,8 +39,8 @@ import torch
 
 from lrnn_lightning.rollout import RolloutEngine, run_steps
 from lrnn_lightning.rollout.fused import KernelConfig, choose_backend, fused_rollout, fused_steps, fused_support
-from lrnn_lightning.rollout.fused.config import small_tile_config
-from lrnn_lightning.rollout.fused.launch import ROW_RESIDENT, TILE_RESIDENT, build_call, default_launch
+from lrnn_lightning.rollout.fused.config import REDUCTION_CHUNK, small_tile_config
+from lrnn_lightning.rollout.fused.launch import ROW_RESIDENT, TILE_RESIDENT, build_call, default_launch, kernel_module
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.fused.pack_graph import _GRAPHS as PACK_GRAPHS
 from lrnn_lightning.rollout.fused.pack_graph import MAX_RECAPTURES, PackGraph, pack_live, release_packing
@@ -357,6 +357,36 @@ def test_the_default_launch_of_a_narrow_model_splits_on_four_warps_and_equals_th
     assert default.num_warps == NARROW_SPLIT_WARPS and call.constexprs["SPLIT"] > 1 and call.constexprs["TAGGED"]
     out = fused_rollout(model, context, HORIZON, dt)  # config None: default_launch
     assert_fp32_accurate(model, context, HORIZON, dt, out)
+
+
+@pytest.mark.parametrize("case", [("lru", None), ("s5", {"discretization": "zoh"}), ("mamba", None)],
+                         ids=["lru", "s5-zoh", "mamba"])
+def test_bf16_one_row_steps_sum_chunked_tiles_as_flat_ones(case):
+    # bf16 weights, one row a program: the default launch splits and loads its tiles chunked (common.load_tile;
+    # Mamba its MLP's); forced flat, the same launch must give the same numbers, and the default stays within
+    # the bf16 bound of the fp32 loop
+    model = gpu_model(*case, d_model=128, d_state=64)
+    context, dt = gpu_data(batch=SPLIT_BATCH, event=True)
+    packed = pack_model(model, torch.bfloat16, event=True)
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    config = default_launch(packed, SPLIT_BATCH, torch.bfloat16, "ieee", n_sms)
+    steps = HORIZON - 1
+    chunked, flat = (build_call(packed, context[:, -1], None, steps, dt[:, :steps], "ieee", config, False)
+                     for _ in range(2))
+    assert chunked.constexprs["CHUNK"] == REDUCTION_CHUNK and chunked.constexprs["SPLIT"] > 1
+    flat.constexprs["CHUNK"] = 0
+    chunked.launch(kernel_module())
+    flat.launch(kernel_module())
+    # only the order of fp32 sums differs: about 3e-7 at the first step, which the rollout then amplifies as
+    # it does a split step's (at step 11 Mamba's chunked and its unsplit flat launch both reach 5-8e-4 of the
+    # split flat one: RESULTS.md, eleventh session), hence the first BF16_STEPS steps
+    deviation = relative_error(chunked.out[:, 1:BF16_STEPS + 1], flat.out[:, 1:BF16_STEPS + 1])
+    assert deviation < 1e-5, f"chunked vs flat tiles: relative deviation {deviation:.2e}"
+    assert relative_error(flat.out[:, -1], flat.out[:, 1]) > 1e-2  # the rollout moves
+    out = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16)
+    ref = loop_rollout(model, context, HORIZON, dt)
+    error = relative_error(out[:, 1:BF16_STEPS + 1], ref[:, 1:BF16_STEPS + 1])
+    assert 1e-5 < error < BF16_TOL, f"bf16 relative error {error:.2e} over {BF16_STEPS} steps"
 
 
 @pytest.mark.parametrize("name", ["lru", "mamba"])

@@ -15,7 +15,9 @@ and streams every weight of the model (from L1/L2) at every step. What an H100 m
 - exact fp32 ("ieee") keeps one-row programs up to MAX_ONE_ROW_PROGRAMS_PER_SM per SM,
   then with 4 warps: B=256 (two per SM) took 84 µs against 231 for 128 programs of two rows
   and 233 for tl.dot tiles; beyond, 16-row tl.dot tiles (B=1024: 14.5 ms; the 2-8 row
-  tiles, a broadcast product through shared memory, were slower everywhere);
+  tiles, a broadcast product through shared memory, were slower everywhere; multiplied row by
+  row since the eleventh session, 2-row tiles equal one-row programs at B=256, 73-79 against
+  75 µs, and lose at B=128, 73-78 against 46, and 4-row tiles took 146-210 µs at B=256);
 - tensor-core precisions (tf32x3, tf32, bf16 weights) past one row per SM: tl.dot tiles of
   16 rows (B=256 bf16: 73 µs vs 88 for one-row programs), 32 with 8 warps beyond 16 rows
   per SM, and 8 warps from d_model WIDE_D_MODEL on (74 vs 110 µs at d_model 128).
@@ -54,6 +56,14 @@ What `launch.default_launch` adds, knowing the model (H100, 2026-11-27, µs per 
 - one-row LRU / S5 steps that split take NARROW_SPLIT_WARPS up to d_model NARROW_SPLIT_D_MODEL (the
   split paragraph above).
 
+Chunked weight tiles (REDUCTION_CHUNK, kernels/common.py `chunked_product`): a one-row program with bf16
+weights loads its LRU / S5 mode tiles and MLP tiles as (K / 16, N, 16), so that each thread sums more of a
+row itself and fewer shuffles remain. H100, eleventh session, µs per step, flat -> chunked: bf16 (32, 128,
+64, 4) LRU 21.7 -> 19.0, S5 21.6 -> 17.9, Mamba (its MLP only) 63.2 -> 60.6, LRU (32, 64, 32, 2) 6.4 -> 5.9,
+(32, 48, 24, 4) 15.8 -> 12.9, (1, 128, 64, 4) 15.6 -> 14.7. On fp32 weights the split steps stayed within
++-2% or lost up to 13%, and unsplit one-row programs lost 15-27% (B=128: 44 -> 51; B=256: 73 -> 91), so fp32
+tiles stay flat.
+
 `experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
 against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their
 (rows, block_n, block_k) product is sized to SMALL_TILE elements.
@@ -83,6 +93,7 @@ NARROW_SPLIT_WARPS = 4
 MIN_DOT_SPLIT = 4  # tl.dot tiles split by default only this many ways or more (module doc)
 DOT_SPLIT_WARPS = 4  # warps of a split tl.dot tile (module doc)
 RESIDENT_WARPS = 4  # warps of a whole-model-resident one-row program (module doc)
+REDUCTION_CHUNK = 16  # one-row programs with bf16 weights sum their tiles in chunks this wide (module doc)
 
 
 @dataclass(frozen=True)

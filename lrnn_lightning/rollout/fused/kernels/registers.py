@@ -44,8 +44,8 @@ from lrnn_lightning.rollout.fused.kernels.resident import resident_modal_steps, 
 @triton.jit
 def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a, coef_b, steps, rank,
                 RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr, BB: tl.constexpr,
-                BD: tl.constexpr, BP: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
-                EMULATE_BF16: tl.constexpr):
+                BD: tl.constexpr, BP: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr, PREC: tl.constexpr,
+                W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """C s' (BB, BD) for the normalised input a (BB, BD), with s' = decay s + scale B a per mode, in place.
 
     Only rank's mode blocks (every SPLIT-th, group.py): the result is this rank's partial sum.
@@ -58,7 +58,7 @@ def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a
     for p0 in range(rank * BP, P, BP * SPLIT):
         ps = p0 + tl.arange(0, BP)
         p_ok = ps < P
-        b_re, b_im, c_re, c_im = mode_tiles(win, readout, D, P, ps, BD)
+        b_re, b_im, c_re, c_im = mode_tiles(win, readout, D, P, p0, BD, BP, CHUNK)
         decay_re, decay_im, scale_re, scale_im = mode_coefficients(dt, coef_a, coef_b, steps, ps, p_ok, P, RULE,
                                                                    EVENT)
         s_mask = row_ok[:, None] & p_ok[None, :]
@@ -66,7 +66,7 @@ def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a
         s_re = tl.load(s_re_ptr, mask=s_mask, other=0.0)
         s_im = tl.load(s_re_ptr + P, mask=s_mask, other=0.0)
         y_block, new_re, new_im = modal_block(a, b_re, b_im, c_re, c_im, s_re, s_im, decay_re, decay_im, scale_re,
-                                              scale_im, HAS_SCALE, BB, PREC, W_BF16, EMULATE_BF16)
+                                              scale_im, HAS_SCALE, BB, CHUNK, PREC, W_BF16, EMULATE_BF16)
         tl.debug_barrier()  # threads holding copies of one state element must all read it before anyone writes
         tl.store(s_re_ptr, new_re, mask=s_mask)
         tl.store(s_re_ptr + P, new_im, mask=s_mask)
@@ -76,7 +76,7 @@ def modal_mixer(a, state, s_stride, rows, row_ok, dt, D, P, win, readout, coef_a
 
 @triton.jit
 def gated_mlp(a, D, F, up_w, up_b, down_w, w_value, w_gate, w_down, b_value, b_gate, rank,
-              BB: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, SPLIT: tl.constexpr,
+              BB: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr,
               PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """Wdown ((Wv a + bv) * gelu(Wg a + bg)) (BB, BD) without its bias; up (2F, D) holds Wv then Wg, down (D, F).
 
@@ -87,8 +87,9 @@ def gated_mlp(a, D, F, up_w, up_b, down_w, w_value, w_gate, w_down, b_value, b_g
     """
     z = tl.full((BB, BD), 0.0, tl.float32)
     for f0 in range(rank * BF, F, BF * SPLIT):
-        n_value, n_gate, n_down, nb_value, nb_gate = mlp_tiles(up_w, up_b, down_w, D, F, f0 + BF * SPLIT, BD, BF)
-        z += mlp_block(a, w_value, w_gate, w_down, b_value, b_gate, BB, PREC, W_BF16, EMULATE_BF16)
+        n_value, n_gate, n_down, nb_value, nb_gate = mlp_tiles(up_w, up_b, down_w, D, F, f0 + BF * SPLIT, BD, BF,
+                                                                       CHUNK)
+        z += mlp_block(a, w_value, w_gate, w_down, b_value, b_gate, BB, CHUNK, PREC, W_BF16, EMULATE_BF16)
         w_value, w_gate, w_down, b_value, b_gate = n_value, n_gate, n_down, nb_value, nb_gate
     return z
 
@@ -108,7 +109,7 @@ def register_rollout_kernel(
     BP: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BKC: tl.constexpr,
     SPLIT: tl.constexpr, TAGGED: tl.constexpr, BX: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
-    RESIDENT: tl.constexpr,
+    RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Grid (cdiv(B, BB) * SPLIT,): SPLIT programs a row tile (group.py). out (B, n_steps + 1, W) holds x0 in
     column 0 and receives step t's output in column t + 1; dt (B, n_steps) fp32 when EVENT; state (L, row
@@ -119,7 +120,8 @@ def register_rollout_kernel(
     is 2); weights and mixer slots m0..m8, md0..md3 as packed by `pack_model`. MIXER 0: LRU / S5
     (`modal_mixer`, BP), 2: Mamba (`mamba_mixer`, BE, BR, BN, BKC). RESIDENT (MIXER 0, one layer, P <= BP,
     F <= BF, SPLIT 1, weight tiles within the register budget; `launch.resident_fits`): 1
-    `resident_modal_steps`, 2 (one row a program) `resident_row_steps`."""
+    `resident_modal_steps`, 2 (one row a program) `resident_row_steps`. CHUNK (one row a program, else 0): the
+    chunk width of the mode and MLP weight tiles (`common.load_tile`; 0 loads them flat)."""
     pid = tl.program_id(0)
     tile = pid // SPLIT
     rank = pid % SPLIT
@@ -174,14 +176,14 @@ def register_rollout_kernel(
                 exchange = (t * n_layers + layer) * exchanges
                 # the MLP's first weight block is loaded now, to arrive while the mixer runs
                 w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(layer_up_w, layer_up_b, layer_down_w, D, F,
-                                                                     rank * BF, BD, BF)
+                                                                     rank * BF, BD, BF, CHUNK)
                 a = normalize(h, norm1_g + layer * D, norm1_b + layer * D, D, eps, BD)
                 if MIXER == 0:
                     P = md0
                     y = modal_mixer(a, state, state_stride_row, rows, row_ok, dt, D, P, m0 + layer * (2 * P * D),
                                     m1 + layer * (2 * P * D), m3 + layer * (2 * P), m4 + layer * (2 * P),
-                                    m5 + layer * P, rank, RULE, EVENT, HAS_SCALE, BB, BD, BP, SPLIT, PREC, W_BF16,
-                                    EMULATE_BF16)
+                                    m5 + layer * P, rank, RULE, EVENT, HAS_SCALE, BB, BD, BP, SPLIT, CHUNK, PREC,
+                                    W_BF16, EMULATE_BF16)
                     y = group_sum(y, part, sem, rank, exchange, SPLIT, TAGGED, BB, BD, BX)
                     y += tl.load(m2 + layer * D + ds, mask=d_ok, other=0.0)[None, :] * a
                 else:
@@ -194,7 +196,7 @@ def register_rollout_kernel(
                 h = h + y
                 a = normalize(h, norm2_g + layer * D, norm2_b + layer * D, D, eps, BD)
                 z = gated_mlp(a, D, F, layer_up_w, layer_up_b, layer_down_w, w_value, w_gate, w_down, b_value, b_gate,
-                              rank, BB, BD, BF, SPLIT, PREC, W_BF16, EMULATE_BF16)
+                              rank, BB, BD, BF, SPLIT, CHUNK, PREC, W_BF16, EMULATE_BF16)
                 z = group_sum(z, part, sem, rank, exchange + exchanges - 1, SPLIT, TAGGED, BB, BD, BX)
                 h = h + (z + tl.load(down_b + layer * D + ds, mask=d_ok, other=0.0)[None, :])
                 state += state_stride_layer  # a pointer step: (layer * stride) could overflow int32

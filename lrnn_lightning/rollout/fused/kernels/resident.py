@@ -55,11 +55,11 @@ def resident_modal_steps(x, out_rows, out_stride_t, io_mask, dt_ptr, dt_stride_b
     d_ok = ds < D
     ps = tl.arange(0, BP)
     p_ok = ps < P
-    b_re, b_im, c_re, c_im = mode_tiles(win, readout, D, P, ps, BD)
+    b_re, b_im, c_re, c_im = mode_tiles(win, readout, D, P, 0, BD, BP, 0)
     a_re, a_im, k_re, k_im, delta = load_coefficients(coef_a, coef_b, steps, ps, p_ok, P, EVENT)
     skip_d = tl.load(skip + ds, mask=d_ok, other=0.0)[None, :]
     g1, b1, g2, b2, gf, bf = norm_parameters(norm1_g, norm1_b, norm2_g, norm2_b, final_g, final_b, ds, d_ok)
-    w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(up_w, up_b, down_w, D, F, 0, BD, BF)
+    w_value, w_gate, w_down, b_value, b_gate = mlp_tiles(up_w, up_b, down_w, D, F, 0, BD, BF, 0)
     mlp_bias = tl.load(down_b + ds, mask=d_ok, other=0.0)[None, :]
     s_mask = row_ok[:, None] & p_ok[None, :]
     s_re_ptr = state + rows[:, None] * s_stride + ps[None, :]
@@ -74,10 +74,10 @@ def resident_modal_steps(x, out_rows, out_stride_t, io_mask, dt_ptr, dt_stride_b
         h = product(x, enc, BB, PREC, W_BF16, EMULATE_BF16) + enc_bias
         a = normalize_with(h, g1, b1, D, eps, BD)
         y, s_re, s_im = modal_block(a, b_re, b_im, c_re, c_im, s_re, s_im, decay_re, decay_im, scale_re, scale_im,
-                                    HAS_SCALE, BB, PREC, W_BF16, EMULATE_BF16)
+                                    HAS_SCALE, BB, 0, PREC, W_BF16, EMULATE_BF16)
         h = h + y + skip_d * a
         a = normalize_with(h, g2, b2, D, eps, BD)
-        h = h + (mlp_block(a, w_value, w_gate, w_down, b_value, b_gate, BB, PREC, W_BF16, EMULATE_BF16) + mlp_bias)
+        h = h + (mlp_block(a, w_value, w_gate, w_down, b_value, b_gate, BB, 0, PREC, W_BF16, EMULATE_BF16) + mlp_bias)
         a = normalize_with(h, gf, bf, D, eps, BD)
         x = product(a, dec, BB, PREC, W_BF16, EMULATE_BF16) + dec_bias
         tl.store(out_rows + (t + 1) * out_stride_t, x, mask=io_mask)
