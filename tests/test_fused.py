@@ -477,10 +477,10 @@ def test_one_row_resident_steps_widen_bf16_weights_like_the_tile_path(interprete
 @pytest.mark.parametrize("chunk", [REDUCTION_CHUNK, 2 * REDUCTION_CHUNK], ids=["chunk", "chunk-wider-than-a-block"])
 @pytest.mark.parametrize("case", [("lru", {}), ("s5", {"discretization": "zoh"})], ids=case_id)
 def test_chunked_weight_tiles_sum_what_flat_tiles_do(interpreter, case, chunk):
-    # bf16 weights on one-row programs load their tiles chunked (launch.build_call, common.load_tile). d_model 40
-    # in 64 columns, 20 states and 80 hidden units in blocks of 16 (the last mode block partly padded): the
-    # chunked sums must equal the flat ones; a chunk wider than a 16-wide block is capped at the block
-    model = make_model(*case, d_model=40, d_state=20)
+    # bf16 weights on one-row programs load their tiles chunked (launch.build_call, common.load_tile). d_model 36
+    # in 64 columns, 20 states and 72 hidden units in blocks of 16 (the last mode and hidden-unit blocks partly
+    # padded): the chunked sums must equal the flat ones; a chunk wider than a 16-wide block is capped at it
+    model = make_model(*case, d_model=36, d_state=20)
     context, dt = make_data(event=True)
     packed = pack_model(model, torch.bfloat16, event=True)
     config = replace(small_tile_config(1), block_n=16)
@@ -496,11 +496,30 @@ def test_chunked_weight_tiles_sum_what_flat_tiles_do(interpreter, case, chunk):
     assert relative_error(chunked.states, flat.states) < FUSED_TOL
     assert relative_error(flat.out[:, -1], flat.out[:, 1]) > 1e-2  # the rollout moves
     # fp32 weights and tiles of two rows stay flat
+    assert packed.d_ff % 16 and packed.sizes[0] % 16  # partial blocks
+    # fp32 weights, tiles of two rows and resident one-row launches (which hold their own tiles) stay flat
     fp32 = pack_model(model, torch.float32, event=True)
     two_rows = replace(small_tile_config(2), block_n=16)
-    for weights, shape in ((fp32, config), (packed, two_rows)):
-        assert build_call(weights, context[:, -1], None, steps, dt[:, :steps], "ieee", shape, True).constexprs[
-            "CHUNK"] == 0
+    resident = pack_model(make_model(*case, d_model=32, d_state=16, n_layers=1), torch.bfloat16, event=True)
+    for weights, shape in ((fp32, config), (packed, two_rows), (resident, small_tile_config(1))):
+        call = build_call(weights, context[:, -1], None, steps, dt[:, :steps], "ieee", shape, True)
+        assert call.constexprs["CHUNK"] == 0 and (weights is not resident or call.constexprs["RESIDENT"])
+
+
+@pytest.mark.parametrize("chunk", [0, 4, 16, 64], ids=["flat", "chunks-of-4", "chunks-of-16", "chunk-over-the-tile"])
+def test_load_tile_reads_the_rows_and_columns_it_is_given(interpreter, chunk):
+    # a 7 x 13 window (rows 2..8, columns 3..15) of a matrix NaN around it, into a tile of 16 rows (7 and on
+    # masked) and 16 columns (13 and on masked): a read outside the window would show as NaN, a misplaced one
+    # as a wrong value
+    probe = import_interpreted("tests.tile_probe")
+    matrix = torch.full((12, 20), float("nan"))
+    matrix[2:9, 3:16] = torch.randn(7, 13)
+    window = matrix.flatten()[2 * 20 + 3:]  # row 2, column 3 on; rows 20 apart
+    out = torch.full((16, 16), -1.0)
+    probe.store_tile[(1,)](window, 20, 7, 13, out, 16, 16, chunk)
+    expected = torch.zeros(16, 16)
+    expected[:7, :13] = matrix[2:9, 3:16]
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("case", [("lru", {}), ("s5", {"discretization": "bilinear"})], ids=case_id)
@@ -784,14 +803,19 @@ def test_kernel_compiles_for_sm90():
         resident = compile_for_target(make_model("s5", {"discretization": "zoh"}, d_model=32, d_state=16, n_layers=1),
                                       event=True, config=small_tile_config(1), batch=32)
         assert resident.constexprs["RESIDENT"] and resident.fits, resident
-        print("compiled", len(CASES) * 3 + 3)
+        # bf16 one-row tiles load chunked (common.load_tile), split and with a partial MLP block (72 units)
+        chunked = compile_for_target(make_model("lru", d_model=36, d_state=20), event=True,
+                                     weight_dtype=torch.bfloat16, config=KernelConfig(
+                                         block_b=1, block_n=64, block_k=64, num_warps=8, split=4), batch=16)
+        assert chunked.constexprs["CHUNK"] > 0 and chunked.fits, chunked
+        print("compiled", len(CASES) * 3 + 4)
     """)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"compiled {len(CASES) * 3 + 3}" in result.stdout
+    assert f"compiled {len(CASES) * 3 + 4}" in result.stdout
 
 
 def test_the_one_row_resident_step_keeps_vectors_in_one_layout():

@@ -57,12 +57,12 @@ What `launch.default_launch` adds, knowing the model (H100, 2026-11-27, µs per 
   split paragraph above).
 
 Chunked weight tiles (REDUCTION_CHUNK, kernels/common.py `chunked_product`): a one-row program with bf16
-weights loads its LRU / S5 mode tiles and MLP tiles as (K / 16, N, 16), so that each thread sums more of a
-row itself and fewer shuffles remain. H100, eleventh session, µs per step, flat -> chunked: bf16 (32, 128,
-64, 4) LRU 21.7 -> 19.0, S5 21.6 -> 17.9, Mamba (its MLP only) 63.2 -> 60.6, LRU (32, 64, 32, 2) 6.4 -> 5.9,
-(32, 48, 24, 4) 15.8 -> 12.9, (1, 128, 64, 4) 15.6 -> 14.7. On fp32 weights the split steps stayed within
-+-2% or lost up to 13%, and unsplit one-row programs lost 15-27% (B=128: 44 -> 51; B=256: 73 -> 91), so fp32
-tiles stay flat.
+weights (not a resident one) loads its LRU / S5 mode tiles and MLP tiles as (K / 16, N, 16), so that each
+thread sums more of a row itself and fewer shuffles remain. H100, eleventh session, µs per step, flat ->
+chunked: bf16 (32, 128, 64, 4) LRU 21.7 -> 19.0, S5 21.6 -> 17.9, Mamba (its MLP only) 63.2 -> 60.6, LRU
+(32, 64, 32, 2) 6.4 -> 5.9, (32, 48, 24, 4) 15.8 -> 12.9, (1, 128, 64, 4) 15.6 -> 14.7. On fp32 weights
+the split steps stayed within +-2% or lost up to 13%, and unsplit one-row programs lost 15-27% (B=128:
+44 -> 51; B=256: 73 -> 91), so fp32 tiles stay flat.
 
 `experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
 against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their

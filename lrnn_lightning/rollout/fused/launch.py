@@ -495,8 +495,10 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
         part = torch.empty(n_prog * 2 * split * bb * blocks["BX"] if split > 1 else 1, device=device, dtype=torch.int64)
         sem = torch.empty(n_prog, device=device, dtype=torch.int32)
         blocks["TAGGED"] = tagged_exchange(packed.mixer_id, bb, blocks["BX"], config.num_warps)
-        # one-row programs sum bf16 weight tiles faster chunked (kernels/common.py); fp32 ones did not gain
-        blocks["CHUNK"] = REDUCTION_CHUNK if bb == 1 and c["up_w"].dtype == torch.bfloat16 else 0
+        # one-row programs sum bf16 weight tiles faster chunked (kernels/common.py); fp32 ones did not gain, and
+        # resident launches hold their own tiles
+        chunked = bb == 1 and c["up_w"].dtype == torch.bfloat16 and not blocks["RESIDENT"]
+        blocks["CHUNK"] = REDUCTION_CHUNK if chunked else 0
         args = (*io, states, states.stride(0), packed.state_width, mixer_rows, part, sem, columns, *weights)
         return KernelCall("register_rollout_kernel", (n_prog * split,), args, {**constexprs, **blocks},
                           config.num_warps, out, states, cooperative=split > 1,

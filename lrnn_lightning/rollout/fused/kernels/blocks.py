@@ -35,8 +35,9 @@ def normalize_with(h, g, b, D, eps, BD: tl.constexpr):
 
 @triton.jit
 def mode_tiles(win, readout, D, P, p0, BD: tl.constexpr, BP: tl.constexpr, CH: tl.constexpr):
-    """B's rows [Re; Im] (BP, BD) of the modes [p0, p0 + BP) and the readout's rows over them (BD, BP), zero
-    beyond P and D, as `common.load_tile` lays them out (flat, or chunked when CH > 0).
+    """B's rows [Re; Im] (BP, BD) of the modes [p0, p0 + BP) and the readout's columns of them (BD, BP), zero
+    beyond P and D, as `common.load_tile` lays them out: flat, or chunked when CH > 0 ((BD / CH, BP, CH) and
+    (BP / CH, BD, CH), CH capped at the tile's width).
 
     win (2P, D) is B as [Re; Im] rows; readout (D, 2P) the real map [C_re, -C_im].
     """
@@ -56,8 +57,8 @@ def modal_block(a, b_re, b_im, c_re, c_im, s_re, s_im, decay_re, decay_im, scale
                 W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """One block of BP modes: s' = decay s + scale B a, and its share C s' of the output.
 
-    a (BB, BD); b_re, b_im (BP, BD); c_re, c_im (BD, BP), from `mode_tiles(.., CH)`; s_re, s_im (BB, BP);
-    the coefficients (1, BP) or (BB, BP). Returns (C s' (BB, BD), s'_re, s'_im).
+    a (BB, BD); b_re, b_im (BP, BD) and c_re, c_im (BD, BP) flat, or chunked from `mode_tiles(.., CH)` (then
+    BB is 1); s_re, s_im (BB, BP); the coefficients (1, BP) or (BB, BP). Returns (C s' (BB, BD), s'_re, s'_im).
     """
     u_re = tile_product(a, b_re, BB, CH, PREC, W_BF16, EMULATE_BF16)
     u_im = tile_product(a, b_im, BB, CH, PREC, W_BF16, EMULATE_BF16)
@@ -70,7 +71,8 @@ def modal_block(a, b_re, b_im, c_re, c_im, s_re, s_im, decay_re, decay_im, scale
 @triton.jit
 def mlp_tiles(up_w, up_b, down_w, D, F, f0, BD: tl.constexpr, BF: tl.constexpr, CH: tl.constexpr):
     """Hidden units [f0, f0 + BF) of the gated MLP: Wv (BF, BD), Wg (BF, BD), Wdown (BD, BF) as `common.load_tile`
-    lays them out (flat, or chunked when CH > 0), and bv and bg (1, BF).
+    lays them out (flat, or chunked when CH > 0: (BD / CH, BF, CH) and (BF / CH, BD, CH), CH capped at the
+    tile's width), and bv and bg (1, BF).
 
     Beyond F everything is masked to zero (and no memory is read), so the block after the
     last can be "prefetched" harmlessly.

@@ -83,8 +83,10 @@ def product(x, w, BB: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr, EM
 @triton.jit
 def load_tile(ptr, row_stride, rows, row_ok, K, BK: tl.constexpr, CH: tl.constexpr):
     """The weight tile of `rows` (N,) and columns [0, BK) at ptr (row-major, row_stride apart), zero where
-    ~row_ok or at columns >= K: flat (N, BK) when CH is 0, else chunked (BK // CH, N, CH) for `chunked_product`
-    (CH capped at BK), element [c, n, j] holding column c * CH + j of row n."""
+    ~row_ok or at columns >= K: flat (N, BK) when CH is 0, else chunked for `chunked_product`: (BK // CH, N, CH)
+    with element [c, n, j] holding column c * CH + j of row n, or (1, N, BK) when CH >= BK. CH: 0 or a power
+    of two."""
+    tl.static_assert(CH == 0 or (CH & (CH - 1)) == 0, "load_tile: the chunk width CH must be 0 or a power of two")
     if CH == 0:
         ks = tl.arange(0, BK)
         return tl.load(ptr + rows[:, None] * row_stride + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
@@ -98,7 +100,7 @@ def load_tile(ptr, row_stride, rows, row_ok, K, BK: tl.constexpr, CH: tl.constex
 
 @triton.jit
 def chunked_product(x, w):
-    """x (1, K) fp32 times the chunked weight tile w (K // CH, N, CH) (`load_tile`) -> (1, N) fp32.
+    """x (1, K) fp32 times the chunked weight tile w (K // CH, N, CH) or (1, N, K) (`load_tile`) -> (1, N) fp32.
 
     Triton spreads a tile's contiguous dimension over the threads of a warp, four values a thread:
     a flat (N, 128) tile is summed over K by 4 multiply-adds and 5 rounds of shuffles a row. In

@@ -120,8 +120,8 @@ def register_rollout_kernel(
     is 2); weights and mixer slots m0..m8, md0..md3 as packed by `pack_model`. MIXER 0: LRU / S5
     (`modal_mixer`, BP), 2: Mamba (`mamba_mixer`, BE, BR, BN, BKC). RESIDENT (MIXER 0, one layer, P <= BP,
     F <= BF, SPLIT 1, weight tiles within the register budget; `launch.resident_fits`): 1
-    `resident_modal_steps`, 2 (one row a program) `resident_row_steps`. CHUNK (one row a program, else 0): the
-    chunk width of the mode and MLP weight tiles (`common.load_tile`; 0 loads them flat)."""
+    `resident_modal_steps`, 2 (one row a program) `resident_row_steps`. CHUNK (one row a program, not resident;
+    else 0): the chunk width of the mode and MLP weight tiles (`common.load_tile`; 0 loads them flat)."""
     pid = tl.program_id(0)
     tile = pid // SPLIT
     rank = pid % SPLIT
