@@ -11,7 +11,8 @@ PyTorch ops, buffer set-up, launch) divided by the steps; "pre-packed" skips the
 "kernel" times the launch alone, replayed from a CUDA graph so that Triton's host-side launch (tens
 of µs for the register kernel's ~50 arguments, while the GPU waits) is left out, as the engine's
 call graphs leave it out from a shape's second call on ("kernel_eager" in --out keeps the eager
-launch's time, which the per-shape lines printed while tuning also show). GB/s is the kernel's: weight bytes read per step / kernel time.
+launch's time, which the per-shape lines printed while tuning also show). GB/s is the kernel's:
+weight bytes read per step / kernel time.
 For each fused variant the launch shapes (KernelConfig) are timed briefly and the best is kept:
 always `default_launch` for this model, batch and GPU's SM count (what fused_steps launches),
 then each block_b of --block-bs (1, 2, 4, 8: small tiles without tl.dot; 16, 32, 64: tl.dot),
