@@ -64,6 +64,7 @@ from lrnn_lightning.rollout.fused.launch import build_call, default_launch, kern
 from lrnn_lightning.rollout.fused.launch import weight_bytes as packed_weight_bytes
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.inference import rollout_mode
+from lrnn_lightning.rollout.step_graph import capture_graph
 
 CONFIGS = [(32, 32, 16, 1), (32, 128, 64, 4), (256, 128, 64, 4), (1024, 512, 128, 8)]  # (B, d_model, d_state, L)
 VARIANTS = ("seed", "graph", "fused", "fused-tf32x3", "fused-bf16")
@@ -100,14 +101,7 @@ def cuda_median_seconds(fn: Callable[[], object], repeats: int) -> float:
 def kernel_seconds(call, kernels, repeats: int) -> float:
     """Median GPU time of one launch of `call` (a `launch.KernelCall`, compiled by an earlier launch), replayed
     from a CUDA graph: the kernel's own time, without Triton's host-side launch in front of it."""
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call.launch(kernels)  # warm on a side stream, as capture wants
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        call.launch(kernels)
+    graph, _ = capture_graph(call.out.device, lambda: call.launch(kernels))
     return cuda_median_seconds(graph.replay, repeats)
 
 
