@@ -152,7 +152,9 @@ def launch_shapes(variant: str, packed, batch: int, n_sms: int, block_bs: list[i
         for kind in activations:
             for num_warps in [config.num_warps, *warps]:
                 for split in [config.split, *splits]:
-                    shape = replace(config, activations=kind, num_warps=num_warps, split=split)
+                    # "auto" keeps a shape's own kernel choice (the default may name "phased")
+                    chosen = config.activations if kind == "auto" else kind
+                    shape = replace(config, activations=chosen, num_warps=num_warps, split=split)
                     suffix = "" if shape == config else f" {kind} w{num_warps}"
                     suffix += f" split{split}" if split is not None else ""
                     shapes.append((label + suffix, shape))
@@ -368,7 +370,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help=f"fused: also time these rows per program (comma-separated, of {BLOCK_BS})")
     parser.add_argument("--activations", type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
                         default=["auto"], help="fused: time each shape with these kernel choices "
-                        "(auto, registers, scratch; comma-separated; registers is skipped where it does not fit)")
+                        "(auto: each shape's own, registers, scratch, phased; comma-separated; a choice that cannot "
+                        "run the model is skipped)")
     parser.add_argument("--warps", type=lambda text: [int(v) for v in text.split(",") if v.strip()], default=[],
                         help="fused: also time each shape with these num_warps (comma-separated)")
     parser.add_argument("--splits", type=lambda text: [int(v) for v in text.split(",") if v.strip()], default=[],

@@ -98,6 +98,12 @@ def test_launch_shapes_to_try(bench):
     labels = [label for label, _ in shapes]
     assert labels[0] == "default" and "block_b=16 scratch w8" in labels
     assert len({shape for _, shape in shapes}) == len(shapes) == 8  # default == block_b=1: no repeats
+    # "auto" keeps the default's own kernel: phased steps for a wide LRU at large batch
+    wide = pack_model(SequenceModel("lru", d_input=8, d_output=8, d_model=512, d_state=16, n_layers=1),
+                      torch.bfloat16, event=False)
+    shapes = bench.launch_shapes("fused-bf16", wide, 1024, 132, [], tune=False, activations=["auto", "registers"])
+    assert [(label, shape.activations) for label, shape in shapes] == [("default", "phased"),
+                                                                        ("default registers w8", "registers")]
 
 
 def test_needs_a_gpu(bench):

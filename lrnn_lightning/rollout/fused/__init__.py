@@ -11,8 +11,9 @@ as a CUDA graph), `call_graph` (a repeated call's packing and launch replayed as
 (which kernel, state layout, launch), `aot` (compile for a GPU on the host),
 `kernels/` (the Triton source, imported on first launch: `registers.py`, activations in
 registers, for LRU, S5 and Mamba where their width fits, with `resident.py` for one-layer
-LRU / S5 models whose weights and state stay in registers; `rollout.py`, activations through
-per-program memory, for every covered mixer and width).
+LRU / S5 models whose weights and state stay in registers; `phased.py`, LRU and S5 at large
+batch, every step's products in tiles shared by the whole grid (`phased_launch`); `rollout.py`,
+activations through per-program memory, for every covered mixer and width).
 
 Wired into `RolloutEngine(fused=False|True|"auto", fused_precision=None)` and the callback
 (`generation.fused`, issue #6): inside `rollout` and its `rollout_mode` block the engine asks

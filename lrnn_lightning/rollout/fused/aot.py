@@ -116,9 +116,9 @@ def compile_for_target(model: nn.Module, *, event: bool = False, weight_dtype: t
     fn = getattr(kernels, call.kernel)
     signature, constexprs, attrs = _specialize(fn, call)
     start = time.perf_counter()
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                            target=GPUTarget("cuda", arch, 32), options={"num_warps": call.num_warps, "num_stages": 1,
-                                                                  "launch_cooperative_grid": call.cooperative})
+    options = {"num_warps": call.num_warps, "num_stages": call.num_stages, "launch_cooperative_grid": call.cooperative}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                            options=options)
     shared = int(kernel.metadata.shared)
     return CompileInfo(call.constexprs, shared, time.perf_counter() - start,
                        shared <= SHARED_LIMIT.get(arch, 48 * 1024), kernel.asm["ttgir"])

@@ -64,6 +64,14 @@ chunked: bf16 (32, 128, 64, 4) LRU 21.7 -> 19.0, S5 21.6 -> 17.9, Mamba (its MLP
 the split steps stayed within +-2% or lost up to 13%, and unsplit one-row programs lost 15-27% (B=128:
 44 -> 51; B=256: 73 -> 91), so fp32 tiles stay flat.
 
+Phased steps (kernels/phased.py, `phased_config`). Past MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM, an LRU / S5
+model from a padded d_model of PHASED_MIN_D_MODEL on runs each step as phases of tiles shared by the whole
+GPU, with grid-wide barriers between them, instead of row tiles that each stream the whole model. H100,
+twelfth session, (1024, 512, 128, 8), µs per step of the kernel: bf16 4137 (16-row tiles) -> 317-324
+(graph 1384: 0.33x -> 4.4x), tf32x3 6193 -> 1450, exact fp32 14600 -> 3640 (both still slower than the
+fp32 graph). At d_model 128 the register kernel's tiles were as fast or faster (bf16, B=1024: 62.9 against
+61.5-92.3 µs; B=512: 47.9 against 60.6-90.1), so narrower models keep them (d_model 256: not measured).
+
 `experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
 against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their
 (rows, block_n, block_k) product is sized to SMALL_TILE elements.
@@ -83,7 +91,7 @@ CPU_PROCESSORS = 1  # the Triton interpreter runs one program at a time
 MAX_ONE_ROW_PROGRAMS_PER_SM = 2  # exact fp32: one-row programs up to this many per SM (module doc)
 ONE_ROW_WARPS = 8  # warps of a one-row program when it has its SM to itself (module doc)
 WIDE_D_MODEL = 128  # from this width on, tensor-core tl.dot tiles run with 8 warps (module doc)
-ACTIVATIONS = ("auto", "registers", "scratch")
+ACTIVATIONS = ("auto", "registers", "scratch", "phased")
 MAX_SPLIT = 8  # programs a row tile's step may be split over (kernels/group.py)
 SPLIT_MIN_WEIGHT_BYTES = 384 << 10  # split only steps that stream at least this many weight bytes (module doc)
 SPLIT_MIN_LAYER_BYTES = 64 << 10  # ... or this many a layer: one-row LRU / S5 steps with tagged exchanges,
@@ -94,6 +102,7 @@ MIN_DOT_SPLIT = 4  # tl.dot tiles split by default only this many ways or more (
 DOT_SPLIT_WARPS = 4  # warps of a split tl.dot tile (module doc)
 RESIDENT_WARPS = 4  # warps of a whole-model-resident one-row program (module doc)
 REDUCTION_CHUNK = 16  # one-row programs with bf16 weights sum their tiles in chunks this wide (module doc)
+PHASED_MIN_D_MODEL = 512  # LRU / S5 models from this padded d_model on take phased steps at large batch (module doc)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,9 @@ class KernelConfig:
         activations: where a step's activations live: "registers" (the register-resident
             kernel, kernels/registers.py: LRU, S5 and Mamba models narrow enough for its tiles),
             "scratch" (per-program scratch memory, kernels/rollout.py: every covered mixer and
-            width), or "auto" (registers where they fit, see `launch.registers_fit`).
+            width), "phased" (kernels/phased.py: LRU and S5 at large batch, every step's matmuls
+            cut into tiles shared by the whole GPU; `phased_launch.py` says what the other fields
+            mean there), or "auto" (registers where they fit, see `launch.registers_fit`).
         split: programs that share one row tile's step in the register kernel, each streaming
             1/split of the weights (kernels/group.py): 1 to MAX_SPLIT, with every program of
             the grid resident at once (grid <= SMs). None lets `default_split` choose for
@@ -175,6 +186,15 @@ def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precis
     if tensor_cores and d_model is not None and d_model >= WIDE_D_MODEL:
         return replace(config, num_warps=8)
     return config
+
+
+def phased_config(weight_dtype: torch.dtype = torch.float32) -> KernelConfig:
+    """The launch shape of phased steps (kernels/phased.py): 64-row tiles; bf16 weights stream 64-wide chunks on 8
+    warps (H100: 317-324 µs a step at (1024, 512, 128, 8), against 340-400 for 32-row tiles, 4 warps or 32-wide
+    chunks), fp32 ones 32-wide chunks on 4 warps (64-wide tf32x3 chunks on 8 warps exceed the shared memory)."""
+    if weight_dtype == torch.bfloat16:
+        return KernelConfig(block_b=64, block_n=64, block_k=64, num_warps=8, activations="phased")
+    return KernelConfig(block_b=64, block_n=64, block_k=32, num_warps=4, activations="phased")
 
 
 def default_split(tiles: int, n_sms: int, blocks: int) -> int:

@@ -9,14 +9,15 @@ step of every layer (on a GPU, a call shape seen before replays all of that as o
 `call_graph.py`): the register-resident kernel where `registers_fit` says the model fits
 its register tiles (LRU, S5, Mamba), else the scratch kernel (`KernelConfig.activations`
 overrides); the register kernel may split each row tile's step over several programs
-(`KernelConfig.split`, `resolve_split`), launched cooperatively. The Triton kernel module is
-imported on first use.
+(`KernelConfig.split`, `resolve_split`), launched cooperatively. Wide LRU / S5 models at large
+batch take the phased kernel instead (`default_launch`, `phased_launch.py`), whose whole grid
+shares every step. The Triton kernel module is imported on first use.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +42,7 @@ from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig an
     MIN_DOT_SPLIT,
     NARROW_SPLIT_D_MODEL,
     NARROW_SPLIT_WARPS,
+    PHASED_MIN_D_MODEL,
     REDUCTION_CHUNK,
     RESIDENT_WARPS,
     SPLIT_LAYER_RULE_MIN_D_MODEL,
@@ -49,9 +51,11 @@ from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig an
     KernelConfig,
     default_config,
     default_split,
+    phased_config,
     processor_count,
     small_tile_config,
 )
+from lrnn_lightning.rollout.fused.kernel_call import KernelCall
 from lrnn_lightning.rollout.fused.pack import (
     MAMBA,
     MIXER_IDS,
@@ -64,6 +68,7 @@ from lrnn_lightning.rollout.fused.pack import (
     state_to_rows,
 )
 from lrnn_lightning.rollout.fused.pack_graph import pack_live
+from lrnn_lightning.rollout.fused.phased_launch import build_phased_call
 from lrnn_lightning.rollout.fused.support import KERNEL_MODULE, fused_support
 from lrnn_lightning.rollout.inference import rollout_mode
 from lrnn_lightning.rollout.state import State
@@ -226,7 +231,7 @@ def uses_registers(packed: PackedModel, config: KernelConfig, precision: str = "
     """Which kernel `config.activations` picks for `packed`; "registers" where they do not fit is an error."""
     if config.activations not in ACTIVATIONS:
         raise ValueError(f"fused_steps: activations must be one of {ACTIVATIONS}, got {config.activations!r}.")
-    if config.activations == "scratch":
+    if config.activations in ("scratch", "phased"):
         return False
     fits, why = registers_fit(packed, config, precision)
     if config.activations == "registers" and not fits:
@@ -364,30 +369,6 @@ def _copy_state(state: State | None, model: nn.Module, batch: int, x0: Tensor) -
     return fresh
 
 
-@dataclass
-class KernelCall:
-    """One launch of the fused kernel, ready to go: grid, arguments, constexprs and the buffers to read back."""
-
-    kernel: str
-    grid: tuple[int]
-    args: tuple
-    constexprs: dict
-    num_warps: int
-    out: Tensor
-    states: Tensor
-    cooperative: bool = False  # a split step: every program must be resident (kernels/group.py)
-    zeroed: tuple[Tensor, ...] = ()  # zeroed before every launch: a split step's exchange slots and counters
-
-    def launch(self, kernels) -> None:
-        """Launch it from the kernel module `kernels` (`kernel_module()`). Launching one call again is
-        correct: the exchange slots are zeroed first, since tags restart at every launch (kernels/group.py)."""
-        for tensor in self.zeroed:
-            tensor.zero_()
-        options = {"launch_cooperative_grid": True} if self.cooperative else {}
-        getattr(kernels, self.kernel)[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
-                                                 num_stages=1, **options)
-
-
 def resolve_split(packed: PackedModel, config: KernelConfig, tiles: int, device: torch.device,
                   interpreted: bool, n_sms: int | None = None) -> int:
     """The register kernel's programs per row tile under `config` (see `KernelConfig.split`); by default
@@ -420,8 +401,13 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
       where the model still fits them) where at least MIN_DOT_SPLIT of them fit each tile (tiles *
       MIN_DOT_SPLIT <= SMs);
     - a one-layer LRU / S5 model that runs resident (kernels/resident.py) takes RESIDENT_WARPS warps;
-    - a one-row LRU / S5 step that splits, up to d_model NARROW_SPLIT_D_MODEL, takes NARROW_SPLIT_WARPS.
+    - a one-row LRU / S5 step that splits, up to d_model NARROW_SPLIT_D_MODEL, takes NARROW_SPLIT_WARPS;
+    - an LRU / S5 model from a padded d_model of PHASED_MIN_D_MODEL on, past MAX_ONE_ROW_PROGRAMS_PER_SM rows
+      per SM, takes phased steps (`phased_config`, kernels/phased.py).
     """
+    if (packed.mixer_id == MODAL and _whole(packed.d_model) >= PHASED_MIN_D_MODEL
+            and batch > MAX_ONE_ROW_PROGRAMS_PER_SM * n_sms):
+        return phased_config(weight_dtype)
     config = default_config(batch, weight_dtype, precision, n_sms=n_sms, d_model=packed.d_model)
     tiles = -(-batch // config.block_b)
     if config.block_b >= 16:
@@ -456,6 +442,9 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
     """Allocate the output, scratch and state buffers of one launch and assemble the arguments of the kernel
     `config.activations` picks (`uses_registers`); n_sms: the SMs of the GPU it is for (None: x0's device's,
     see `resolve_split`; `aot` builds for a GPU it does not have)."""
+    if config.activations == "phased":
+        return build_phased_call(packed, x0, state, num_steps, dt_steps, precision, config, interpreted,
+                                 n_sms or processor_count(x0.device))
     device, f32 = x0.device, torch.float32
     batch, width = x0.shape
     bb = config.block_b

@@ -13,7 +13,9 @@ from lrnn_lightning.rollout.fused.support import fused_support
 
 BACKENDS = ("fused", "graph", "loop")
 # fused="auto" takes the kernel up to this many batch rows per SM: on an H100 it was 1.6-5.4x faster than the CUDA
-# graph from B=1 to B=256 (two rows per SM), and 3-11x slower at B=1024 (d_model 512; experiments/RESULTS.md)
+# graph from B=1 to B=256 (two rows per SM), and 3-11x slower at B=1024 (d_model 512; experiments/RESULTS.md). The
+# phased kernel made B=1024 4.2x faster than the fp32 graph with bf16 weights, but fp32 weights still 0.38x
+# (tf32x3 0.95x), and the graph under a bf16 autocast was not measured there: the rule stays
 AUTO_MAX_ROWS_PER_SM = 2
 
 

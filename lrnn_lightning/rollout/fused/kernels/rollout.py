@@ -32,6 +32,7 @@ import triton.language as tl
 from lrnn_lightning.rollout.fused.kernels.common import gated_up, layer_norm, linear
 from lrnn_lightning.rollout.fused.kernels.lti import modal_update, s4d_step
 from lrnn_lightning.rollout.fused.kernels.ltv import mamba_step, rglru_step
+from lrnn_lightning.rollout.fused.kernels.phased import phased_rollout_kernel  # noqa: F401 (launched from here)
 from lrnn_lightning.rollout.fused.kernels.registers import register_rollout_kernel  # noqa: F401 (launched from here)
 
 

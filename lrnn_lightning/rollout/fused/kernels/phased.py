@@ -1,0 +1,317 @@
+"""The phased fused rollout of LRU / S5 models at large batch: every step's matmuls spread over the whole GPU.
+
+The register kernel (registers.py) gives each program a tile of rows for the whole rollout,
+so every program streams every weight at every step: at (1024, 512, 128, 8) its 64 tiles
+read 64 copies of the model a step, and the kernel ran 3-11x slower than the CUDA graph
+(RESULTS.md). Here a persistent grid of NPROG programs (one an SM, launched cooperatively)
+runs each step as a chain of phases, each a matmul cut into (rows, columns) tiles that the
+programs share out, with a grid-wide barrier between phases; each tile reads only the rows
+and weight columns it needs, so a weight is read once per row tile, not once per row:
+
+    per step t:  DE  (row tiles)           decode step t - 1's output  x = dec(LN_f(h)) -> out[:, t];
+                                           encode h = enc(x)
+                 per layer:
+                   M  (rows x modes)       u = B LN1(h);  s = decay s + scale u           (state in memory)
+                   Y  (rows x d_model)     h = h + (C s + D_skip LN1(h))
+                   U  (rows x hidden)      g = (Wv LN2(h) + bv) * gelu(Wg LN2(h) + bg)
+                   Dn (rows x d_model)     h = h + (Wdown g + b_down)
+    after the last step: DE decodes only.
+
+The residual stream h (rows, D) and the MLP's hidden units g (rows, F) live in memory
+(L2-resident). A LayerNorm needs whole rows, which no column tile holds: the phase that
+writes a tile of h also writes each row's mean and sum of squared deviations over the
+tile's columns (`tile_stats`), and the next phase merges these partials per row
+(`merged_stats`, Chan et al.'s pairwise update), so no phase re-reads h to normalise it.
+The partials alternate between two buffers (phases Y write the second, DE and Dn the first)
+so that no phase overwrites partials another program may still read.
+
+Every tile multiplies with tl.dot (BM >= 16 rows), as the register kernel's tl.dot tiles do:
+bf16 weights meet bf16-rounded activations on the tensor cores, fp32 weights take PREC.
+The barrier is `group.group_barrier` over all NPROG programs; with NPROG 1 (the Triton
+interpreter, which runs one program at a time) there is none, and one program does every tile.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lrnn_lightning.rollout.fused.kernels.common import dot_block, gelu, row_sum
+from lrnn_lightning.rollout.fused.kernels.group import group_barrier
+from lrnn_lightning.rollout.fused.kernels.lti import advance_modes, mode_coefficients
+
+
+@triton.jit
+def grid_barrier(sem, pid, NPROG: tl.constexpr):
+    """Every program of the grid waits for all the others (nothing to wait for when NPROG is 1)."""
+    if NPROG > 1:
+        group_barrier(sem, pid, NPROG)
+
+
+@triton.jit
+def tile_stats(stats, rows, c, v, cs, D: tl.constexpr, BNC: tl.constexpr, ROWS: tl.constexpr):
+    """Store the (mean, sum of squared deviations) over the valid columns cs of v (BM, BNC) for each row, as
+    column tile c's partial in `stats` ((D / BNC, ROWS, 2) fp32)."""
+    c_ok = (cs < D)[None, :]
+    n_c = tl.minimum(D - c * BNC, BNC).to(tl.float32)
+    mean = row_sum(tl.where(c_ok, v, 0.0), axis=1) / n_c
+    centred = tl.where(c_ok, v - mean[:, None], 0.0)
+    cell = stats + (c * ROWS + rows) * 2
+    tl.store(cell, mean)
+    tl.store(cell + 1, row_sum(centred * centred, axis=1))
+
+
+@triton.jit
+def tile_width(c: tl.constexpr, D: tl.constexpr, BNC: tl.constexpr):
+    """Valid columns of column tile c (a constexpr) of d_model D."""
+    return (D - c * BNC) if D - c * BNC < BNC else BNC
+
+
+@triton.jit
+def merged_stats(stats, rows, eps, D: tl.constexpr, BNC: tl.constexpr, ROWS: tl.constexpr):
+    """Each row's LayerNorm (mean, 1 / std) from the column tiles' partials in `stats` (`tile_stats`)."""
+    NC: tl.constexpr = (D + BNC - 1) // BNC
+    total = tl.load(stats + rows * 2) * tile_width(0, D, BNC)
+    for c in tl.static_range(1, NC):
+        total += tl.load(stats + (c * ROWS + rows) * 2) * tile_width(c, D, BNC)
+    mean = total / D
+    sq = tl.full(mean.shape, 0.0, tl.float32)
+    for c in tl.static_range(0, NC):
+        cell = stats + (c * ROWS + rows) * 2
+        shift = tl.load(cell) - mean
+        sq += tl.load(cell + 1) + shift * shift * tile_width(c, D, BNC)
+    return mean, 1.0 / tl.sqrt_rn(sq / D + eps)
+
+
+@triton.jit
+def normalized_chunk(h, rows, ks, mean, rstd, g_ptr, b_ptr, D: tl.constexpr):
+    """LN(h)[rows, ks] (BM, BK) from the row statistics; zero at columns >= D."""
+    k_ok = ks < D
+    x = tl.load(h + rows[:, None] * D + ks[None, :], mask=k_ok[None, :], other=0.0)
+    g = tl.load(g_ptr + ks, mask=k_ok, other=0.0)
+    b = tl.load(b_ptr + ks, mask=k_ok, other=0.0)
+    return tl.where(k_ok[None, :], (x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :], 0.0)
+
+
+@triton.jit
+def normalized_products(h, rows, mean, rstd, g_ptr, b_ptr, w_ptr, w2_ptr, ns, n_ok, D: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TWO: tl.constexpr, STAGES: tl.constexpr,
+                        PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """LN(h)[rows] (BM, D) times the rows ns (BN,) of the weight matrix at w_ptr ((N, D), row-major) -> (BM, BN),
+    and (TWO) times those of the matrix at w2_ptr too, from the same normalised chunks (else the second result
+    is zeros)."""
+    acc = tl.full((BM, BN), 0.0, tl.float32)
+    acc2 = tl.full((BM, BN), 0.0, tl.float32)
+    for k0 in tl.range(0, D, BK, num_stages=STAGES):
+        ks = k0 + tl.arange(0, BK)
+        a = normalized_chunk(h, rows, ks, mean, rstd, g_ptr, b_ptr, D)
+        cells = ns[None, :] * D + ks[:, None]
+        w_mask = n_ok[None, :] & (ks < D)[:, None]
+        acc += dot_block(a, tl.load(w_ptr + cells, mask=w_mask, other=0.0), PREC, W_BF16, EMULATE_BF16)
+        if TWO:
+            acc2 += dot_block(a, tl.load(w2_ptr + cells, mask=w_mask, other=0.0), PREC, W_BF16, EMULATE_BF16)
+    return acc, acc2
+
+
+@triton.jit
+def plain_product(x_ptr, rows, w_ptr, ns, n_ok, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
+                  EMULATE_BF16: tl.constexpr):
+    """x[rows] (BM, K) from memory (rows K apart, fp32 or bf16) times the rows ns (BN,) of the weight matrix at
+    w_ptr ((N, K), row-major) -> (BM, BN)."""
+    acc = tl.full((BM, BN), 0.0, tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + ns[None, :] * K + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc += dot_block(x, w, PREC, W_BF16, EMULATE_BF16)
+    return acc
+
+
+@triton.jit
+def decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h, stats, eps, enc_w, enc_b, dec_w, dec_b,
+                  final_g, final_b, pid, W: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
+                  BW: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr,
+                  PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Phase DE of step t: for each of this program's row tiles, decode x = dec(LN_f(h)) into out[:, t] (t > 0;
+    x0 = out[:, 0] at t = 0), then encode h = enc(x) (t < n_steps) with its LN partials."""
+    ws = tl.arange(0, BW)
+    w_ok = ws < W
+    for r in range(pid, ROWS // BM, NPROG):
+        rows = r * BM + tl.arange(0, BM)
+        io_mask = (rows < B)[:, None] & w_ok[None, :]
+        out_rows = out_ptr + rows.to(tl.int64)[:, None] * out_stride_b + ws[None, :]
+        if t > 0:
+            mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
+            x, _ = normalized_products(h, rows, mean, rstd, final_g, final_b, dec_w, dec_w, ws, w_ok, D, BM, BW, BK,
+                                       False, STAGES, PREC, W_BF16, EMULATE_BF16)
+            x += tl.load(dec_b + ws, mask=w_ok, other=0.0)[None, :]
+            tl.store(out_rows + t * out_stride_t, x, mask=io_mask)
+            tl.debug_barrier()  # every thread has read the partials that the encoding below overwrites
+        else:
+            x = tl.load(out_rows, mask=io_mask, other=0.0)
+        if t < n_steps:
+            for c in range(0, (D + BNC - 1) // BNC):
+                cs = c * BNC + tl.arange(0, BNC)
+                c_ok = cs < D
+                enc = tl.load(enc_w + cs[None, :] * W + ws[:, None], mask=c_ok[None, :] & w_ok[:, None], other=0.0)
+                v = dot_block(x, enc, PREC, W_BF16, EMULATE_BF16) + tl.load(enc_b + cs, mask=c_ok, other=0.0)[None, :]
+                tl.store(h + rows[:, None] * D + cs[None, :], v, mask=c_ok[None, :])
+                tile_stats(stats, rows, c, v, cs, D, BNC, ROWS)
+
+
+@triton.jit
+def mix_modes(t, dt_ptr, dt_stride_b, B, h, stats, eps, state, norm_g, norm_b, win, coef_a, coef_b, steps_ptr, pid,
+              D: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BPM: tl.constexpr,
+              BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr, RULE: tl.constexpr, EVENT: tl.constexpr,
+              HAS_SCALE: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
+              EMULATE_BF16: tl.constexpr):
+    """Phase M: for each (row tile, block of BPM modes), s = decay s + scale B LN1(h), in place in `state`
+    ((ROWS, 2P): [s_re, s_im] a row). win (2P, D) is B as [Re; Im] rows; coefficients as in
+    `lti.mode_coefficients`."""
+    for task in range(pid, (ROWS // BM) * ((P + BPM - 1) // BPM), NPROG):
+        rows, _, ps, p_ok = column_tile(task, P, BM, BPM)
+        # what the tile reads besides the product's chunks is loaded first, to arrive while the product streams
+        mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
+        if EVENT:
+            dt = tl.load(dt_ptr + rows.to(tl.int64) * dt_stride_b + t, mask=rows < B, other=1.0)
+        else:
+            dt = tl.full((BM,), 1.0, tl.float32)
+        decay_re, decay_im, scale_re, scale_im = mode_coefficients(dt, coef_a, coef_b, steps_ptr, ps, p_ok, P, RULE,
+                                                                   EVENT)
+        cell = state + rows[:, None] * (2 * P) + ps[None, :]
+        s_re = tl.load(cell, mask=p_ok[None, :], other=0.0)
+        s_im = tl.load(cell + P, mask=p_ok[None, :], other=0.0)
+        u_re, u_im = normalized_products(h, rows, mean, rstd, norm_g, norm_b, win, win + P * D, ps, p_ok, D, BM, BPM,
+                                         BK, True, STAGES, PREC, W_BF16, EMULATE_BF16)
+        new_re, new_im = advance_modes(u_re, u_im, s_re, s_im, decay_re, decay_im, scale_re, scale_im, HAS_SCALE)
+        tl.debug_barrier()  # threads holding copies of one state element must all read it before anyone writes
+        tl.store(cell, new_re, mask=p_ok[None, :])
+        tl.store(cell + P, new_im, mask=p_ok[None, :])
+
+
+@triton.jit
+def column_tile(task, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Task number `task` of a phase over (row tiles of BM) x (blocks of BN of N columns: of d_model, modes or
+    hidden units): its rows (BM,), column block c, columns cs (BN,) and their mask."""
+    n_blocks: tl.constexpr = (N + BN - 1) // BN
+    c = task % n_blocks
+    cs = c * BN + tl.arange(0, BN)
+    return (task // n_blocks) * BM + tl.arange(0, BM), c, cs, cs < N
+
+
+@triton.jit
+def add_to_residual(h, next_stats, rows, c, cs, c_ok, old, delta, D: tl.constexpr, BNC: tl.constexpr,
+                    ROWS: tl.constexpr):
+    """h[rows, cs] = old + delta (old: what the tile held), with the tile's LN partials in `next_stats`."""
+    v = old + delta
+    tl.debug_barrier()  # as in mix_modes: every thread has read `old` before any overwrites it
+    tl.store(h + rows[:, None] * D + cs[None, :], v, mask=c_ok[None, :])
+    tile_stats(next_stats, rows, c, v, cs, D, BNC, ROWS)
+
+
+@triton.jit
+def read_out_modes(h, stats, next_stats, eps, state, norm_g, norm_b, readout, d_skip, pid, D: tl.constexpr,
+                   P: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr,
+                   NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
+                   EMULATE_BF16: tl.constexpr):
+    """Phase Y: for each (row tile, block of BNC columns of d_model), h = h + (C s + D_skip LN1(h)), with the
+    new LN2 partials in `next_stats`. readout (D, 2P) is the real map [C_re, -C_im]."""
+    for task in range(pid, (ROWS // BM) * ((D + BNC - 1) // BNC), NPROG):
+        rows, c, cs, c_ok = column_tile(task, D, BM, BNC)
+        old = tl.load(h + rows[:, None] * D + cs[None, :], mask=c_ok[None, :], other=0.0)  # first, as in mix_modes
+        mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
+        gain = tl.load(norm_g + cs, mask=c_ok, other=0.0)[None, :]
+        bias = tl.load(norm_b + cs, mask=c_ok, other=0.0)[None, :]
+        skip = tl.load(d_skip + cs, mask=c_ok, other=0.0)[None, :]
+        y = plain_product(state, rows, readout, cs, c_ok, 2 * P, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16)
+        a = tl.where(c_ok[None, :], (old - mean[:, None]) * rstd[:, None] * gain + bias, 0.0)
+        add_to_residual(h, next_stats, rows, c, cs, c_ok, old, y + skip * a, D, BNC, ROWS)
+
+
+@triton.jit
+def gated_units(h, stats, eps, g, norm_g, norm_b, up_w, up_b, pid, D: tl.constexpr, F: tl.constexpr,
+                ROWS: tl.constexpr, BM: tl.constexpr, BFU: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr,
+                NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
+                EMULATE_BF16: tl.constexpr):
+    """Phase U: for each (row tile, block of BFU hidden units), g = (Wv a + bv) * gelu(Wg a + bg) with a = LN2(h),
+    into `g` ((ROWS, F), bf16 with bf16 weights: the down-projection rounds it so anyway). up (2F, D) holds Wv
+    then Wg."""
+    for task in range(pid, (ROWS // BM) * ((F + BFU - 1) // BFU), NPROG):
+        rows, _, fs, f_ok = column_tile(task, F, BM, BFU)
+        mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
+        value_bias = tl.load(up_b + fs, mask=f_ok, other=0.0)[None, :]
+        gate_bias = tl.load(up_b + F + fs, mask=f_ok, other=0.0)[None, :]
+        value, gate = normalized_products(h, rows, mean, rstd, norm_g, norm_b, up_w, up_w + F * D, fs, f_ok, D, BM,
+                                          BFU, BK, True, STAGES, PREC, W_BF16, EMULATE_BF16)
+        value += value_bias
+        gate += gate_bias
+        units = value * gelu(gate)
+        tl.store(g + rows[:, None] * F + fs[None, :], units.to(g.dtype.element_ty), mask=f_ok[None, :])
+
+
+@triton.jit
+def project_down(h, next_stats, g, down_w, down_b, pid, D: tl.constexpr, F: tl.constexpr, ROWS: tl.constexpr,
+                 BM: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr,
+                 PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Phase Dn: for each (row tile, block of BNC columns of d_model), h = h + (Wdown g + b_down), with the new LN
+    partials in `next_stats`. down (D, F)."""
+    for task in range(pid, (ROWS // BM) * ((D + BNC - 1) // BNC), NPROG):
+        rows, c, cs, c_ok = column_tile(task, D, BM, BNC)
+        old = tl.load(h + rows[:, None] * D + cs[None, :], mask=c_ok[None, :], other=0.0)  # first, as in mix_modes
+        bias = tl.load(down_b + cs, mask=c_ok, other=0.0)[None, :]
+        z = plain_product(g, rows, down_w, cs, c_ok, F, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16)
+        add_to_residual(h, next_stats, rows, c, cs, c_ok, old, z + bias, D, BNC, ROWS)
+
+
+# batch, horizon and strides vary from call to call; the widths and tiles stay specialised
+@triton.jit(do_not_specialize=["out_stride_b", "out_stride_t", "dt_stride_b", "B", "n_steps"])
+def phased_rollout_kernel(
+    out_ptr, out_stride_b, out_stride_t, dt_ptr, dt_stride_b,
+    state_ptr, h_ptr, g_ptr, stats_ptr, sem_ptr,
+    enc_w, enc_b, dec_w, dec_b, final_g, final_b,
+    norm1_g, norm1_b, norm2_g, norm2_b, up_w, up_b, down_w, down_b,
+    win, readout, d_skip, coef_a, coef_b, steps_ptr,
+    B, n_steps, eps,
+    W: tl.constexpr, D: tl.constexpr, F: tl.constexpr, P: tl.constexpr, n_layers: tl.constexpr,
+    ROWS: tl.constexpr, RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BM: tl.constexpr, BMM: tl.constexpr, BME: tl.constexpr, BW: tl.constexpr, BNC: tl.constexpr, BPM: tl.constexpr,
+    BFU: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
+    W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """Grid (NPROG,), every program resident at once (cooperative launch; see the module doc).
+
+    out (B, n_steps + 1, W) holds x0 in column 0 and receives step t's output in column t + 1; dt (B, n_steps)
+    fp32 when EVENT; state (n_layers, ROWS, 2P) fp32, updated in place; h (ROWS, D) fp32 and g (ROWS, F) fp32 or
+    bf16 (W_BF16) scratch; stats (2, D / BNC, ROWS, 2) fp32 scratch; sem an int32 zeroed before the launch.
+    ROWS is B rounded up to whole row tiles of BM; phase M takes row tiles of BMM, phase DE of BME (powers of two
+    up to BM), the others of BM. Weights as packed by `pack.pack_model` for the modal mixer
+    (win = m0, readout = m1, d_skip = m2, coef_a = m3, coef_b = m4, steps = m5), stacked over the layers.
+    """
+    pid = tl.program_id(0)
+    stats_mlp = stats_ptr + 2 * ROWS * ((D + BNC - 1) // BNC)  # the second buffer: LN2's partials
+    for t in range(n_steps + 1):
+        decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h_ptr, stats_ptr, eps, enc_w, enc_b,
+                      dec_w, dec_b, final_g, final_b, pid, W, D, ROWS, BME, BW, BNC, BK, NPROG, STAGES, PREC, W_BF16,
+                      EMULATE_BF16)
+        if t < n_steps:
+            grid_barrier(sem_ptr, pid, NPROG)
+            for layer in range(n_layers):
+                state = state_ptr + layer * (ROWS * 2 * P)
+                mix_modes(t, dt_ptr, dt_stride_b, B, h_ptr, stats_ptr, eps, state, norm1_g + layer * D,
+                          norm1_b + layer * D, win + layer * (2 * P * D), coef_a + layer * (2 * P),
+                          coef_b + layer * (2 * P), steps_ptr + layer * P, pid, D, P, ROWS, BMM, BPM, BNC, BK, NPROG,
+                          RULE, EVENT, HAS_SCALE, STAGES, PREC, W_BF16, EMULATE_BF16)
+                grid_barrier(sem_ptr, pid, NPROG)
+                read_out_modes(h_ptr, stats_ptr, stats_mlp, eps, state, norm1_g + layer * D, norm1_b + layer * D,
+                               readout + layer * (2 * P * D), d_skip + layer * D, pid, D, P, ROWS, BM, BNC, BK,
+                               NPROG, STAGES, PREC, W_BF16, EMULATE_BF16)
+                grid_barrier(sem_ptr, pid, NPROG)
+                gated_units(h_ptr, stats_mlp, eps, g_ptr, norm2_g + layer * D, norm2_b + layer * D,
+                            up_w + layer * (2 * F * D), up_b + layer * (2 * F), pid, D, F, ROWS, BM, BFU, BNC, BK,
+                            NPROG, STAGES, PREC, W_BF16, EMULATE_BF16)
+                grid_barrier(sem_ptr, pid, NPROG)
+                project_down(h_ptr, stats_ptr, g_ptr, down_w + layer * (D * F), down_b + layer * D, pid, D, F, ROWS,
+                             BM, BNC, BK, NPROG, STAGES, PREC, W_BF16, EMULATE_BF16)
+                grid_barrier(sem_ptr, pid, NPROG)

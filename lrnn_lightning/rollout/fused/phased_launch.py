@@ -1,0 +1,99 @@
+"""The phased kernel's launch (kernels/phased.py): its tiles, its scratch buffers and its `KernelCall`.
+
+    config = KernelConfig(block_b=64, block_n=64, block_k=64, num_warps=4, activations="phased")
+    out = fused_steps(model, x0, state, num_steps=255, config=config)
+
+`KernelConfig` fields mean here: block_b the rows of a tile (16, 32 or 64: tl.dot), block_n
+its columns of d_model (its MLP hidden units: 2 block_n, its modes: block_n / 2, at least 16),
+block_k the reduction chunk; split does not apply. The grid is one program an SM, or as many
+as the widest phase has tiles, if fewer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lrnn_lightning.rollout.fused.config import DOT_BLOCK_BS, KernelConfig
+from lrnn_lightning.rollout.fused.kernel_call import KernelCall
+from lrnn_lightning.rollout.fused.pack import MIXER_NAMES, MODAL, PackedModel, state_to_rows
+from lrnn_lightning.rollout.state import State
+
+PHASED_STAGES = 3  # software-pipelined stages of each tile's reduction loop (tl.range num_stages)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def check_phased(packed: PackedModel, config: KernelConfig) -> None:
+    """A ValueError where the phased kernel cannot run `packed` under `config`."""
+    if packed.mixer_id != MODAL:
+        raise ValueError(f"fused_steps: activations='phased' implements LRU and S5 (modal) mixers only, not "
+                         f"{MIXER_NAMES[packed.mixer_id]}. HINT: activations='auto'.")
+    if config.block_b not in DOT_BLOCK_BS:
+        raise ValueError(f"fused_steps: activations='phased' multiplies tiles with tl.dot: block_b must be one of "
+                         f"{DOT_BLOCK_BS}, got {config.block_b}. HINT: block_b=64 at large batch.")
+    if config.split not in (None, 1):
+        raise ValueError(f"fused_steps: split={config.split} splits the register kernel's steps; the phased kernel "
+                         "spreads every step over the whole grid already. HINT: split=None.")
+
+
+def phased_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
+    """The phased kernel's tile constexprs for `packed` under `config` (module doc)."""
+    columns = max(16, min(config.block_n, _pow2(max(packed.d_model, packed.d_ff))))
+    # phases M and DE read whole rows of h for narrow outputs (modes; the decoder and encoder): smaller row tiles
+    # spread them over more programs
+    return {"BM": config.block_b, "BMM": max(16, config.block_b // 2), "BME": 16, "BW": max(16, _pow2(packed.width)),
+            "BNC": min(columns, max(16, _pow2(packed.d_model))),
+            "BPM": max(16, min(columns // 2, _pow2(packed.sizes[0]))),
+            "BFU": min(2 * columns, max(16, _pow2(packed.d_ff))), "BK": config.block_k, "STAGES": PHASED_STAGES}
+
+
+def phase_tiles(packed: PackedModel, blocks: dict[str, int], row_tiles: int) -> int:
+    """Tiles of the widest phase: the most programs that all have work at once."""
+    d, f, p = packed.d_model, packed.d_ff, packed.sizes[0]
+    widest = max(-(-d // blocks["BNC"]), -(-f // blocks["BFU"]), -(-p // blocks["BPM"]))
+    return row_tiles * widest
+
+
+def build_phased_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
+                      precision: str, config: KernelConfig, interpreted: bool, n_sms: int) -> KernelCall:
+    """Allocate the phased kernel's output, state and scratch buffers and assemble its arguments; the grid is
+    at most `n_sms` programs (1 in the interpreter, which runs one program at a time and cannot wait)."""
+    check_phased(packed, config)
+    device, f32 = x0.device, torch.float32
+    batch, width = x0.shape
+    blocks = phased_blocks(packed, config)
+    row_tiles = -(-batch // blocks["BM"])
+    rows = row_tiles * blocks["BM"]
+    n_prog = 1 if interpreted else max(1, min(n_sms, phase_tiles(packed, blocks, row_tiles)))
+    d_model, d_ff, n_modes = packed.d_model, packed.d_ff, packed.sizes[0]
+    w_bf16 = packed.common["up_w"].dtype == torch.bfloat16
+
+    out = torch.empty(batch, num_steps + 1, width, device=device, dtype=f32)
+    out[:, 0] = x0
+    dt = dt_steps.to(f32).contiguous() if dt_steps is not None else torch.ones(1, device=device, dtype=f32)
+    states = torch.zeros(packed.n_layers, rows, packed.state_width, device=device, dtype=f32)
+    if state is not None:
+        for layer in range(packed.n_layers):
+            prefix = f"{layer}."
+            layer_state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+            states[layer, :batch] = state_to_rows(packed.mixer_id, layer_state)
+    h = torch.empty(rows, d_model, device=device, dtype=f32)
+    units = torch.empty(rows, d_ff, device=device, dtype=torch.bfloat16 if w_bf16 else f32)
+    stats = torch.empty(2, -(-d_model // blocks["BNC"]), rows, 2, device=device, dtype=f32)
+    sem = torch.zeros(1, device=device, dtype=torch.int32)
+
+    c = packed.common
+    win, readout, d_skip, coef_a, coef_b, steps = packed.mixer[:6]
+    args = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0,
+            states, h, units, stats, sem,
+            c["enc_w"], c["enc_b"], c["dec_w"], c["dec_b"], c["final_g"], c["final_b"],
+            c["norm1_g"], c["norm1_b"], c["norm2_g"], c["norm2_b"], c["up_w"], c["up_b"], c["down_w"], c["down_b"],
+            win, readout, d_skip, coef_a, coef_b, steps, batch, num_steps, packed.eps)
+    constexprs = dict(W=width, D=d_model, F=d_ff, P=n_modes, n_layers=packed.n_layers, ROWS=rows, RULE=packed.rule,
+                      EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale, NPROG=n_prog, PREC=precision,
+                      W_BF16=w_bf16, EMULATE_BF16=interpreted, **blocks)
+    return KernelCall("phased_rollout_kernel", (n_prog,), args, constexprs, config.num_warps, out, states,
+                      cooperative=n_prog > 1, zeroed=(sem,) if n_prog > 1 else (), num_stages=PHASED_STAGES)

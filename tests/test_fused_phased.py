@@ -1,0 +1,144 @@
+"""The phased fused kernel (kernels/phased.py) under the Triton interpreter, against the plain step loop.
+
+In the interpreter the kernel runs as one program that takes every tile of every phase, so these tests
+check its arithmetic: the tiles of rows, modes, columns and hidden units (ragged ones included), the
+LayerNorm statistics merged from column tiles, the state, event dt and every discretisation. Its
+barriers between programs are exercised on the GPU (tests/test_fused_phased_cuda.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lrnn_lightning.rollout.fused import KernelConfig, fused_rollout, fused_steps, support
+from lrnn_lightning.rollout.fused.config import phased_config
+from lrnn_lightning.rollout.fused.launch import build_call, default_launch
+from lrnn_lightning.rollout.fused.pack import pack_model
+from lrnn_lightning.rollout.fused.phased_launch import phase_tiles, phased_blocks
+from lrnn_lightning.rollout.inference import rollout_mode
+from lrnn_lightning.rollout.loop import run_steps
+from tests.conftest import relative_error
+from tests.helpers import import_interpreted
+from tests.test_fused import (
+    BF16_TOL,
+    FUSED_TOL,
+    HORIZON,
+    case_id,
+    loop_rollout,
+    make_data,
+    make_model,
+    take_an_optimizer_step,
+)
+
+# 16-wide tiles over d_model 40 (three column tiles, the last ragged), the LRU's 20 modes (two blocks of 16; S5's
+# 10 conjugate-symmetric modes: one, ragged) and 80 hidden units (blocks of 32, the last ragged); 20 rows: two
+# row tiles of 16, the second padded
+PHASED = KernelConfig(block_b=16, block_n=16, block_k=16, activations="phased")
+MODAL_CASES = [("lru", {}), ("s5", {"discretization": "zoh"}), ("s5", {"discretization": "bilinear"}),
+               ("s5", {"discretization": "dirac"}), ("s5", {"conj_sym": False})]
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    return import_interpreted(support.KERNEL_MODULE)
+
+
+def wide_model(case, n_layers: int = 2, seed: int = 0):
+    return make_model(*case, d_model=40, d_state=20, n_layers=n_layers, seed=seed)
+
+
+@pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
+@pytest.mark.parametrize("case", MODAL_CASES, ids=case_id)
+def test_phased_rollout_equals_the_loop(interpreter, case, event):
+    model = wide_model(case)
+    context, dt = make_data(batch=20, event=event)
+    out = fused_rollout(model, context, HORIZON, dt, config=PHASED)
+    ref = loop_rollout(model, context, HORIZON, dt)
+    assert out.shape == ref.shape
+    assert relative_error(out[:, 1:], ref[:, 1:]) < FUSED_TOL
+    assert relative_error(ref[:, -1], ref[:, 1]) > 1e-2  # the rollout moves
+
+
+def test_phased_tiles_cover_the_model_in_several_blocks(interpreter):
+    packed = pack_model(wide_model(MODAL_CASES[0]), torch.float32, event=False)
+    blocks = phased_blocks(packed, PHASED)
+    assert (blocks["BM"], blocks["BNC"], blocks["BPM"], blocks["BFU"], blocks["BK"]) == (16, 16, 16, 32, 16)
+    # d_model 40 in 3 column tiles, 20 modes in 2 blocks, 80 hidden units in 3 (the last ragged)
+    assert phase_tiles(packed, blocks, row_tiles=2) == 2 * 3
+    call = build_call(packed, torch.randn(20, 3), None, 4, None, "ieee", PHASED, interpreted=True)
+    assert call.kernel == "phased_rollout_kernel" and call.grid == (1,) and not call.cooperative
+    assert call.constexprs["ROWS"] == 32 and call.states.shape == (2, 32, 40)
+    on_gpu = build_call(packed, torch.randn(20, 3), None, 4, None, "ieee", PHASED, interpreted=False, n_sms=132)
+    assert on_gpu.grid == (6,) and on_gpu.cooperative and on_gpu.constexprs["NPROG"] == 6
+    assert build_call(packed, torch.randn(20, 3), None, 4, None, "ieee", PHASED, interpreted=False,
+                      n_sms=4).grid == (4,)  # one program an SM at most: they wait for each other
+
+
+def test_phased_steps_leave_the_loops_final_state(interpreter):
+    model = wide_model(("s5", {"discretization": "zoh"}))
+    context, dt = make_data(batch=20, event=True)
+    with rollout_mode(model, "cpu"):
+        _, state = model.prefill(context, dt[:, :context.shape[1]])
+        x0 = torch.randn(20, model.d_input)
+        steps = dt[:, context.shape[1]:context.shape[1] + 4]
+        out, final = fused_steps(model, x0, state, 4, steps, config=PHASED, return_state=True)
+        ref_state = {key: value.clone() for key, value in state.items()}
+        ref = run_steps(model, x0, ref_state, 4, steps)
+    assert relative_error(out, ref) < FUSED_TOL
+    for key, value in ref_state.items():
+        assert relative_error(final[key], value) < FUSED_TOL, key
+    assert relative_error(final["1.h_re"], state["1.h_re"]) > 1e-3  # the state moved
+
+
+def test_phased_rollout_follows_an_optimizer_step(interpreter):
+    model = wide_model(("s5", {"discretization": "bilinear"}))
+    context, dt = make_data(batch=20, event=True)
+    before = fused_rollout(model, context, HORIZON, dt, config=PHASED)
+    take_an_optimizer_step(model, context, dt)
+    model.eval()
+    after = fused_rollout(model, context, HORIZON, dt, config=PHASED)
+    assert relative_error(after[:, 1:], loop_rollout(model, context, HORIZON, dt)[:, 1:]) < FUSED_TOL
+    assert relative_error(after[:, 1:], before[:, 1:]) > 1e-3
+
+
+def test_phased_tiles_of_other_shapes_and_tensor_core_precisions(interpreter):
+    # 32-row tiles with 32-wide columns and 16-wide chunks; one layer; then bf16 weights and tf32x3
+    model = wide_model(("lru", {}), n_layers=1, seed=3)
+    context, dt = make_data(batch=20, event=True)
+    ref = loop_rollout(model, context, HORIZON, dt)
+    wide = replace(PHASED, block_b=32, block_n=32)
+    assert relative_error(fused_rollout(model, context, HORIZON, dt, config=wide)[:, 1:], ref[:, 1:]) < FUSED_TOL
+    tf32x3 = fused_rollout(model, context, HORIZON, dt, precision="tf32x3", config=PHASED)
+    assert relative_error(tf32x3[:, 1:], ref[:, 1:]) < FUSED_TOL  # the interpreter computes it in fp32
+    bf16 = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=PHASED)
+    assert 1e-5 < relative_error(bf16[:, 1:], ref[:, 1:]) < BF16_TOL
+
+
+def test_phased_launch_errors(interpreter):
+    context, _ = make_data(batch=20)
+    with pytest.raises(ValueError, match="phased' implements LRU and S5 .*not Mamba.*HINT"):
+        fused_rollout(make_model("mamba"), context, HORIZON, config=PHASED)
+    with pytest.raises(ValueError, match="block_b must be one of \\(16, 32, 64\\), got 4.*HINT"):
+        fused_rollout(make_model("lru"), context, HORIZON, config=replace(PHASED, block_b=4))
+    with pytest.raises(ValueError, match="split=2 splits the register kernel's steps.*HINT: split=None"):
+        fused_rollout(make_model("lru"), context, HORIZON, config=replace(PHASED, split=2))
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_wide_modal_models_take_phased_steps_at_large_batch(weight_dtype):
+    h100 = 132
+
+    def default(name, d_model, batch, d_state=16):
+        packed = pack_model(make_model(name, d_model=d_model, d_state=d_state, n_layers=1), weight_dtype, event=False)
+        return default_launch(packed, batch, weight_dtype, "ieee", h100)
+    assert default("lru", 512, 1024) == phased_config(weight_dtype)
+    assert default("s5", 400, 2 * h100 + 1).activations == "phased"  # d_model 400 pads to 512
+    assert default("lru", 512, 2 * h100).activations != "phased"  # two rows per SM: one-row programs
+    assert default("lru", 256, 1024).activations != "phased"  # narrower models keep the row tiles
+    assert default("mamba", 512, 1024).activations != "phased"  # the phased kernel is modal only
+    config = phased_config(weight_dtype)
+    assert (config.block_b, config.block_k, config.num_warps) == ((64, 64, 8) if weight_dtype == torch.bfloat16
+                                                                  else (64, 32, 4))

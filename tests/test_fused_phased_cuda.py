@@ -1,0 +1,125 @@
+"""The phased fused kernel (kernels/phased.py) compiled on a GPU: many programs with grid-wide barriers
+between the phases of every step, against float64 and fp32 loops (the fp32 bound of test_fused_cuda.py),
+on tensor cores, from a prefilled state and after an optimizer step.
+
+Run: pytest -m cuda tests/test_fused_phased_cuda.py
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lrnn_lightning.rollout import run_steps
+from lrnn_lightning.rollout.fused import KernelConfig, fused_rollout, fused_steps
+from lrnn_lightning.rollout.fused.launch import build_call, kernel_module
+from lrnn_lightning.rollout.fused.pack import pack_model
+from tests.conftest import relative_error
+from tests.test_fused import case_id, loop_rollout, take_an_optimizer_step
+from tests.test_fused_cuda import (
+    BF16_STEPS,
+    BF16_TOL,
+    HORIZON,
+    TF32X3_TOL,
+    assert_fp32_accurate,
+    gpu_data,
+    gpu_model,
+)
+
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_fp32")]
+
+# d_model 96 in 3 column tiles of 32, 192 hidden units in 6, the LRU's 24 modes in 2 blocks of 16; 100 rows in 7
+# row tiles of 16 (the last padded): 42 programs, each with tiles in every phase
+PHASED = KernelConfig(block_b=16, block_n=32, block_k=32, num_warps=4, activations="phased")
+MODAL_CASES = [("lru", {}), ("s5", {"discretization": "zoh"}), ("s5", {"discretization": "bilinear"}),
+               ("s5", {"discretization": "dirac"}), ("s5", {"conj_sym": False})]
+
+
+@pytest.fixture(autouse=True)
+def _triton():
+    pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("event", [False, True], ids=["no-dt", "event-dt"])
+@pytest.mark.parametrize("case", MODAL_CASES, ids=case_id)
+def test_phased_steps_equal_the_loop_on_gpu(case, event):
+    model = gpu_model(*case)
+    context, dt = gpu_data(batch=100, event=event)
+    out = fused_rollout(model, context, HORIZON, dt, config=PHASED)
+    assert_fp32_accurate(model, context, HORIZON, dt, out)
+    # every program sums its tiles in a fixed order whatever the others do: the same bits again
+    assert torch.equal(fused_rollout(model, context, HORIZON, dt, config=PHASED), out)
+
+
+@pytest.mark.parametrize("case", [("lru", {}), ("s5", {"discretization": "zoh"})], ids=case_id)
+@pytest.mark.parametrize("config", [replace(PHASED, block_b=64, block_n=64, block_k=32, num_warps=4),
+                                    replace(PHASED, block_b=32, block_n=64, block_k=64, num_warps=8)],
+                         ids=["b64-n64-k32-w4", "b32-n64-k64-w8"])
+def test_phased_tiles_on_tensor_cores(config, case):
+    """tf32x3 about fp32; bf16 within the bound of test_fused_cuda.test_tf32x3_and_bf16_on_gpu over its first
+    steps, and rounding what the register kernel's tl.dot tiles round: its first output is theirs but for
+    the few products whose bf16 rounding flips with the summation order. 64-row tiles take the sm_90
+    warpgroup products."""
+    model = gpu_model(*case)
+    context, dt = gpu_data(batch=150, event=True)
+    ref = loop_rollout(model, context, HORIZON, dt)
+    tf32x3 = fused_rollout(model, context, HORIZON, dt, precision="tf32x3", config=config)
+    assert relative_error(tf32x3[:, 1:], ref[:, 1:]) < TF32X3_TOL
+    bf16 = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=config)
+    error = relative_error(bf16[:, 1:BF16_STEPS + 1], ref[:, 1:BF16_STEPS + 1])
+    assert 1e-5 < error < BF16_TOL, f"bf16 relative error {error:.2e} over {BF16_STEPS} steps"
+    assert relative_error(bf16[:, 1:], ref[:, 1:]) < 10 * BF16_TOL
+    tiles = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16,
+                          config=KernelConfig(block_b=16, block_k=32, activations="registers"))
+    first = relative_error(bf16[:, 1], tiles[:, 1])
+    assert first < 0.1 * relative_error(bf16[:, 1], ref[:, 1]), f"phased vs register bf16 at step 1: {first:.2e}"
+
+
+def test_phased_steps_leave_the_loops_final_state_and_follow_an_optimizer_step():
+    model = gpu_model("s5", {"discretization": "zoh"})
+    context, dt = gpu_data(batch=100, event=True)
+    n_ctx = context.shape[1]
+    with torch.no_grad():
+        _, state = model.prefill(context, dt[:, :n_ctx])
+        x0 = torch.randn(100, model.d_input, device="cuda")
+        steps = dt[:, n_ctx:n_ctx + 6]
+        out, final = fused_steps(model, x0, state, 6, steps, config=PHASED, return_state=True)
+        ref_state = {key: value.clone() for key, value in state.items()}
+        ref = run_steps(model, x0, ref_state, 6, steps)
+    assert relative_error(out, ref) < 1e-5
+    for key, value in ref_state.items():
+        assert relative_error(final[key], value) < 1e-5, key
+    before = fused_rollout(model, context, HORIZON, dt, config=PHASED)
+    take_an_optimizer_step(model, context, dt)
+    model.eval()
+    after = fused_rollout(model, context, HORIZON, dt, config=PHASED)
+    assert_fp32_accurate(model, context, HORIZON, dt, after)
+    assert relative_error(after[:, 1:], before[:, 1:]) > 1e-3
+
+
+def test_phased_large_model_on_gpu():
+    # the benchmark's widest shapes (d_model 512, 1024 hidden units, 128 modes), 300 rows in 5 tiles of 64
+    model = gpu_model("lru", d_model=512, d_state=128, n_layers=2)
+    context, _ = gpu_data(batch=300)
+    config = KernelConfig(block_b=64, block_n=64, block_k=32, num_warps=4, activations="phased")
+    assert_fp32_accurate(model, context, 20, None, fused_rollout(model, context, 20, config=config))
+
+
+def test_a_phased_call_launched_again_carries_its_state_on():
+    """The barrier's counter is zeroed by every launch; relaunching one call steps on from its state, as the
+    eager step does."""
+    model = gpu_model("lru", n_layers=1)
+    packed = pack_model(model, torch.float32, event=False)
+    x0 = torch.randn(100, model.d_input, device="cuda")
+    call = build_call(packed, x0, None, 1, None, "ieee", PHASED, False)
+    assert call.cooperative and call.grid[0] > 1
+    kernels = kernel_module()
+    with torch.no_grad():
+        state = model.allocate_state(100)
+        for _ in range(4):
+            call.out[:, 1:].fill_(float("nan"))
+            call.launch(kernels)
+            expected = model.step(x0, state)
+            assert relative_error(call.out[:, 1], expected) < 1e-5
