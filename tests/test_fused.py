@@ -155,6 +155,20 @@ def test_auto_takes_the_kernel_up_to_two_rows_per_sm(monkeypatch):
     assert not choose_fused(model, "auto", None, on_gpu=False, batch=1, n_sms=132).fused
 
 
+def test_auto_takes_phased_bf16_steps_at_large_batch(monkeypatch):
+    monkeypatch.setattr(support, "interpreter_active", lambda: True)  # the CPU model counts as covered
+    wide = make_model("lru", d_model=512, d_state=16, n_layers=1)
+    batch = 4 * 132
+    choice = choose_fused(wide, "auto", torch.bfloat16, on_gpu=True, batch=batch, n_sms=132)
+    assert choice.fused and "528 rows on 132 SMs take phased steps on bf16 weights" in choice.reason
+    assert default_launch(pack_model(wide, torch.bfloat16, event=False), batch, torch.bfloat16, "ieee",
+                          132).activations == "phased"  # what the reason says is what runs
+    # fp32 weights, a mixer or a width that takes no phased steps: the graph, as beyond two rows per SM
+    assert not choose_fused(wide, "auto", None, on_gpu=True, batch=batch, n_sms=132).fused
+    for model in (make_model("mamba", d_model=512, n_layers=1), make_model("s5", d_model=256, n_layers=1)):
+        assert not choose_fused(model, "auto", torch.bfloat16, on_gpu=True, batch=batch, n_sms=132).fused
+
+
 def test_choose_backend_without_triton(monkeypatch):
     monkeypatch.setattr(support, "triton_version", lambda: None)
     model = make_model("s5")
