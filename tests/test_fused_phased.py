@@ -17,7 +17,7 @@ from lrnn_lightning.rollout.fused import KernelConfig, fused_rollout, fused_step
 from lrnn_lightning.rollout.fused.config import phased_config
 from lrnn_lightning.rollout.fused.launch import build_call, default_launch
 from lrnn_lightning.rollout.fused.pack import pack_model
-from lrnn_lightning.rollout.fused.phased_launch import phase_tiles, phased_blocks
+from lrnn_lightning.rollout.fused.phased_launch import check_offsets, phase_tiles, phased_blocks
 from lrnn_lightning.rollout.inference import rollout_mode
 from lrnn_lightning.rollout.loop import run_steps
 from tests.conftest import relative_error
@@ -67,7 +67,12 @@ def test_phased_tiles_cover_the_model_in_several_blocks(interpreter):
     blocks = phased_blocks(packed, PHASED)
     assert (blocks["BM"], blocks["BNC"], blocks["BPM"], blocks["BFU"], blocks["BK"]) == (16, 16, 16, 32, 16)
     # d_model 40 in 3 column tiles, 20 modes in 2 blocks, 80 hidden units in 3 (the last ragged)
-    assert phase_tiles(packed, blocks, row_tiles=2) == 2 * 3
+    assert phase_tiles(packed, blocks, rows=32) == 2 * 3
+    # each phase on its own row tiles: 64 rows of d_model 512 in 64-row tiles, modes in 32-row ones, decoding in 16
+    wide = pack_model(make_model("lru", d_model=512, d_state=256, n_layers=1), torch.bfloat16, event=False)
+    wide_blocks = phased_blocks(wide, KernelConfig(block_b=64, block_n=64, activations="phased"))
+    assert (wide_blocks["BMM"], wide_blocks["BPM"], wide_blocks["BFU"]) == (32, 32, 128)
+    assert phase_tiles(wide, wide_blocks, rows=64) == max(1 * 1024 // 128, 2 * 256 // 32, 64 // 16) == 16
     call = build_call(packed, torch.randn(20, 3), None, 4, None, "ieee", PHASED, interpreted=True)
     assert call.kernel == "phased_rollout_kernel" and call.grid == (1,) and not call.cooperative
     assert call.constexprs["ROWS"] == 32 and call.states.shape == (2, 32, 40)
@@ -119,6 +124,10 @@ def test_phased_tiles_of_other_shapes_and_tensor_core_precisions(interpreter):
 
 def test_phased_launch_errors(interpreter):
     context, _ = make_data(batch=20)
+    packed = pack_model(make_model("lru", d_model=512, d_state=128, n_layers=8), torch.float32, event=False)
+    with pytest.raises(ValueError, match="32-bit offsets.*2147483648 elements in one buffer \\(1048576 rows.*HINT"):
+        check_offsets(packed, rows=1 << 20)
+    check_offsets(packed, rows=(1 << 20) - 64)
     with pytest.raises(ValueError, match="phased' implements LRU and S5 .*not Mamba.*HINT"):
         fused_rollout(make_model("mamba"), context, HORIZON, config=PHASED)
     with pytest.raises(ValueError, match="block_b must be one of \\(16, 32, 64\\), got 4.*HINT"):

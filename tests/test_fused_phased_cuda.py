@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lrnn_lightning.rollout import run_steps
+from lrnn_lightning.rollout import RolloutEngine, run_steps
 from lrnn_lightning.rollout.fused import KernelConfig, fused_rollout, fused_steps
 from lrnn_lightning.rollout.fused.launch import build_call, kernel_module
 from lrnn_lightning.rollout.fused.pack import pack_model
@@ -30,8 +30,9 @@ from tests.test_fused_cuda import (
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("exact_fp32")]
 
-# d_model 96 in 3 column tiles of 32, 192 hidden units in 6, the LRU's 24 modes in 2 blocks of 16; 100 rows in 7
-# row tiles of 16 (the last padded): 42 programs, each with tiles in every phase
+# d_model 96 in 3 column tiles of 32, its hidden units in blocks of 64, the LRU's 24 modes in 2 blocks of 16 (S5's
+# 12 in one); 100 rows in 7 row tiles of 16 (the last padded): 21 programs with d_model tiles each, some without
+# mode tiles
 PHASED = KernelConfig(block_b=16, block_n=32, block_k=32, num_warps=4, activations="phased")
 MODAL_CASES = [("lru", {}), ("s5", {"discretization": "zoh"}), ("s5", {"discretization": "bilinear"}),
                ("s5", {"discretization": "dirac"}), ("s5", {"conj_sym": False})]
@@ -123,3 +124,21 @@ def test_a_phased_call_launched_again_carries_its_state_on():
             call.launch(kernels)
             expected = model.step(x0, state)
             assert relative_error(call.out[:, 1], expected) < 1e-5
+
+
+def test_the_engine_takes_phased_bf16_steps_beyond_two_rows_per_sm():
+    """fused="auto" under a bf16 autocast takes the kernel past two rows per SM for a model that runs phased steps
+    (selection.phased_on_bf16), and the graph for the same model in fp32."""
+    model = gpu_model("lru", d_model=512, d_state=32, n_layers=1)
+    batch = 2 * torch.cuda.get_device_properties(0).multi_processor_count + 36
+    context, _ = gpu_data(batch=batch)
+    engine = RolloutEngine(model, fused="auto", autocast_dtype=torch.bfloat16)
+    out = engine.rollout(context, HORIZON)
+    assert engine.stats.path == "fused" and "phased steps on bf16 weights" in engine.stats.backend_reason
+    ref = loop_rollout(model, context, HORIZON)
+    assert 1e-5 < relative_error(out[:, 1:BF16_STEPS + 1], ref[:, 1:BF16_STEPS + 1]) < BF16_TOL
+    engine.release()
+    fp32 = RolloutEngine(model, fused="auto", tf32=False)
+    fp32.rollout(context, HORIZON)
+    assert fp32.stats.path == "graph" and "more than 2 per SM" in fp32.stats.backend_reason
+    fp32.release()

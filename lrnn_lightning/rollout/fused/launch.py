@@ -512,11 +512,14 @@ def _launch(kernels, packed: PackedModel, x0: Tensor, state: State | None, num_s
     try:
         call.launch(kernels)
     except Exception as error:
+        hint = ("KernelConfig(block_b=32, block_n=64, block_k=32, num_warps=4, activations='phased') needs fewer "
+                "resources and activations='scratch' takes the scratch kernel" if call.kernel == "phased_rollout_kernel"
+                else "a smaller KernelConfig(block_b=16, block_n=32, block_k=16) needs fewer resources, "
+                "activations='scratch' takes the other kernel and split=1 launches without co-residency")
         raise FusedKernelError(
             f"fused rollout kernel {call.kernel} failed ({type(error).__name__}: {str(error).strip()[:2000]}) with "
-            f"{call.constexprs}, num_warps={call.num_warps}, {call.grid[0]} programs. HINT: a smaller "
-            "KernelConfig(block_b=16, block_n=32, block_k=16) needs fewer resources, activations='scratch' "
-            "takes the other kernel and split=1 launches without co-residency; or use the graph backend."
+            f"{call.constexprs}, num_warps={call.num_warps}, {call.grid[0]} programs. HINT: {hint}; or use the "
+            "graph backend."
         ) from error
     return call.out, call.states
 

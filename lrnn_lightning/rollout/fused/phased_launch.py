@@ -3,10 +3,12 @@
     config = KernelConfig(block_b=64, block_n=64, block_k=64, num_warps=4, activations="phased")
     out = fused_steps(model, x0, state, num_steps=255, config=config)
 
-`KernelConfig` fields mean here: block_b the rows of a tile (16, 32 or 64: tl.dot), block_n
-its columns of d_model (its MLP hidden units: 2 block_n, its modes: block_n / 2, at least 16),
+`KernelConfig` fields mean here: block_b the rows of a tile (16, 32 or 64: tl.dot; the
+modes' phase takes half as many, at least 16, and decoding and encoding 16), block_n its
+columns of d_model (its MLP hidden units: 2 block_n, its modes: block_n / 2, at least 16),
 block_k the reduction chunk; split does not apply. The grid is one program an SM, or as many
-as the widest phase has tiles, if fewer.
+as the widest phase has tasks, if fewer. The batch is specialised in whole row tiles (the
+kernel compiles once per row-tile count and grid).
 """
 
 from __future__ import annotations
@@ -50,11 +52,23 @@ def phased_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
             "BFU": min(2 * columns, max(16, _pow2(packed.d_ff))), "BK": config.block_k, "STAGES": PHASED_STAGES}
 
 
-def phase_tiles(packed: PackedModel, blocks: dict[str, int], row_tiles: int) -> int:
-    """Tiles of the widest phase: the most programs that all have work at once."""
+def phase_tiles(packed: PackedModel, blocks: dict[str, int], rows: int) -> int:
+    """Tasks of the widest phase for `rows` (whole row tiles of BM), each phase on its own row tiles (BM; BMM for
+    the modes, BME for decoding and encoding): the most programs that all have work at once."""
     d, f, p = packed.d_model, packed.d_ff, packed.sizes[0]
-    widest = max(-(-d // blocks["BNC"]), -(-f // blocks["BFU"]), -(-p // blocks["BPM"]))
-    return row_tiles * widest
+    return max(rows // blocks["BM"] * max(-(-d // blocks["BNC"]), -(-f // blocks["BFU"])),
+               rows // blocks["BMM"] * -(-p // blocks["BPM"]), rows // blocks["BME"])
+
+
+def check_offsets(packed: PackedModel, rows: int) -> None:
+    """A ValueError where an element offset of the phased kernel's scratch or weights would pass int32 (it indexes
+    them with 32-bit rows and layers)."""
+    d, f, p, layers = packed.d_model, packed.d_ff, packed.sizes[0], packed.n_layers
+    largest = max(layers * rows * 2 * p, rows * max(d, f), layers * 2 * f * d, layers * 2 * p * d)
+    if largest >= 2 ** 31:
+        raise ValueError(f"fused_steps: activations='phased' indexes with 32-bit offsets, and this launch needs "
+                         f"{largest} elements in one buffer ({rows} rows, d_model {d}, {f} hidden units, {p} modes, "
+                         f"{layers} layers). HINT: roll out fewer rows at a time.")
 
 
 def build_phased_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: int, dt_steps: Tensor | None,
@@ -65,9 +79,9 @@ def build_phased_call(packed: PackedModel, x0: Tensor, state: State | None, num_
     device, f32 = x0.device, torch.float32
     batch, width = x0.shape
     blocks = phased_blocks(packed, config)
-    row_tiles = -(-batch // blocks["BM"])
-    rows = row_tiles * blocks["BM"]
-    n_prog = 1 if interpreted else max(1, min(n_sms, phase_tiles(packed, blocks, row_tiles)))
+    rows = -(-batch // blocks["BM"]) * blocks["BM"]
+    check_offsets(packed, rows)
+    n_prog = 1 if interpreted else max(1, min(n_sms, phase_tiles(packed, blocks, rows)))
     d_model, d_ff, n_modes = packed.d_model, packed.d_ff, packed.sizes[0]
     w_bf16 = packed.common["up_w"].dtype == torch.bfloat16
 

@@ -265,7 +265,8 @@ def project_down(h, next_stats, g, down_w, down_b, pid, D: tl.constexpr, F: tl.c
         add_to_residual(h, next_stats, rows, c, cs, c_ok, old, z + bias, D, BNC, ROWS)
 
 
-# batch, horizon and strides vary from call to call; the widths and tiles stay specialised
+# horizon, strides and the rows within the last tile vary from call to call; the widths, tiles, row tiles (ROWS)
+# and grid (NPROG) stay specialised
 @triton.jit(do_not_specialize=["out_stride_b", "out_stride_t", "dt_stride_b", "B", "n_steps"])
 def phased_rollout_kernel(
     out_ptr, out_stride_b, out_stride_t, dt_ptr, dt_stride_b,
