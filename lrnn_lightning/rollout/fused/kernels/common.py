@@ -92,8 +92,8 @@ def load_tile(ptr, row_stride, rows, row_ok, K, BK: tl.constexpr, CH: tl.constex
         return tl.load(ptr + rows[:, None] * row_stride + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
                        other=0.0)
     else:
-        ks = (tl.arange(0, BK // CH if CH < BK else 1)[:, None] * (CH if CH < BK else BK)
-              + tl.arange(0, CH if CH < BK else BK)[None, :])
+        WIDTH: tl.constexpr = CH if CH < BK else BK  # a chunk, capped at the tile's width
+        ks = tl.arange(0, BK // WIDTH)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
         return tl.load(ptr + rows[None, :, None] * row_stride + ks[:, None, :],
                        mask=row_ok[None, :, None] & (ks < K)[:, None, :], other=0.0)
 
