@@ -55,7 +55,7 @@ from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig an
     processor_count,
     small_tile_config,
 )
-from lrnn_lightning.rollout.fused.kernel_call import KernelCall
+from lrnn_lightning.rollout.fused.kernel_call import KernelCall, io_buffers
 from lrnn_lightning.rollout.fused.pack import (
     MAMBA,
     MIXER_IDS,
@@ -65,7 +65,6 @@ from lrnn_lightning.rollout.fused.pack import (
     S4D_ID,
     PackedModel,
     rows_to_state,
-    state_to_rows,
 )
 from lrnn_lightning.rollout.fused.pack_graph import pack_live
 from lrnn_lightning.rollout.fused.phased_launch import build_phased_call
@@ -451,16 +450,8 @@ def build_call(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
     n_prog = -(-batch // bb)  # row tiles
     n_layers, d_model, d_ff = packed.n_layers, packed.d_model, packed.d_ff
 
-    out = torch.empty(batch, num_steps + 1, width, device=device, dtype=f32)
-    out[:, 0] = x0
-    dt = dt_steps.to(f32).contiguous() if dt_steps is not None else torch.ones(1, device=device, dtype=f32)
     # state layout (L, programs * BB, state_width): program p owns rows [p BB, (p + 1) BB) of every layer
-    states = torch.zeros(n_layers, n_prog * bb, packed.state_width, device=device, dtype=f32)
-    if state is not None:
-        for layer in range(n_layers):
-            prefix = f"{layer}."
-            layer_state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-            states[layer, :batch] = state_to_rows(packed.mixer_id, layer_state)
+    out, dt, states = io_buffers(packed, x0, state, num_steps, dt_steps, n_prog * bb)
 
     c = packed.common
     io = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0)

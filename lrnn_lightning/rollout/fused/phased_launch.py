@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from lrnn_lightning.rollout.fused.config import DOT_BLOCK_BS, KernelConfig
-from lrnn_lightning.rollout.fused.kernel_call import KernelCall
-from lrnn_lightning.rollout.fused.pack import MIXER_NAMES, MODAL, PackedModel, state_to_rows
+from lrnn_lightning.rollout.fused.kernel_call import KernelCall, io_buffers
+from lrnn_lightning.rollout.fused.pack import MIXER_NAMES, MODAL, PackedModel
 from lrnn_lightning.rollout.state import State
 
 PHASED_STAGES = 3  # software-pipelined stages of each tile's reduction loop (tl.range num_stages)
@@ -85,15 +85,7 @@ def build_phased_call(packed: PackedModel, x0: Tensor, state: State | None, num_
     d_model, d_ff, n_modes = packed.d_model, packed.d_ff, packed.sizes[0]
     w_bf16 = packed.common["up_w"].dtype == torch.bfloat16
 
-    out = torch.empty(batch, num_steps + 1, width, device=device, dtype=f32)
-    out[:, 0] = x0
-    dt = dt_steps.to(f32).contiguous() if dt_steps is not None else torch.ones(1, device=device, dtype=f32)
-    states = torch.zeros(packed.n_layers, rows, packed.state_width, device=device, dtype=f32)
-    if state is not None:
-        for layer in range(packed.n_layers):
-            prefix = f"{layer}."
-            layer_state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-            states[layer, :batch] = state_to_rows(packed.mixer_id, layer_state)
+    out, dt, states = io_buffers(packed, x0, state, num_steps, dt_steps, rows)
     h = torch.empty(rows, d_model, device=device, dtype=f32)
     units = torch.empty(rows, d_ff, device=device, dtype=torch.bfloat16 if w_bf16 else f32)
     stats = torch.empty(2, -(-d_model // blocks["BNC"]), rows, 2, device=device, dtype=f32)
