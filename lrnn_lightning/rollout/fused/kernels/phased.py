@@ -21,7 +21,7 @@ The residual stream h (rows, D) and the MLP's hidden units g (rows, F) live in m
 (L2-resident). A LayerNorm needs whole rows, which no column tile holds: the phase that
 writes a tile of h also writes each row's mean and sum of squared deviations over the
 tile's columns (`tile_stats`), and the next phase merges these partials per row
-(`merged_stats`, Chan et al.'s pairwise update), so no phase re-reads h to normalise it.
+(`merged_stats`, Chan et al.'s pairwise update): no phase takes a pass over h for them.
 The partials alternate between two buffers (phases Y write the second, DE and Dn the first)
 so that no phase overwrites partials another program may still read.
 
