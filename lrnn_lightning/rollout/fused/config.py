@@ -140,6 +140,11 @@ class KernelConfig:
     split: int | None = None
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): the padded size of a kernel block."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def small_tile_config(block_b: int) -> KernelConfig:
     """The launch shape of a small tile of `block_b` (1, 2, 4 or 8) rows: a (block_b, n, k) product of SMALL_TILE."""
     if block_b not in SMALL_BLOCK_BS:

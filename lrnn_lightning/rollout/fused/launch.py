@@ -51,6 +51,7 @@ from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig an
     KernelConfig,
     default_config,
     default_split,
+    next_pow2,
     phased_config,
     processor_count,
     small_tile_config,
@@ -84,17 +85,13 @@ class FusedKernelError(RuntimeError):
     """The fused kernel failed to compile or launch (a bug, or a GPU without the resources it needs)."""
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _block(n: int, cap: int) -> int:
-    return max(16, min(cap, _pow2(n)))
+    return max(16, min(cap, next_pow2(n)))
 
 
 def _whole(n: int) -> int:
     """The block that holds all of n (a power of two, at least 16)."""
-    return max(16, _pow2(n))
+    return max(16, next_pow2(n))
 
 
 def kernel_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
@@ -108,15 +105,15 @@ def kernel_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
     if packed.mixer_id == MODAL:
         mixer.update(BM0=_block(2 * md[0], cap), BM1=_block(md[0], cap))
     elif packed.mixer_id == S4D_ID:
-        modes = max(2, min(64, _pow2(md[0])))
-        mixer.update(BM0=max(2, min(_pow2(packed.d_model), tile_3d // (bb * modes))), BM1=modes)
+        modes = max(2, min(64, next_pow2(md[0])))
+        mixer.update(BM0=max(2, min(next_pow2(packed.d_model), tile_3d // (bb * modes))), BM1=modes)
     elif packed.mixer_id == MAMBA:
         inner, n_state, rank, taps = md
-        modes = max(2, _pow2(n_state))
+        modes = max(2, next_pow2(n_state))
         mixer.update(BM0=_block(inner, cap), BM1=_block(rank + 2 * n_state, cap),
-                     BM2=max(2, min(_pow2(inner), tile_3d // (bb * modes))), BM3=modes, BM4=max(2, _pow2(taps)))
+                     BM2=max(2, min(next_pow2(inner), tile_3d // (bb * modes))), BM3=modes, BM4=max(2, next_pow2(taps)))
     elif packed.mixer_id == RGLRU_ID:
-        mixer.update(BM0=_block(md[0], cap), BM4=max(2, _pow2(md[1])))
+        mixer.update(BM0=_block(md[0], cap), BM4=max(2, next_pow2(md[1])))
     return {**blocks, **mixer}
 
 
@@ -160,7 +157,7 @@ def register_blocks(packed: PackedModel, config: KernelConfig, split: int = 1) -
     cap = max(16, min(config.block_n, budget // per_block))
 
     def block(n: int, limit: int) -> int:
-        return _block(n, min(limit, _pow2(-(-n // split))))
+        return _block(n, min(limit, next_pow2(-(-n // split))))
 
     blocks = {"BD": bd, "BW": bw, "BP": 16, "BF": block(packed.d_ff, cap), "BE": 16, "BR": 16, "BN": 16, "BKC": 2,
               "SPLIT": split, "BX": bd}
@@ -170,7 +167,7 @@ def register_blocks(packed: PackedModel, config: KernelConfig, split: int = 1) -
         inner, n_state, rank, taps = packed.sizes
         bn, br = _whole(n_state), _whole(rank)
         blocks.update(BE=block(inner, max(16, min(cap, budget // (config.block_b * bn)))), BR=br,
-                      BN=bn, BKC=max(2, _pow2(taps)), BX=max(bd, br + 2 * bn))
+                      BN=bn, BKC=max(2, next_pow2(taps)), BX=max(bd, br + 2 * bn))
     return blocks
 
 

@@ -16,16 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lrnn_lightning.rollout.fused.config import DOT_BLOCK_BS, KernelConfig
+from lrnn_lightning.rollout.fused.config import DOT_BLOCK_BS, KernelConfig, next_pow2
 from lrnn_lightning.rollout.fused.kernel_call import KernelCall, io_buffers
 from lrnn_lightning.rollout.fused.pack import MIXER_NAMES, MODAL, PackedModel
 from lrnn_lightning.rollout.state import State
 
 PHASED_STAGES = 3  # software-pipelined stages of each tile's reduction loop (tl.range num_stages)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def check_phased(packed: PackedModel, config: KernelConfig) -> None:
@@ -43,13 +39,14 @@ def check_phased(packed: PackedModel, config: KernelConfig) -> None:
 
 def phased_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
     """The phased kernel's tile constexprs for `packed` under `config` (module doc)."""
-    columns = max(16, min(config.block_n, _pow2(max(packed.d_model, packed.d_ff))))
+    columns = max(16, min(config.block_n, next_pow2(max(packed.d_model, packed.d_ff))))
     # phases M and DE read whole rows of h for narrow outputs (modes; the decoder and encoder): smaller row tiles
     # spread them over more programs
-    return {"BM": config.block_b, "BMM": max(16, config.block_b // 2), "BME": 16, "BW": max(16, _pow2(packed.width)),
-            "BNC": min(columns, max(16, _pow2(packed.d_model))),
-            "BPM": max(16, min(columns // 2, _pow2(packed.sizes[0]))),
-            "BFU": min(2 * columns, max(16, _pow2(packed.d_ff))), "BK": config.block_k, "STAGES": PHASED_STAGES}
+    return {"BM": config.block_b, "BMM": max(16, config.block_b // 2), "BME": 16,
+            "BW": max(16, next_pow2(packed.width)),
+            "BNC": min(columns, max(16, next_pow2(packed.d_model))),
+            "BPM": max(16, min(columns // 2, next_pow2(packed.sizes[0]))),
+            "BFU": min(2 * columns, max(16, next_pow2(packed.d_ff))), "BK": config.block_k, "STAGES": PHASED_STAGES}
 
 
 def phase_tiles(packed: PackedModel, blocks: dict[str, int], rows: int) -> int:

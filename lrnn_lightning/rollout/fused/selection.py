@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lrnn_lightning.rollout.checks import model_device_dtype
-from lrnn_lightning.rollout.fused.config import PHASED_MIN_D_MODEL, processor_count
+from lrnn_lightning.rollout.fused.config import PHASED_MIN_D_MODEL, next_pow2, processor_count
 from lrnn_lightning.rollout.fused.pack import MIXER_IDS, MODAL
 from lrnn_lightning.rollout.fused.support import fused_support
 
@@ -84,9 +84,8 @@ def phased_on_bf16(model: nn.Module, weight_dtype: torch.dtype | None) -> bool:
     (kernels/phased.py, `launch.default_launch`: LRU / S5 from a padded d_model of PHASED_MIN_D_MODEL) on bf16
     weights (`weight_dtype`, or the model's own when None)."""
     dtype = weight_dtype if weight_dtype is not None else next(model.parameters()).dtype
-    padded = 1 << max(0, model.d_model - 1).bit_length()
     return (dtype == torch.bfloat16 and MIXER_IDS.get(type(model.layers[0].mixer)) == MODAL
-            and padded >= PHASED_MIN_D_MODEL)
+            and next_pow2(model.d_model) >= PHASED_MIN_D_MODEL)
 
 
 def graph_or_loop(fused_reason: str, device: torch.device, cuda_graph: bool | str, *, use_graph: bool,
