@@ -68,11 +68,20 @@ def test_phased_tiles_cover_the_model_in_several_blocks(interpreter):
     assert (blocks["BM"], blocks["BNC"], blocks["BPM"], blocks["BFU"], blocks["BK"]) == (16, 16, 16, 32, 16)
     # d_model 40 in 3 column tiles, 20 modes in 2 blocks, 80 hidden units in 3 (the last ragged)
     assert phase_tiles(packed, blocks, rows=32) == 2 * 3
-    # each phase on its own row tiles: 64 rows of d_model 512 in 64-row tiles, modes in 32-row ones, decoding in 16
-    wide = pack_model(make_model("lru", d_model=512, d_state=256, n_layers=1), torch.bfloat16, event=False)
-    wide_blocks = phased_blocks(wide, KernelConfig(block_b=64, block_n=64, activations="phased"))
-    assert (wide_blocks["BMM"], wide_blocks["BPM"], wide_blocks["BFU"]) == (32, 32, 128)
+    # each phase on its own row tiles. fp32 weights: 64 rows of d_model 512 in 64-row tiles, modes in blocks of 32
+    # on 32-row tiles, decoding in 16; bf16 weights: modes in blocks of 64 on 16-row tiles, decoding in 32
+    wide_model_512 = make_model("lru", d_model=512, d_state=256, n_layers=1)
+    wide_config = KernelConfig(block_b=64, block_n=64, block_k=32, activations="phased")
+    wide = pack_model(wide_model_512, torch.float32, event=False)
+    wide_blocks = phased_blocks(wide, wide_config)
+    assert (wide_blocks["BMM"], wide_blocks["BPM"], wide_blocks["BME"], wide_blocks["BFU"], wide_blocks["BKD"]) == (
+        32, 32, 16, 128, 32)
     assert phase_tiles(wide, wide_blocks, rows=64) == max(1 * 1024 // 128, 2 * 256 // 32, 64 // 16) == 16
+    wide = pack_model(wide_model_512, torch.bfloat16, event=False)
+    wide_blocks = phased_blocks(wide, wide_config)
+    assert (wide_blocks["BMM"], wide_blocks["BPM"], wide_blocks["BME"], wide_blocks["BFU"], wide_blocks["BKD"]) == (
+        16, 64, 32, 128, 64)
+    assert phase_tiles(wide, wide_blocks, rows=64) == max(1 * 1024 // 128, 4 * 256 // 64, 64 // 32) == 16
     call = build_call(packed, torch.randn(20, 3), None, 4, None, "ieee", PHASED, interpreted=True)
     assert call.kernel == "phased_rollout_kernel" and call.grid == (1,) and not call.cooperative
     assert call.constexprs["ROWS"] == 32 and call.states.shape == (2, 32, 40)
@@ -120,6 +129,23 @@ def test_phased_tiles_of_other_shapes_and_tensor_core_precisions(interpreter):
     assert relative_error(tf32x3[:, 1:], ref[:, 1:]) < FUSED_TOL  # the interpreter computes it in fp32
     bf16 = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=PHASED)
     assert 1e-5 < relative_error(bf16[:, 1:], ref[:, 1:]) < BF16_TOL
+
+
+def test_phased_bf16_products_round_as_little_as_the_register_tiles(interpreter):
+    # on bf16 weights the products after a LayerNorm round h less its column tiles' means (fold.py), where the
+    # register kernel's tiles round LN(h): rows of h whose mean is large against their spread (an encoder bias
+    # of 10) must not err more at the first step (rounding h itself erred 14x more there)
+    model = wide_model(("lru", {}))
+    with torch.no_grad():
+        model.encoder.bias += 10.0
+    context, dt = make_data(batch=20, event=True)
+    ref = loop_rollout(model, context, HORIZON, dt)
+    phased = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=PHASED)
+    tiles = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16,
+                          config=KernelConfig(block_b=16, block_k=16, activations="registers"))
+    phased_first, tiles_first = relative_error(phased[:, 1], ref[:, 1]), relative_error(tiles[:, 1], ref[:, 1])
+    assert 1e-4 < phased_first < 1.5 * tiles_first, f"step 1: phased {phased_first:.2e}, register {tiles_first:.2e}"
+    assert relative_error(phased[:, 1:], ref[:, 1:]) < BF16_TOL
 
 
 def test_phased_launch_errors(interpreter):

@@ -60,9 +60,9 @@ def test_phased_steps_equal_the_loop_on_gpu(case, event):
                          ids=["b64-n64-k32-w4", "b32-n64-k64-w8"])
 def test_phased_tiles_on_tensor_cores(config, case):
     """tf32x3 about fp32; bf16 within the bound of test_fused_cuda.test_tf32x3_and_bf16_on_gpu over its first
-    steps, and rounding what the register kernel's tl.dot tiles round: its first output is theirs but for
-    the few products whose bf16 rounding flips with the summation order. 64-row tiles take the sm_90
-    warpgroup products."""
+    steps, and as close to fp32 at the first step as the register kernel's bf16 tiles: the phased kernel
+    rounds h where they round LN(h) (fold.py), errors of one size. 64-row tiles take the sm_90 warpgroup
+    products."""
     model = gpu_model(*case)
     context, dt = gpu_data(batch=150, event=True)
     ref = loop_rollout(model, context, HORIZON, dt)
@@ -74,8 +74,8 @@ def test_phased_tiles_on_tensor_cores(config, case):
     assert relative_error(bf16[:, 1:], ref[:, 1:]) < 10 * BF16_TOL
     tiles = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16,
                           config=KernelConfig(block_b=16, block_k=32, activations="registers"))
-    first = relative_error(bf16[:, 1], tiles[:, 1])
-    assert first < 0.1 * relative_error(bf16[:, 1], ref[:, 1]), f"phased vs register bf16 at step 1: {first:.2e}"
+    phased_first, tiles_first = relative_error(bf16[:, 1], ref[:, 1]), relative_error(tiles[:, 1], ref[:, 1])
+    assert phased_first < 2 * tiles_first, f"bf16 at step 1: phased {phased_first:.2e}, register {tiles_first:.2e}"
 
 
 def test_phased_steps_leave_the_loops_final_state_and_follow_an_optimizer_step():

@@ -69,9 +69,12 @@ model from a padded d_model of PHASED_MIN_D_MODEL on runs each step as phases of
 GPU, with grid-wide barriers between them, instead of row tiles that each stream the whole model. H100,
 twelfth session, (1024, 512, 128, 8), µs per step of the kernel alone: bf16 4137 (16-row tiles) -> 302-324
 (the fp32 graph's 1384: 0.33x -> 4.3-4.4x; whole calls 4.0-4.3x), tf32x3 6193 -> 1450, exact fp32
-14600 -> 3640 (both still slower than the fp32 graph). At d_model 128 the register kernel's tiles were
-as fast or faster (bf16, B=1024: 62.9 against 61.5-92.3 µs; B=512: 47.9 against 60.6-90.1), so narrower
-models keep them (d_model 256: not measured).
+14600 -> 3640 (both still slower than the fp32 graph). Thirteenth session, bf16: the products after a
+LayerNorm multiply a centred bf16 copy of h by weights with the norm's gain folded in (fold.py) and the
+modes, decoding and down-projection take their own tiles (`phased_launch.phased_blocks`): 278 -> 251-255
+(the kernel alone 5.2-5.4x faster than the fp32 graph; whole calls 4.9-5.1x). At d_model 128 the
+register kernel's tiles were as fast or faster (bf16, B=1024: 62.9 against 61.5-92.3 µs; B=512: 47.9
+against 60.6-90.1), so narrower models keep them (d_model 256: not measured).
 
 `experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
 against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their

@@ -56,6 +56,7 @@ from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig an
     processor_count,
     small_tile_config,
 )
+from lrnn_lightning.rollout.fused.fold import FOLDED_KEYS
 from lrnn_lightning.rollout.fused.kernel_call import KernelCall, io_buffers
 from lrnn_lightning.rollout.fused.pack import (
     MAMBA,
@@ -216,9 +217,10 @@ def split_blocks(packed: PackedModel) -> int:
 
 def weight_bytes(packed: PackedModel) -> int:
     """Bytes of packed weights (and parameters) one step of one row streams: each weight once."""
-    # "columns" repeats the encoder, readout and down-projection, transposed (pack.transposed_columns);
-    # one-element mixer slots are the unused ones' placeholders
-    tensors = [t for key, t in packed.common.items() if key != "columns"]
+    # "columns" repeats the encoder, readout and down-projection, transposed (pack.transposed_columns); the
+    # folded weights (fold.py) stand in for their unfolded copies in phased steps; one-element mixer slots are
+    # the unused ones' placeholders
+    tensors = [t for key, t in packed.common.items() if key != "columns" and key not in FOLDED_KEYS]
     tensors += [t for t in packed.mixer if isinstance(t, Tensor) and t.numel() > 1]
     return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -36,6 +36,7 @@ from lrnn_lightning.models.mamba import Mamba
 from lrnn_lightning.models.rglru import RGLRU
 from lrnn_lightning.models.s4d import S4D
 from lrnn_lightning.models.s5 import S5
+from lrnn_lightning.rollout.fused.fold import fold_norms
 
 MODAL, S4D_ID, MAMBA, RGLRU_ID = 0, 1, 2, 3
 MIXER_IDS: dict[type, int] = {LRU: MODAL, S5: MODAL, S4D: S4D_ID, Mamba: MAMBA, RGLRU: RGLRU_ID}
@@ -50,7 +51,8 @@ class PackedModel:
 
     Attributes:
         common: encoder/decoder, norms and MLP tensors, by kernel argument name; for a one-layer LRU / S5
-            model also "columns", some of them transposed (`transposed_columns`).
+            model also "columns", some of them transposed (`transposed_columns`); for an LRU / S5 model on bf16
+            weights also the weights with their LayerNorm gains folded in (`fold.fold_norms`).
         mixer: the nine mixer slots m0..m8 (unused ones hold a 1-element dummy).
         sizes: md0..md3.
         mixer_id, rule, has_scale: the kernel's MIXER, RULE and HAS_SCALE constexprs.
@@ -121,6 +123,8 @@ def pack_model(model: SequenceModel, weight_dtype: torch.dtype, event: bool) -> 
         mixer_id = MIXER_IDS[type(mixers[0])]
         packer = {MODAL: _pack_modal, S4D_ID: _pack_s4d, MAMBA: _pack_mamba, RGLRU_ID: _pack_rglru}[mixer_id]
         slots, sizes, rule, has_scale, state_width, scratch_width = packer(mixers, weight_dtype, event)
+        if mixer_id == MODAL and weight_dtype == torch.bfloat16:  # for phased steps (fold.py)
+            common.update(fold_norms(model, [m._input_weight() for m in mixers], weight_dtype))
         if mixer_id == MODAL and len(layers) == 1:
             common["columns"] = transposed_columns(common["enc_w"], slots[1], common["down_w"])
     device = common["enc_b"].device

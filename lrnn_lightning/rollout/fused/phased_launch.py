@@ -3,10 +3,12 @@
     config = KernelConfig(block_b=64, block_n=64, block_k=64, num_warps=4, activations="phased")
     out = fused_steps(model, x0, state, num_steps=255, config=config)
 
-`KernelConfig` fields mean here: block_b the rows of a tile (16, 32 or 64: tl.dot; the
-modes' phase takes half as many, at least 16, and decoding and encoding 16), block_n its
-columns of d_model (its MLP hidden units: 2 block_n, its modes: block_n / 2, at least 16),
-block_k the reduction chunk; split does not apply. The grid is one program an SM, or as many
+`KernelConfig` fields mean here: block_b the rows of a tile (16, 32 or 64: tl.dot), block_n
+its columns of d_model (its MLP hidden units: 2 block_n), block_k the reduction chunk; split
+does not apply. The modes' phase and decoding and encoding take their own tiles: on fp32
+weights modes in blocks of block_n / 2 on half as many rows (at least 16) and decoding on 16
+rows; on bf16 weights modes in blocks of block_n on 16 rows, decoding on 32, and the
+down-projection reduces in chunks of 2 block_k (`phased_blocks`). The grid is one program an SM, or as many
 as the widest phase has tasks, if fewer. The batch is specialised in whole row tiles (the
 kernel compiles once per row-tile count and grid).
 """
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lrnn_lightning.rollout.fused.config import DOT_BLOCK_BS, KernelConfig, next_pow2
+from lrnn_lightning.rollout.fused.fold import FOLDED_KEYS
 from lrnn_lightning.rollout.fused.kernel_call import KernelCall, io_buffers
 from lrnn_lightning.rollout.fused.pack import MIXER_NAMES, MODAL, PackedModel
 from lrnn_lightning.rollout.state import State
@@ -40,13 +43,22 @@ def check_phased(packed: PackedModel, config: KernelConfig) -> None:
 def phased_blocks(packed: PackedModel, config: KernelConfig) -> dict[str, int]:
     """The phased kernel's tile constexprs for `packed` under `config` (module doc)."""
     columns = max(16, min(config.block_n, next_pow2(max(packed.d_model, packed.d_ff))))
-    # phases M and DE read whole rows of h for narrow outputs (modes; the decoder and encoder): smaller row tiles
-    # spread them over more programs
-    return {"BM": config.block_b, "BMM": max(16, config.block_b // 2), "BME": 16,
+    modes, hidden = next_pow2(packed.sizes[0]), max(16, next_pow2(packed.d_ff))
+    chunk = config.block_k
+    if packed.common["up_w"].dtype == torch.bfloat16:
+        # H100, (1024, 512, 128, 8), µs a step (RESULTS.md, thirteenth session): the modes' phase on 16-row tiles of
+        # `columns` modes, decoding on 32-row tiles and the down-projection in chunks of 2 block_k: 278 -> 249
+        mode_rows, mode_columns, decode_rows, down_chunk = 16, columns, min(32, config.block_b), 2 * chunk
+    else:
+        # phases M and DE read whole rows of h for narrow outputs (modes; the decoder and encoder): smaller row
+        # tiles spread them over more programs
+        mode_rows, mode_columns, decode_rows, down_chunk = max(16, config.block_b // 2), columns // 2, 16, chunk
+    return {"BM": config.block_b, "BMM": mode_rows, "BME": decode_rows,
             "BW": max(16, next_pow2(packed.width)),
             "BNC": min(columns, max(16, next_pow2(packed.d_model))),
-            "BPM": max(16, min(columns // 2, next_pow2(packed.sizes[0]))),
-            "BFU": min(2 * columns, max(16, next_pow2(packed.d_ff))), "BK": config.block_k, "STAGES": PHASED_STAGES}
+            "BPM": max(16, min(mode_columns, modes)),
+            "BFU": min(2 * columns, hidden), "BK": chunk, "BKD": max(16, min(down_chunk, hidden)),
+            "STAGES": PHASED_STAGES}
 
 
 def phase_tiles(packed: PackedModel, blocks: dict[str, int], rows: int) -> int:
@@ -87,16 +99,24 @@ def build_phased_call(packed: PackedModel, x0: Tensor, state: State | None, num_
     units = torch.empty(rows, d_ff, device=device, dtype=torch.bfloat16 if w_bf16 else f32)
     stats = torch.empty(2, -(-d_model // blocks["BNC"]), rows, 2, device=device, dtype=f32)
     sem = torch.zeros(1, device=device, dtype=torch.int32)
-
     c = packed.common
+    if w_bf16:  # bf16 products read bf16 copies of h and the state, and weights with the norms folded in (fold.py)
+        copies = (torch.empty(rows, d_model, device=device, dtype=torch.bfloat16),
+                  torch.empty(rows, device=device, dtype=f32),
+                  torch.empty(rows, 2 * n_modes, device=device, dtype=torch.bfloat16))
+        folded = tuple(c[key] for key in FOLDED_KEYS)
+    else:
+        unused = torch.empty(1, device=device, dtype=f32)  # never read
+        copies, folded = (unused,) * 3, (unused,) * 9
+
     win, readout, d_skip, coef_a, coef_b, steps = packed.mixer[:6]
     args = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0,
-            states, h, units, stats, sem,
+            states, h, units, stats, sem, *copies,
             c["enc_w"], c["enc_b"], c["dec_w"], c["dec_b"], c["final_g"], c["final_b"],
             c["norm1_g"], c["norm1_b"], c["norm2_g"], c["norm2_b"], c["up_w"], c["up_b"], c["down_w"], c["down_b"],
-            win, readout, d_skip, coef_a, coef_b, steps, batch, num_steps, packed.eps)
+            win, readout, d_skip, coef_a, coef_b, steps, *folded, batch, num_steps, packed.eps)
     constexprs = dict(W=width, D=d_model, F=d_ff, P=n_modes, n_layers=packed.n_layers, ROWS=rows, RULE=packed.rule,
                       EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale, NPROG=n_prog, PREC=precision,
-                      W_BF16=w_bf16, EMULATE_BF16=interpreted, **blocks)
+                      W_BF16=w_bf16, EMULATE_BF16=interpreted, FOLD=w_bf16, **blocks)
     return KernelCall("phased_rollout_kernel", (n_prog,), args, constexprs, config.num_warps, out, states,
                       cooperative=n_prog > 1, zeroed=(sem,) if n_prog > 1 else (), num_stages=PHASED_STAGES)

@@ -26,7 +26,11 @@ The partials alternate between two buffers (phases Y write the second, DE and Dn
 so that no phase overwrites partials another program may still read.
 
 Every tile multiplies with tl.dot (BM >= 16 rows), as the register kernel's tl.dot tiles do:
-bf16 weights meet bf16-rounded activations on the tensor cores, fp32 weights take PREC.
+bf16 weights meet bf16-rounded activations on the tensor cores, fp32 weights take PREC. On bf16
+weights (FOLD) a product after a LayerNorm multiplies a bf16 copy of h, less a centre for each row,
+by weights with the norm's gain folded in, and normalises after the product (fold.py): both operands
+go from shared memory straight to the tensor cores (278 -> 249 µs a step at (1024, 512, 128, 8) on
+an H100; 257 with the centres, which keep its rounding as small as the normalised product's).
 The barrier is `group.group_barrier` over all NPROG programs; with NPROG 1 (the Triton
 interpreter, which runs one program at a time) there is none, and one program does every tile.
 """
@@ -51,7 +55,7 @@ def grid_barrier(sem, pid, NPROG: tl.constexpr):
 @triton.jit
 def tile_stats(stats, rows, c, v, cs, D: tl.constexpr, BNC: tl.constexpr, ROWS: tl.constexpr):
     """Store the (mean, sum of squared deviations) over the valid columns cs of v (BM, BNC) for each row, as
-    column tile c's partial in `stats` ((D / BNC, ROWS, 2) fp32)."""
+    column tile c's partial in `stats` ((D / BNC, ROWS, 2) fp32); returns the means (BM,)."""
     c_ok = (cs < D)[None, :]
     n_c = tl.minimum(D - c * BNC, BNC).to(tl.float32)
     mean = row_sum(tl.where(c_ok, v, 0.0), axis=1) / n_c
@@ -59,6 +63,7 @@ def tile_stats(stats, rows, c, v, cs, D: tl.constexpr, BNC: tl.constexpr, ROWS: 
     cell = stats + (c * ROWS + rows) * 2
     tl.store(cell, mean)
     tl.store(cell + 1, row_sum(centred * centred, axis=1))
+    return mean
 
 
 @triton.jit
@@ -114,28 +119,82 @@ def normalized_products(h, rows, mean, rstd, g_ptr, b_ptr, w_ptr, w2_ptr, ns, n_
 
 
 @triton.jit
+def bf16_dot(x, w, EMULATE_BF16: tl.constexpr):
+    """x (M, K) times w (K, N), both bf16 -> (M, N) fp32 (in fp32 arithmetic where the interpreter emulates bf16)."""
+    if EMULATE_BF16:
+        return tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(x, w)
+
+
+@triton.jit
+def centred_copy(h16, rows, cs, c_ok, v, ref, D: tl.constexpr):
+    """h16[rows, cs] = v - ref (each row's centre, (BM,)), in bf16: the copy that `folded_products` multiplies."""
+    tl.store(h16 + rows[:, None] * D + cs[None, :], (v - ref[:, None]).to(tl.bfloat16), mask=c_ok[None, :])
+
+
+@triton.jit
+def folded_products(h16, centre, rows, mean, rstd, w_ptr, w2_ptr, sums, sums2, shifts, shifts2, ns, n_ok,
+                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TWO: tl.constexpr,
+                    STAGES: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """`normalized_products` on bf16 weights whose LayerNorm gain is folded in (fold.py) -> (BM, BN), and with TWO
+    the same of w2', sums2 and shifts2 (else zeros).
+
+    h16 (ROWS, D) holds h less a centre c_r for each row (centre (ROWS,), `centred_copy`), a recent mean of the row
+    (fold.py), so that its bf16 rounding errs about as little as LN(h)'s would. Then
+    LN(h) w^T = rstd (h16 w'^T - (mean - c_r) sums) + shifts, with sums the row sums of w' (N, D) and shifts = w b,
+    for the weight rows ns."""
+    s = tl.load(sums + ns, mask=n_ok, other=0.0)[None, :]
+    shift = tl.load(shifts + ns, mask=n_ok, other=0.0)[None, :]
+    if TWO:
+        s2 = tl.load(sums2 + ns, mask=n_ok, other=0.0)[None, :]
+        shift2 = tl.load(shifts2 + ns, mask=n_ok, other=0.0)[None, :]
+    offset = (mean - tl.load(centre + rows))[:, None]
+    acc = tl.full((BM, BN), 0.0, tl.float32)
+    acc2 = tl.full((BM, BN), 0.0, tl.float32)
+    for k0 in tl.range(0, D, BK, num_stages=STAGES):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < D
+        x = tl.load(h16 + rows[:, None] * D + ks[None, :], mask=k_ok[None, :], other=0.0)
+        cells = ns[None, :] * D + ks[:, None]
+        w_mask = n_ok[None, :] & k_ok[:, None]
+        acc += bf16_dot(x, tl.load(w_ptr + cells, mask=w_mask, other=0.0), EMULATE_BF16)
+        if TWO:
+            acc2 += bf16_dot(x, tl.load(w2_ptr + cells, mask=w_mask, other=0.0), EMULATE_BF16)
+    acc = rstd[:, None] * (acc - offset * s) + shift
+    if TWO:
+        acc2 = rstd[:, None] * (acc2 - offset * s2) + shift2
+    return acc, acc2
+
+
+@triton.jit
 def plain_product(x_ptr, rows, w_ptr, ns, n_ok, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   BK: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
-                  EMULATE_BF16: tl.constexpr):
-    """x[rows] (BM, K) from memory (rows K apart, fp32 or bf16) times the rows ns (BN,) of the weight matrix at
-    w_ptr ((N, K), row-major) -> (BM, BN)."""
+                  EMULATE_BF16: tl.constexpr, X_BF16: tl.constexpr):
+    """x[rows] (BM, K) from memory (rows K apart; bf16 where X_BF16, with bf16 weights, else fp32) times the rows
+    ns (BN,) of the weight matrix at w_ptr ((N, K), row-major) -> (BM, BN)."""
     acc = tl.full((BM, BN), 0.0, tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < K
-        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + ns[None, :] * K + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        acc += dot_block(x, w, PREC, W_BF16, EMULATE_BF16)
+        if X_BF16:
+            acc += bf16_dot(x, w, EMULATE_BF16)
+        else:
+            acc += dot_block(x, w, PREC, W_BF16, EMULATE_BF16)
     return acc
 
 
 @triton.jit
-def decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h, stats, eps, enc_w, enc_b, dec_w, dec_b,
-                  final_g, final_b, pid, W: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
-                  BW: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr,
-                  PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+def decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h, h16, centre, stats, eps, enc_w, enc_b,
+                  dec_w, dec_b, final_g, final_b, dec_wf, dec_sums, dec_bf, pid, W: tl.constexpr, D: tl.constexpr,
+                  ROWS: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr,
+                  NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
+                  EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
     """Phase DE of step t: for each of this program's row tiles, decode x = dec(LN_f(h)) into out[:, t] (t > 0;
-    x0 = out[:, 0] at t = 0), then encode h = enc(x) (t < n_steps) with its LN partials."""
+    x0 = out[:, 0] at t = 0), then encode h = enc(x) (t < n_steps) with its LN partials (and where FOLD h's bf16
+    copy, centred on each row's mean over the first column tile)."""
     ws = tl.arange(0, BW)
     w_ok = ws < W
     for r in range(pid, ROWS // BM, NPROG):
@@ -144,32 +203,42 @@ def decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h, stats, 
         out_rows = out_ptr + rows.to(tl.int64)[:, None] * out_stride_b + ws[None, :]
         if t > 0:
             mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
-            x, _ = normalized_products(h, rows, mean, rstd, final_g, final_b, dec_w, dec_w, ws, w_ok, D, BM, BW, BK,
-                                       False, STAGES, PREC, W_BF16, EMULATE_BF16)
-            x += tl.load(dec_b + ws, mask=w_ok, other=0.0)[None, :]
+            if FOLD:
+                x, _ = folded_products(h16, centre, rows, mean, rstd, dec_wf, dec_wf, dec_sums, dec_sums, dec_bf,
+                                       dec_bf, ws, w_ok, D, BM, BW, BK, False, STAGES, EMULATE_BF16)
+            else:
+                x, _ = normalized_products(h, rows, mean, rstd, final_g, final_b, dec_w, dec_w, ws, w_ok, D, BM, BW,
+                                           BK, False, STAGES, PREC, W_BF16, EMULATE_BF16)
+                x += tl.load(dec_b + ws, mask=w_ok, other=0.0)[None, :]
             tl.store(out_rows + t * out_stride_t, x, mask=io_mask)
-            tl.debug_barrier()  # every thread has read the partials that the encoding below overwrites
+            tl.debug_barrier()  # every thread has read the partials (and centres) that the encoding below overwrites
         else:
             x = tl.load(out_rows, mask=io_mask, other=0.0)
         if t < n_steps:
+            ref = tl.full((BM,), 0.0, tl.float32)
             for c in range(0, (D + BNC - 1) // BNC):
                 cs = c * BNC + tl.arange(0, BNC)
                 c_ok = cs < D
                 enc = tl.load(enc_w + cs[None, :] * W + ws[:, None], mask=c_ok[None, :] & w_ok[:, None], other=0.0)
                 v = dot_block(x, enc, PREC, W_BF16, EMULATE_BF16) + tl.load(enc_b + cs, mask=c_ok, other=0.0)[None, :]
                 tl.store(h + rows[:, None] * D + cs[None, :], v, mask=c_ok[None, :])
-                tile_stats(stats, rows, c, v, cs, D, BNC, ROWS)
+                tile_mean = tile_stats(stats, rows, c, v, cs, D, BNC, ROWS)
+                if FOLD:
+                    ref = tl.where(c == 0, tile_mean, ref)
+                    centred_copy(h16, rows, cs, c_ok, v, ref, D)
+            if FOLD:
+                tl.store(centre + rows, ref)
 
 
 @triton.jit
-def mix_modes(t, dt_ptr, dt_stride_b, B, h, stats, eps, state, norm_g, norm_b, win, coef_a, coef_b, steps_ptr, pid,
-              D: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BPM: tl.constexpr,
-              BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr, RULE: tl.constexpr, EVENT: tl.constexpr,
-              HAS_SCALE: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
-              EMULATE_BF16: tl.constexpr):
+def mix_modes(t, dt_ptr, dt_stride_b, B, h, h16, centre, stats, eps, state, s16, norm_g, norm_b, win, win_f, win_sums,
+              win_shifts, coef_a, coef_b, steps_ptr, pid, D: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
+              BM: tl.constexpr, BPM: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr,
+              RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr, STAGES: tl.constexpr,
+              PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
     """Phase M: for each (row tile, block of BPM modes), s = decay s + scale B LN1(h), in place in `state`
-    ((ROWS, 2P): [s_re, s_im] a row). win (2P, D) is B as [Re; Im] rows; coefficients as in
-    `lti.mode_coefficients`."""
+    ((ROWS, 2P): [s_re, s_im] a row), and where FOLD a bf16 copy in s16 (ROWS, 2P) for phase Y. win (2P, D) is B
+    as [Re; Im] rows (win_f, win_sums, win_shifts: folded, fold.py); coefficients as in `lti.mode_coefficients`."""
     for task in range(pid, (ROWS // BM) * ((P + BPM - 1) // BPM), NPROG):
         rows, _, ps, p_ok = column_tile(task, P, BM, BPM)
         # what the tile reads besides the product's chunks is loaded first, to arrive while the product streams
@@ -183,12 +252,21 @@ def mix_modes(t, dt_ptr, dt_stride_b, B, h, stats, eps, state, norm_g, norm_b, w
         cell = state + rows[:, None] * (2 * P) + ps[None, :]
         s_re = tl.load(cell, mask=p_ok[None, :], other=0.0)
         s_im = tl.load(cell + P, mask=p_ok[None, :], other=0.0)
-        u_re, u_im = normalized_products(h, rows, mean, rstd, norm_g, norm_b, win, win + P * D, ps, p_ok, D, BM, BPM,
-                                         BK, True, STAGES, PREC, W_BF16, EMULATE_BF16)
+        if FOLD:
+            u_re, u_im = folded_products(h16, centre, rows, mean, rstd, win_f, win_f + P * D, win_sums,
+                                         win_sums + P, win_shifts, win_shifts + P, ps, p_ok, D, BM, BPM, BK, True,
+                                         STAGES, EMULATE_BF16)
+        else:
+            u_re, u_im = normalized_products(h, rows, mean, rstd, norm_g, norm_b, win, win + P * D, ps, p_ok, D, BM,
+                                             BPM, BK, True, STAGES, PREC, W_BF16, EMULATE_BF16)
         new_re, new_im = advance_modes(u_re, u_im, s_re, s_im, decay_re, decay_im, scale_re, scale_im, HAS_SCALE)
         tl.debug_barrier()  # threads holding copies of one state element must all read it before anyone writes
         tl.store(cell, new_re, mask=p_ok[None, :])
         tl.store(cell + P, new_im, mask=p_ok[None, :])
+        if FOLD:
+            copy = s16 + rows[:, None] * (2 * P) + ps[None, :]
+            tl.store(copy, new_re.to(tl.bfloat16), mask=p_ok[None, :])
+            tl.store(copy + P, new_im.to(tl.bfloat16), mask=p_ok[None, :])
 
 
 @triton.jit
@@ -202,22 +280,27 @@ def column_tile(task, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def add_to_residual(h, next_stats, rows, c, cs, c_ok, old, delta, D: tl.constexpr, BNC: tl.constexpr,
-                    ROWS: tl.constexpr):
-    """h[rows, cs] = old + delta (old: what the tile held), with the tile's LN partials in `next_stats`."""
+def add_to_residual(h, h16, next_stats, rows, c, cs, c_ok, old, delta, ref, D: tl.constexpr, BNC: tl.constexpr,
+                    ROWS: tl.constexpr, FOLD: tl.constexpr):
+    """h[rows, cs] = old + delta (old: what the tile held), with the tile's LN partials in `next_stats` and where
+    FOLD the bf16 copy in h16 centred on ref (BM,) (`centred_copy`)."""
     v = old + delta
     tl.debug_barrier()  # as in mix_modes: every thread has read `old` before any overwrites it
     tl.store(h + rows[:, None] * D + cs[None, :], v, mask=c_ok[None, :])
     tile_stats(next_stats, rows, c, v, cs, D, BNC, ROWS)
+    if FOLD:
+        centred_copy(h16, rows, cs, c_ok, v, ref, D)
 
 
 @triton.jit
-def read_out_modes(h, stats, next_stats, eps, state, norm_g, norm_b, readout, d_skip, pid, D: tl.constexpr,
-                   P: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr,
-                   NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
-                   EMULATE_BF16: tl.constexpr):
+def read_out_modes(h, h16, centre, stats, next_stats, eps, state, s16, norm_g, norm_b, readout, d_skip, pid,
+                   D: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BNC: tl.constexpr,
+                   BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
+                   W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
     """Phase Y: for each (row tile, block of BNC columns of d_model), h = h + (C s + D_skip LN1(h)), with the
-    new LN2 partials in `next_stats`. readout (D, 2P) is the real map [C_re, -C_im]."""
+    new LN2 partials in `next_stats`. readout (D, 2P) is the real map [C_re, -C_im]; where FOLD the product
+    reads the state's bf16 copy s16 (the bf16 product rounds s so anyway), and h's copy is centred on LN1's
+    means, which become the rows' centres."""
     for task in range(pid, (ROWS // BM) * ((D + BNC - 1) // BNC), NPROG):
         rows, c, cs, c_ok = column_tile(task, D, BM, BNC)
         old = tl.load(h + rows[:, None] * D + cs[None, :], mask=c_ok[None, :], other=0.0)  # first, as in mix_modes
@@ -225,44 +308,60 @@ def read_out_modes(h, stats, next_stats, eps, state, norm_g, norm_b, readout, d_
         gain = tl.load(norm_g + cs, mask=c_ok, other=0.0)[None, :]
         bias = tl.load(norm_b + cs, mask=c_ok, other=0.0)[None, :]
         skip = tl.load(d_skip + cs, mask=c_ok, other=0.0)[None, :]
-        y = plain_product(state, rows, readout, cs, c_ok, 2 * P, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16)
+        if FOLD:
+            y = plain_product(s16, rows, readout, cs, c_ok, 2 * P, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16,
+                              True)
+        else:
+            y = plain_product(state, rows, readout, cs, c_ok, 2 * P, BM, BNC, BK, STAGES, PREC, W_BF16,
+                              EMULATE_BF16, False)
         a = tl.where(c_ok[None, :], (old - mean[:, None]) * rstd[:, None] * gain + bias, 0.0)
-        add_to_residual(h, next_stats, rows, c, cs, c_ok, old, y + skip * a, D, BNC, ROWS)
+        add_to_residual(h, h16, next_stats, rows, c, cs, c_ok, old, y + skip * a, mean, D, BNC, ROWS, FOLD)
+        if FOLD and c == 0:
+            tl.store(centre + rows, mean)
 
 
 @triton.jit
-def gated_units(h, stats, eps, g, norm_g, norm_b, up_w, up_b, pid, D: tl.constexpr, F: tl.constexpr,
-                ROWS: tl.constexpr, BM: tl.constexpr, BFU: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr,
-                NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
-                EMULATE_BF16: tl.constexpr):
+def gated_units(h, h16, centre, stats, eps, g, norm_g, norm_b, up_w, up_b, up_f, up_sums, up_bf, pid, D: tl.constexpr,
+                F: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BFU: tl.constexpr, BNC: tl.constexpr,
+                BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
+                W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
     """Phase U: for each (row tile, block of BFU hidden units), g = (Wv a + bv) * gelu(Wg a + bg) with a = LN2(h),
     into `g` ((ROWS, F), bf16 with bf16 weights: the down-projection rounds it so anyway). up (2F, D) holds Wv
-    then Wg."""
+    then Wg (up_f, up_sums, up_bf: folded, fold.py)."""
     for task in range(pid, (ROWS // BM) * ((F + BFU - 1) // BFU), NPROG):
         rows, _, fs, f_ok = column_tile(task, F, BM, BFU)
         mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
-        value_bias = tl.load(up_b + fs, mask=f_ok, other=0.0)[None, :]
-        gate_bias = tl.load(up_b + F + fs, mask=f_ok, other=0.0)[None, :]
-        value, gate = normalized_products(h, rows, mean, rstd, norm_g, norm_b, up_w, up_w + F * D, fs, f_ok, D, BM,
-                                          BFU, BK, True, STAGES, PREC, W_BF16, EMULATE_BF16)
-        value += value_bias
-        gate += gate_bias
+        if FOLD:
+            value, gate = folded_products(h16, centre, rows, mean, rstd, up_f, up_f + F * D, up_sums, up_sums + F,
+                                          up_bf, up_bf + F, fs, f_ok, D, BM, BFU, BK, True, STAGES, EMULATE_BF16)
+        else:
+            value_bias = tl.load(up_b + fs, mask=f_ok, other=0.0)[None, :]
+            gate_bias = tl.load(up_b + F + fs, mask=f_ok, other=0.0)[None, :]
+            value, gate = normalized_products(h, rows, mean, rstd, norm_g, norm_b, up_w, up_w + F * D, fs, f_ok, D,
+                                              BM, BFU, BK, True, STAGES, PREC, W_BF16, EMULATE_BF16)
+            value += value_bias
+            gate += gate_bias
         units = value * gelu(gate)
         tl.store(g + rows[:, None] * F + fs[None, :], units.to(g.dtype.element_ty), mask=f_ok[None, :])
 
 
 @triton.jit
-def project_down(h, next_stats, g, down_w, down_b, pid, D: tl.constexpr, F: tl.constexpr, ROWS: tl.constexpr,
-                 BM: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr,
-                 PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+def project_down(h, h16, centre, next_stats, g, down_w, down_b, pid, D: tl.constexpr, F: tl.constexpr,
+                 ROWS: tl.constexpr, BM: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr,
+                 STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                 FOLD: tl.constexpr):
     """Phase Dn: for each (row tile, block of BNC columns of d_model), h = h + (Wdown g + b_down), with the new LN
-    partials in `next_stats`. down (D, F)."""
+    partials in `next_stats`. down (D, F). Where FOLD h's copy keeps the rows' centres (phase Y's)."""
     for task in range(pid, (ROWS // BM) * ((D + BNC - 1) // BNC), NPROG):
         rows, c, cs, c_ok = column_tile(task, D, BM, BNC)
         old = tl.load(h + rows[:, None] * D + cs[None, :], mask=c_ok[None, :], other=0.0)  # first, as in mix_modes
         bias = tl.load(down_b + cs, mask=c_ok, other=0.0)[None, :]
-        z = plain_product(g, rows, down_w, cs, c_ok, F, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16)
-        add_to_residual(h, next_stats, rows, c, cs, c_ok, old, z + bias, D, BNC, ROWS)
+        if FOLD:
+            ref = tl.load(centre + rows)
+        else:
+            ref = tl.full((BM,), 0.0, tl.float32)
+        z = plain_product(g, rows, down_w, cs, c_ok, F, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16, W_BF16)
+        add_to_residual(h, h16, next_stats, rows, c, cs, c_ok, old, z + bias, ref, D, BNC, ROWS, FOLD)
 
 
 # horizon, strides and the rows within the last tile vary from call to call; the widths, tiles, row tiles (ROWS)
@@ -270,49 +369,61 @@ def project_down(h, next_stats, g, down_w, down_b, pid, D: tl.constexpr, F: tl.c
 @triton.jit(do_not_specialize=["out_stride_b", "out_stride_t", "dt_stride_b", "B", "n_steps"])
 def phased_rollout_kernel(
     out_ptr, out_stride_b, out_stride_t, dt_ptr, dt_stride_b,
-    state_ptr, h_ptr, g_ptr, stats_ptr, sem_ptr,
+    state_ptr, h_ptr, g_ptr, stats_ptr, sem_ptr, h16_ptr, centre_ptr, s16_ptr,
     enc_w, enc_b, dec_w, dec_b, final_g, final_b,
     norm1_g, norm1_b, norm2_g, norm2_b, up_w, up_b, down_w, down_b,
     win, readout, d_skip, coef_a, coef_b, steps_ptr,
+    dec_wf, dec_sums, dec_bf, win_f, win_sums, win_shifts, up_f, up_sums, up_bf,
     B, n_steps, eps,
     W: tl.constexpr, D: tl.constexpr, F: tl.constexpr, P: tl.constexpr, n_layers: tl.constexpr,
     ROWS: tl.constexpr, RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr,
     BM: tl.constexpr, BMM: tl.constexpr, BME: tl.constexpr, BW: tl.constexpr, BNC: tl.constexpr, BPM: tl.constexpr,
-    BFU: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
-    W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BFU: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr,
+    PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr,
 ):
     """Grid (NPROG,), every program resident at once (cooperative launch; see the module doc).
 
     out (B, n_steps + 1, W) holds x0 in column 0 and receives step t's output in column t + 1; dt (B, n_steps)
     fp32 when EVENT; state (n_layers, ROWS, 2P) fp32, updated in place; h (ROWS, D) fp32 and g (ROWS, F) fp32 or
     bf16 (W_BF16) scratch; stats (2, D / BNC, ROWS, 2) fp32 scratch; sem an int32 zeroed before the launch.
+    FOLD (bf16 weights): the products after a LayerNorm read a bf16 copy of h less a centre for each row (h16
+    (ROWS, D) bf16, centre (ROWS,) fp32) and of the state for phase Y (s16 (ROWS, 2P) bf16), all scratch, and the
+    weights with the norms' gains folded in (fold.py): dec_wf (W, D), dec_sums and dec_bf (W,); win_f (L, 2P, D),
+    win_sums and win_shifts (L, 2P); up_f (L, 2F, D), up_sums and up_bf (L, 2F).
     ROWS is B rounded up to whole row tiles of BM; phase M takes row tiles of BMM, phase DE of BME (powers of two
-    up to BM), the others of BM. Weights as packed by `pack.pack_model` for the modal mixer
-    (win = m0, readout = m1, d_skip = m2, coef_a = m3, coef_b = m4, steps = m5), stacked over the layers.
+    up to BM), the others of BM. Phase Dn reduces in chunks of BKD, the others of BK. Weights as packed by
+    `pack.pack_model` for the modal mixer (win = m0, readout = m1, d_skip = m2, coef_a = m3, coef_b = m4,
+    steps = m5), stacked over the layers.
     """
     pid = tl.program_id(0)
-    stats_mlp = stats_ptr + 2 * ROWS * ((D + BNC - 1) // BNC)  # the second buffer: LN2's partials
+    NC: tl.constexpr = (D + BNC - 1) // BNC  # column tiles of d_model
+    stats_mlp = stats_ptr + 2 * ROWS * NC  # the second buffer: LN2's partials
     for t in range(n_steps + 1):
-        decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h_ptr, stats_ptr, eps, enc_w, enc_b,
-                      dec_w, dec_b, final_g, final_b, pid, W, D, ROWS, BME, BW, BNC, BK, NPROG, STAGES, PREC, W_BF16,
-                      EMULATE_BF16)
+        decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h_ptr, h16_ptr, centre_ptr, stats_ptr, eps,
+                      enc_w, enc_b, dec_w, dec_b, final_g, final_b, dec_wf, dec_sums, dec_bf, pid, W, D, ROWS, BME, BW,
+                      BNC, BK, NPROG, STAGES, PREC, W_BF16, EMULATE_BF16, FOLD)
         if t < n_steps:
             grid_barrier(sem_ptr, pid, NPROG)
             for layer in range(n_layers):
                 state = state_ptr + layer * (ROWS * 2 * P)
-                mix_modes(t, dt_ptr, dt_stride_b, B, h_ptr, stats_ptr, eps, state, norm1_g + layer * D,
-                          norm1_b + layer * D, win + layer * (2 * P * D), coef_a + layer * (2 * P),
-                          coef_b + layer * (2 * P), steps_ptr + layer * P, pid, D, P, ROWS, BMM, BPM, BNC, BK, NPROG,
-                          RULE, EVENT, HAS_SCALE, STAGES, PREC, W_BF16, EMULATE_BF16)
+                mix_modes(t, dt_ptr, dt_stride_b, B, h_ptr, h16_ptr, centre_ptr, stats_ptr, eps, state, s16_ptr,
+                          norm1_g + layer * D, norm1_b + layer * D, win + layer * (2 * P * D),
+                          win_f + layer * (2 * P * D), win_sums + layer * (2 * P), win_shifts + layer * (2 * P),
+                          coef_a + layer * (2 * P), coef_b + layer * (2 * P), steps_ptr + layer * P, pid, D, P, ROWS,
+                          BMM, BPM, BNC, BK, NPROG, RULE, EVENT, HAS_SCALE, STAGES, PREC, W_BF16, EMULATE_BF16,
+                          FOLD)
                 grid_barrier(sem_ptr, pid, NPROG)
-                read_out_modes(h_ptr, stats_ptr, stats_mlp, eps, state, norm1_g + layer * D, norm1_b + layer * D,
-                               readout + layer * (2 * P * D), d_skip + layer * D, pid, D, P, ROWS, BM, BNC, BK,
-                               NPROG, STAGES, PREC, W_BF16, EMULATE_BF16)
+                read_out_modes(h_ptr, h16_ptr, centre_ptr, stats_ptr, stats_mlp, eps, state, s16_ptr,
+                               norm1_g + layer * D, norm1_b + layer * D, readout + layer * (2 * P * D),
+                               d_skip + layer * D, pid, D, P, ROWS, BM, BNC, BK, NPROG, STAGES, PREC, W_BF16,
+                               EMULATE_BF16, FOLD)
                 grid_barrier(sem_ptr, pid, NPROG)
-                gated_units(h_ptr, stats_mlp, eps, g_ptr, norm2_g + layer * D, norm2_b + layer * D,
-                            up_w + layer * (2 * F * D), up_b + layer * (2 * F), pid, D, F, ROWS, BM, BFU, BNC, BK,
-                            NPROG, STAGES, PREC, W_BF16, EMULATE_BF16)
+                gated_units(h_ptr, h16_ptr, centre_ptr, stats_mlp, eps, g_ptr, norm2_g + layer * D, norm2_b + layer * D,
+                            up_w + layer * (2 * F * D), up_b + layer * (2 * F), up_f + layer * (2 * F * D),
+                            up_sums + layer * (2 * F), up_bf + layer * (2 * F), pid, D, F, ROWS, BM, BFU, BNC, BK,
+                            NPROG, STAGES, PREC, W_BF16, EMULATE_BF16, FOLD)
                 grid_barrier(sem_ptr, pid, NPROG)
-                project_down(h_ptr, stats_ptr, g_ptr, down_w + layer * (D * F), down_b + layer * D, pid, D, F, ROWS,
-                             BM, BNC, BK, NPROG, STAGES, PREC, W_BF16, EMULATE_BF16)
+                project_down(h_ptr, h16_ptr, centre_ptr, stats_ptr, g_ptr, down_w + layer * (D * F),
+                             down_b + layer * D, pid, D, F, ROWS, BM, BNC, BKD, NPROG, STAGES, PREC, W_BF16,
+                             EMULATE_BF16, FOLD)
                 grid_barrier(sem_ptr, pid, NPROG)
