@@ -25,6 +25,7 @@ Mixer slots (m0..m8) and sizes (md0..md3), per kernel MIXER id:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -122,9 +123,12 @@ def pack_model(model: SequenceModel, weight_dtype: torch.dtype, event: bool) -> 
         mixers = [la.mixer for la in layers]
         mixer_id = MIXER_IDS[type(mixers[0])]
         packer = {MODAL: _pack_modal, S4D_ID: _pack_s4d, MAMBA: _pack_mamba, RGLRU_ID: _pack_rglru}[mixer_id]
+        if mixer_id == MODAL:  # B's fp32 rows feed the packed B and its folded copy: computed once
+            inputs = [m._input_weight() for m in mixers]
+            packer = partial(_pack_modal, inputs=inputs)
         slots, sizes, rule, has_scale, state_width, scratch_width = packer(mixers, weight_dtype, event)
         if mixer_id == MODAL and weight_dtype == torch.bfloat16:  # for phased steps (fold.py)
-            common.update(fold_norms(model, [m._input_weight() for m in mixers], weight_dtype))
+            common.update(fold_norms(model, inputs, weight_dtype))
         if mixer_id == MODAL and len(layers) == 1:
             common["columns"] = transposed_columns(common["enc_w"], slots[1], common["down_w"])
     device = common["enc_b"].device
@@ -145,10 +149,10 @@ def transposed_columns(enc_w: torch.Tensor, readout: torch.Tensor, down_w: torch
     return torch.cat([enc_w.t(), readout[0].t(), down_w[0].t()]).contiguous()
 
 
-def _pack_modal(mixers: list, weight_dtype: torch.dtype, event: bool):
+def _pack_modal(mixers: list, weight_dtype: torch.dtype, event: bool, inputs: list[Tensor]):
     first = mixers[0]
     n_modes = first.n_modes
-    win = _stack([m._input_weight() for m in mixers], weight_dtype)
+    win = _stack(inputs, weight_dtype)
     readout = _stack([m.output_scale * torch.cat([m.C[0], -m.C[1]], dim=1) for m in mixers], weight_dtype)
     skip = _stack([m.D for m in mixers], torch.float32)
     if isinstance(first, LRU):
