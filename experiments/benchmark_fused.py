@@ -183,7 +183,7 @@ def time_fused(model, x0, variant: str, args, deadline: float) -> dict:
     tried = []
     best = None
     n_sms = processor_count(x0.device)
-    packed = pack_model(model, weight_dtype, event=False)
+    packed = pack_model(model, weight_dtype, event=False, fold=True)  # folded copies too: for phased launches
     kernels = kernel_module()
     for label, config in launch_shapes(variant, packed, x0.shape[0], n_sms, args.block_bs, args.tune,
                                        args.activations, args.warps, args.splits):

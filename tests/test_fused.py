@@ -830,6 +830,7 @@ def test_kernel_compiles_for_sm90():
                                         event=True, weight_dtype=weight_dtype, precision=precision,
                                         config=phased_config(weight_dtype), batch=1024)
             assert phased.constexprs["NPROG"] == 128 and phased.fits, phased
+            assert phased.constexprs["FOLD"] == (weight_dtype == torch.bfloat16)  # the folded products (fold.py)
         print("compiled", len(CASES) * 3 + 6)
     """)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}

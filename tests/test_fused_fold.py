@@ -55,20 +55,21 @@ def test_bf16_folded_weights_sum_as_stored():
     assert 0 < relative_error(w_folded.float(), exact) < 2 ** -8
 
 
-def test_pack_folds_the_norms_of_modal_models_on_bf16_weights_only():
+def test_pack_folds_the_norms_of_modal_models_on_bf16_weights_only_when_asked():
     lru = make_model("lru", d_model=16, d_state=8)
-    packed = pack_model(lru, torch.bfloat16, event=False)
+    assert not FOLD_KEYS & pack_model(lru, torch.bfloat16, event=False).common.keys()
+    packed = pack_model(lru, torch.bfloat16, event=False, fold=True)
     assert FOLD_KEYS <= packed.common.keys()
     assert packed.common["win_w_folded"].shape == (2, 16, 16) and packed.common["up_w_folded"].dtype == torch.bfloat16
-    assert not FOLD_KEYS & pack_model(lru, torch.float32, event=False).common.keys()
+    assert not FOLD_KEYS & pack_model(lru, torch.float32, event=False, fold=True).common.keys()
     # a step reads either the folded or the unfolded matrices: the bytes that shape launches count one set
     unfolded = {key: value for key, value in packed.common.items() if key not in FOLD_KEYS}
     assert weight_bytes(packed) == weight_bytes(replace(packed, common=unfolded))
-    assert not FOLD_KEYS & pack_model(make_model("mamba", d_model=16, d_state=8), torch.bfloat16,
-                                      event=False).common.keys()
+    assert not FOLD_KEYS & pack_model(make_model("mamba", d_model=16, d_state=8), torch.bfloat16, event=False,
+                                      fold=True).common.keys()
     # packed from the live parameters: a changed norm gain is seen at the next packing
     with torch.no_grad():
         lru.layers[1].mlp_norm.weight.mul_(2.0)
-    again = pack_model(lru, torch.bfloat16, event=False).common
+    again = pack_model(lru, torch.bfloat16, event=False, fold=True).common
     assert torch.equal(again["up_w_folded"][0], packed.common["up_w_folded"][0])
     assert torch.equal(again["up_w_folded"][1], 2 * packed.common["up_w_folded"][1])  # bf16 scales by 2 exactly

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lrnn_lightning.rollout.fused import KernelConfig, fused_rollout, fused_steps, support
+from lrnn_lightning.rollout.fused import KernelConfig, fused_rollout, fused_steps, launch, support
 from lrnn_lightning.rollout.fused.config import phased_config
 from lrnn_lightning.rollout.fused.launch import build_call, default_launch
 from lrnn_lightning.rollout.fused.pack import pack_model
@@ -132,9 +132,11 @@ def test_phased_tiles_of_other_shapes_and_tensor_core_precisions(interpreter):
 
 
 def test_phased_bf16_products_round_as_little_as_the_register_tiles(interpreter):
-    # on bf16 weights the products after a LayerNorm round h less its column tiles' means (fold.py), where the
+    # on bf16 weights the products after a LayerNorm round h less a centre for each row (fold.py), where the
     # register kernel's tiles round LN(h): rows of h whose mean is large against their spread (an encoder bias
-    # of 10) must not err more at the first step (rounding h itself erred 14x more there)
+    # of 10) must not err more at the first step (rounding h itself erred 14x more there). Weights packed
+    # without the folded copies take the normalising products, as exact; 32-row tiles put the modes and
+    # decoding on row tiles of their own (16 and 32 against 32)
     model = wide_model(("lru", {}))
     with torch.no_grad():
         model.encoder.bias += 10.0
@@ -146,6 +148,36 @@ def test_phased_bf16_products_round_as_little_as_the_register_tiles(interpreter)
     phased_first, tiles_first = relative_error(phased[:, 1], ref[:, 1]), relative_error(tiles[:, 1], ref[:, 1])
     assert 1e-4 < phased_first < 1.5 * tiles_first, f"step 1: phased {phased_first:.2e}, register {tiles_first:.2e}"
     assert relative_error(phased[:, 1:], ref[:, 1:]) < BF16_TOL
+    x0, state, steps = prefilled(model, context, dt)
+    for fold, config in [(False, PHASED), (True, replace(PHASED, block_b=32))]:
+        packed = pack_model(model, torch.bfloat16, event=True, fold=fold)
+        assert build_call(packed, x0, state, 4, steps, "ieee", config, interpreted=True).constexprs["FOLD"] == fold
+        with rollout_mode(model, "cpu"):
+            out = fused_steps(model, x0, state, 4, steps, weight_dtype=torch.bfloat16, config=config, packed=packed)
+            ref_steps = run_steps(model, x0, {key: value.clone() for key, value in state.items()}, 4, steps)
+        first = relative_error(out[:, 0], ref_steps[:, 0])
+        assert 1e-4 < first < 1.5 * tiles_first, f"fold={fold}, block_b={config.block_b}: step 1 {first:.2e}"
+
+
+def prefilled(model, context, dt):
+    """(x0, the state after the context, the next 4 timesteps) of a rollout from `context`."""
+    with rollout_mode(model, "cpu"):
+        _, state = model.prefill(context, dt[:, :context.shape[1]])
+    torch.manual_seed(5)
+    return torch.randn(context.shape[0], model.d_input), state, dt[:, context.shape[1]:context.shape[1] + 4]
+
+
+def test_fused_steps_fold_the_norms_only_for_phased_steps_on_bf16_weights(interpreter, monkeypatch):
+    asked = []
+    real = launch.pack_live
+    monkeypatch.setattr(launch, "pack_live", lambda *args: asked.append(args[3]) or real(*args))
+    model = wide_model(("lru", {}))
+    context, dt = make_data(batch=20, event=True)
+    registers = KernelConfig(block_b=16, block_k=16, activations="registers")
+    for weight_dtype, config in [(torch.bfloat16, PHASED), (torch.bfloat16, registers), (torch.float32, PHASED),
+                                 (torch.bfloat16, None)]:
+        fused_rollout(model, context, HORIZON, dt, weight_dtype=weight_dtype, config=config)
+    assert asked == [True, False, False, False]  # d_model 40 at 20 rows: no phased steps by default
 
 
 def test_phased_launch_errors(interpreter):

@@ -14,8 +14,10 @@ import torch
 
 from lrnn_lightning.rollout import RolloutEngine, run_steps
 from lrnn_lightning.rollout.fused import KernelConfig, fused_rollout, fused_steps
+from lrnn_lightning.rollout.fused.fold import FOLDED_KEYS
 from lrnn_lightning.rollout.fused.launch import build_call, kernel_module
 from lrnn_lightning.rollout.fused.pack import pack_model
+from lrnn_lightning.rollout.fused.pack_graph import pack_live
 from tests.conftest import relative_error
 from tests.test_fused import case_id, loop_rollout, take_an_optimizer_step
 from tests.test_fused_cuda import (
@@ -61,8 +63,8 @@ def test_phased_steps_equal_the_loop_on_gpu(case, event):
 def test_phased_tiles_on_tensor_cores(config, case):
     """tf32x3 about fp32; bf16 within the bound of test_fused_cuda.test_tf32x3_and_bf16_on_gpu over its first
     steps, and as close to fp32 at the first step as the register kernel's bf16 tiles: the phased kernel
-    rounds h where they round LN(h) (fold.py), errors of one size. 64-row tiles take the sm_90 warpgroup
-    products."""
+    rounds h less a centre for each row where they round LN(h) (fold.py), errors of one size. 64-row tiles
+    take the sm_90 warpgroup products."""
     model = gpu_model(*case)
     context, dt = gpu_data(batch=150, event=True)
     ref = loop_rollout(model, context, HORIZON, dt)
@@ -76,6 +78,27 @@ def test_phased_tiles_on_tensor_cores(config, case):
                           config=KernelConfig(block_b=16, block_k=32, activations="registers"))
     phased_first, tiles_first = relative_error(bf16[:, 1], ref[:, 1]), relative_error(tiles[:, 1], ref[:, 1])
     assert phased_first < 2 * tiles_first, f"bf16 at step 1: phased {phased_first:.2e}, register {tiles_first:.2e}"
+    # the programs' bf16 copies of h, its centres and the state, handed over at the barriers: the same bits again
+    assert torch.equal(fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=config), bf16)
+
+
+def test_phased_bf16_steps_round_as_little_as_the_register_tiles_on_rows_far_from_zero():
+    """Rows of h whose mean is large against their spread (an encoder bias of 10): the centred bf16 copy of h
+    (fold.py) errs at the first step as little as the register kernel's rounded LN(h), on 64-row tiles with the
+    modes on 16 and decoding on 32; and the packing graph keeps the folded and unfolded packings apart."""
+    model = gpu_model("lru", d_model=128, d_state=32, n_layers=2)
+    with torch.no_grad():
+        model.encoder.bias += 10.0
+    context, dt = gpu_data(batch=300, event=True)
+    ref = loop_rollout(model, context, HORIZON, dt)
+    config = KernelConfig(block_b=64, block_n=64, block_k=64, num_warps=8, activations="phased")
+    bf16 = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=config)
+    tiles = fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16,
+                          config=KernelConfig(block_b=16, block_k=32, activations="registers"))
+    phased_first, tiles_first = relative_error(bf16[:, 1], ref[:, 1]), relative_error(tiles[:, 1], ref[:, 1])
+    assert 1e-5 < phased_first < 1.5 * tiles_first, f"step 1: phased {phased_first:.2e}, register {tiles_first:.2e}"
+    assert FOLDED_KEYS[0] in pack_live(model, torch.bfloat16, True, True).common
+    assert FOLDED_KEYS[0] not in pack_live(model, torch.bfloat16, True, False).common
 
 
 def test_phased_steps_leave_the_loops_final_state_and_follow_an_optimizer_step():

@@ -108,7 +108,7 @@ def compile_for_target(model: nn.Module, *, event: bool = False, weight_dtype: t
     config = config or KernelConfig()
     width = model.d_input
     with torch.no_grad():
-        packed = pack_model(model, weight_dtype, event)
+        packed = pack_model(model, weight_dtype, event, fold=config.activations == "phased")
         x0 = torch.zeros(batch, width, device=packed.common["enc_b"].device)
         dt = torch.ones(batch, 2, device=x0.device) if event else None
         call = build_call(packed, x0, None, 2, dt, precision, config, interpreted=False,

@@ -84,13 +84,14 @@ class CallGraph:
         x0, state, dt_steps: a call's inputs, (B, W), the state dict or None, (B, T) or None: their shapes
             and dtypes make the static inputs (their values are not used).
         weight_dtype: the kernel's weight dtype (packing).
+        fold: whether the packing folds the LayerNorm gains in (`pack.pack_model`: phased steps on bf16 weights).
         launch: `(packed, x0, state, dt_steps) -> KernelCall`, run inside the capture: chooses the launch
             shape and builds the call (`launch.build_call`) from the static inputs.
         kernels: the kernel module (`launch.kernel_module()`).
     """
 
     def __init__(self, model: nn.Module, x0: Tensor, state: State | None, dt_steps: Tensor | None,
-                 weight_dtype: torch.dtype, launch: Callable, kernels):
+                 weight_dtype: torch.dtype, fold: bool, launch: Callable, kernels):
         device, event = x0.device, dt_steps is not None
         # normal tensors even under inference_mode: a later call outside it copies into them
         with torch.inference_mode(False):
@@ -100,7 +101,7 @@ class CallGraph:
         self.inputs = [self.x0, *(self.state or {}).values(), *([] if self.dt is None else [self.dt])]
 
         def body() -> tuple:  # (the packed weights, the KernelCall)
-            packed = pack_model(model, weight_dtype, event)
+            packed = pack_model(model, weight_dtype, event, fold)
             call = launch(packed, self.x0, self.state, self.dt)
             call.launch(kernels)
             return packed, call
@@ -108,7 +109,7 @@ class CallGraph:
         with torch.no_grad():
             # warm-up: the packing's lazy initialisation must not happen in capture (the kernel has compiled)
             self.graph, (self.packed, self.call) = capture_graph(
-                device, body, warm_up=lambda: pack_model(model, weight_dtype, event))
+                device, body, warm_up=lambda: pack_model(model, weight_dtype, event, fold))
 
     def replay(self, x0: Tensor, state: State | None, dt_steps: Tensor | None) -> tuple[Tensor, Tensor]:
         """Run the captured call on these inputs (shapes and dtypes as captured); returns the static

@@ -71,7 +71,7 @@ twelfth session, (1024, 512, 128, 8), µs per step of the kernel alone: bf16 413
 (the fp32 graph's 1384: 0.33x -> 4.3-4.4x; whole calls 4.0-4.3x), tf32x3 6193 -> 1450, exact fp32
 14600 -> 3640 (both still slower than the fp32 graph). Thirteenth session, bf16: the products after a
 LayerNorm multiply a centred bf16 copy of h by weights with the norm's gain folded in (fold.py) and the
-modes, decoding and down-projection take their own tiles (`phased_launch.phased_blocks`): 278 -> 251-255
+modes, decoding and down-projection take their own tiles (`phased_launch.phased_blocks`): 320 -> 251-255
 (the kernel alone 5.2-5.4x faster than the fp32 graph; whole calls 4.9-5.1x). At d_model 128 the
 register kernel's tiles were as fast or faster (bf16, B=1024: 62.9 against 61.5-92.3 µs; B=512: 47.9
 against 60.6-90.1), so narrower models keep them (d_model 256: not measured).
@@ -199,8 +199,9 @@ def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precis
 
 def phased_config(weight_dtype: torch.dtype = torch.float32) -> KernelConfig:
     """The launch shape of phased steps (kernels/phased.py): 64-row tiles; bf16 weights stream 64-wide chunks on 8
-    warps (H100: 317-324 µs a step at (1024, 512, 128, 8), against 340-400 for 32-row tiles, 4 warps or 32-wide
-    chunks), fp32 ones 32-wide chunks on 4 warps (64-wide tf32x3 chunks on 8 warps exceed the shared memory)."""
+    warps (H100, twelfth session: 317-324 µs a step at (1024, 512, 128, 8), against 340-400 for 32-row tiles, 4
+    warps or 32-wide chunks; 251-258 since the thirteenth's folded products, where 32-wide chunks took 289),
+    fp32 ones 32-wide chunks on 4 warps (64-wide tf32x3 chunks on 8 warps exceed the shared memory)."""
     if weight_dtype == torch.bfloat16:
         return KernelConfig(block_b=64, block_n=64, block_k=64, num_warps=8, activations="phased")
     return KernelConfig(block_b=64, block_n=64, block_k=32, num_warps=4, activations="phased")

@@ -268,8 +268,9 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
         config: launch shape; None picks one from the batch size, the GPU's SM count and the model
             (`default_launch`).
         return_state: also return the state after the last step.
-        packed: weights already packed by `pack_model(model, weight_dtype, event)`, used as they
-            are: the caller answers for their freshness (benchmarks; None packs the live weights).
+        packed: weights already packed by `pack_model(model, weight_dtype, event, fold)`, used as they
+            are: the caller answers for their freshness (benchmarks; None packs the live weights). Phased
+            steps on bf16 weights packed without `fold` normalise every chunk (slower, as exact).
         signature: `fingerprint.model_signature(model)` if the caller has just taken it, with no tensor
             replaced or module swapped since (RolloutEngine's backend choice); None takes it here.
 
@@ -303,6 +304,11 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
         return (empty, _copy_state(state, model, batch, x0)) if return_state else empty
 
     kernels = kernel_module()
+    # the interpreter runs one program at a time, whatever device the tensors are on
+    n_sms = CPU_PROCESSORS if kernels.INTERPRETED else processor_count(x0.device)
+    fold = weight_dtype == torch.bfloat16 and (config.activations == "phased" if config is not None else
+                                               phased_by_default(MIXER_IDS[type(model.layers[0].mixer)],
+                                                                 model.d_model, batch, n_sms))
     with torch.no_grad():
         graph = None
         if packed is None and x0.device.type == "cuda" and not kernels.INTERPRETED \
@@ -311,18 +317,16 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
 
             def launch(packing: PackedModel, static_x0: Tensor, static_state: State | None,
                        static_dt: Tensor | None) -> KernelCall:  # run inside the capture, on the graph's inputs
-                chosen = config or default_launch(packing, batch, weight_dtype, precision, processor_count(x0.device))
+                chosen = config or default_launch(packing, batch, weight_dtype, precision, n_sms)
                 return build_call(packing, static_x0, static_state, num_steps, static_dt, precision, chosen,
                                   interpreted=False)
 
             graph = replayed_call(model, signature, key, lambda: CallGraph(model, x0, state, dt_steps, weight_dtype,
-                                                                            launch, kernels))
+                                                                            fold, launch, kernels))
         if graph is not None:
             out, states = graph.replay(x0, state, dt_steps)
         else:
-            packed = packed or pack_live(model, weight_dtype, event)
-            # the interpreter runs one program at a time, whatever device the tensors are on
-            n_sms = CPU_PROCESSORS if kernels.INTERPRETED else processor_count(x0.device)
+            packed = packed or pack_live(model, weight_dtype, event, fold)
             config = config or default_launch(packed, batch, weight_dtype, precision, n_sms)
             out, states = _launch(kernels, packed, x0, state, num_steps, dt_steps, precision, config)
     # a replayed call's buffers are overwritten by its next replay: copy out of them
@@ -388,6 +392,12 @@ def resolve_split(packed: PackedModel, config: KernelConfig, tiles: int, device:
     return config.split
 
 
+def phased_by_default(mixer_id: int, d_model: int, batch: int, n_sms: int) -> bool:
+    """Whether `default_launch` takes phased steps: an LRU / S5 model (mixer_id MODAL) from a padded d_model of
+    PHASED_MIN_D_MODEL on, past MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM."""
+    return mixer_id == MODAL and _whole(d_model) >= PHASED_MIN_D_MODEL and batch > MAX_ONE_ROW_PROGRAMS_PER_SM * n_sms
+
+
 def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, precision: str,
                    n_sms: int) -> KernelConfig:
     """The launch shape `fused_steps` takes without a config: `default_config` for the batch, refined by what
@@ -403,8 +413,7 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
     - an LRU / S5 model from a padded d_model of PHASED_MIN_D_MODEL on, past MAX_ONE_ROW_PROGRAMS_PER_SM rows
       per SM, takes phased steps (`phased_config`, kernels/phased.py).
     """
-    if (packed.mixer_id == MODAL and _whole(packed.d_model) >= PHASED_MIN_D_MODEL
-            and batch > MAX_ONE_ROW_PROGRAMS_PER_SM * n_sms):
+    if phased_by_default(packed.mixer_id, packed.d_model, batch, n_sms):
         return phased_config(weight_dtype)
     config = default_config(batch, weight_dtype, precision, n_sms=n_sms, d_model=packed.d_model)
     tiles = -(-batch // config.block_b)

@@ -52,8 +52,8 @@ class PackedModel:
 
     Attributes:
         common: encoder/decoder, norms and MLP tensors, by kernel argument name; for a one-layer LRU / S5
-            model also "columns", some of them transposed (`transposed_columns`); for an LRU / S5 model on bf16
-            weights also the weights with their LayerNorm gains folded in (`fold.fold_norms`).
+            model also "columns", some of them transposed (`transposed_columns`); packed with `fold`, for an
+            LRU / S5 model on bf16 weights also the weights with their LayerNorm gains folded in (fold.py).
         mixer: the nine mixer slots m0..m8 (unused ones hold a 1-element dummy).
         sizes: md0..md3.
         mixer_id, rule, has_scale: the kernel's MIXER, RULE and HAS_SCALE constexprs.
@@ -92,13 +92,16 @@ def _complex_planes(z: Tensor) -> Tensor:
     return torch.stack([z.real, z.imag]).float()
 
 
-def pack_model(model: SequenceModel, weight_dtype: torch.dtype, event: bool) -> PackedModel:
+def pack_model(model: SequenceModel, weight_dtype: torch.dtype, event: bool, fold: bool = False) -> PackedModel:
     """Everything the kernel reads, from the live parameters of `model` (assumed covered; see `fused_support`).
 
     Args:
         model: a covered SequenceModel.
         weight_dtype: torch.float32 or torch.bfloat16, the dtype of the tl.dot weights.
         event: whether the rollout has per-step timesteps (discretisation then happens in the kernel).
+        fold: also the weights with their LayerNorm gains folded in (`fold.fold_norms`), for phased steps of an
+            LRU / S5 model on bf16 weights (ignored elsewhere); about 190 µs of every call's packing on an H100
+            at (1024, 512, 128, 8), so only the launches that read them ask.
     """
     f32 = torch.float32
     with torch.no_grad():
@@ -127,7 +130,7 @@ def pack_model(model: SequenceModel, weight_dtype: torch.dtype, event: bool) -> 
             inputs = [m._input_weight() for m in mixers]
             packer = partial(_pack_modal, inputs=inputs)
         slots, sizes, rule, has_scale, state_width, scratch_width = packer(mixers, weight_dtype, event)
-        if mixer_id == MODAL and weight_dtype == torch.bfloat16:  # for phased steps (fold.py)
+        if fold and mixer_id == MODAL and weight_dtype == torch.bfloat16:
             common.update(fold_norms(model, inputs, weight_dtype))
         if mixer_id == MODAL and len(layers) == 1:
             common["columns"] = transposed_columns(common["enc_w"], slots[1], common["down_w"])

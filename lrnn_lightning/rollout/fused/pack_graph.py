@@ -33,14 +33,15 @@ _GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary(
 
 
 class PackGraph:
-    """`pack_model(model, weight_dtype, event)` captured as a CUDA graph; `replay()` refreshes `packed` in place."""
+    """`pack_model(model, weight_dtype, event, fold)` captured as a CUDA graph; `replay()` refreshes `packed` in
+    place."""
 
-    def __init__(self, model: nn.Module, weight_dtype: torch.dtype, event: bool, device: torch.device,
+    def __init__(self, model: nn.Module, weight_dtype: torch.dtype, event: bool, fold: bool, device: torch.device,
                  recaptures: int = 0):
         self.fingerprint: Fingerprint = model_fingerprint(model)
         self.recaptures = recaptures
         with torch.no_grad():
-            self.graph, self.packed = capture_graph(device, lambda: pack_model(model, weight_dtype, event))
+            self.graph, self.packed = capture_graph(device, lambda: pack_model(model, weight_dtype, event, fold))
 
     def replay(self) -> PackedModel:
         self.graph.replay()
@@ -50,16 +51,16 @@ class PackGraph:
 class _EagerPacking:
     """A packing that is not replayed (capture failed, or too many re-captures): `pack_model` at every call."""
 
-    def __init__(self, model: nn.Module, weight_dtype: torch.dtype, event: bool):
+    def __init__(self, model: nn.Module, weight_dtype: torch.dtype, event: bool, fold: bool):
         self.model = weakref.ref(model)
-        self.weight_dtype, self.event = weight_dtype, event
+        self.weight_dtype, self.event, self.fold = weight_dtype, event, fold
 
     def replay(self) -> PackedModel:
-        return pack_model(self.model(), self.weight_dtype, self.event)
+        return pack_model(self.model(), self.weight_dtype, self.event, self.fold)
 
 
-def pack_live(model: nn.Module, weight_dtype: torch.dtype, event: bool) -> PackedModel:
-    """The packed weights of `model`'s current parameters (same values as `pack_model`).
+def pack_live(model: nn.Module, weight_dtype: torch.dtype, event: bool, fold: bool = False) -> PackedModel:
+    """The packed weights of `model`'s current parameters (same values as `pack_model(..., fold)`).
 
     On a CUDA device outside any graph capture, a replay of the captured packing: the
     returned tensors belong to the current stream's packing of this model and are
@@ -68,10 +69,10 @@ def pack_live(model: nn.Module, weight_dtype: torch.dtype, event: bool) -> Packe
     """
     device = next(model.parameters()).device
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return pack_model(model, weight_dtype, event)
+        return pack_model(model, weight_dtype, event, fold)
     graphs = _GRAPHS.setdefault(model, {})
     # one packing per stream: a launch still reading the buffers on another stream is never overwritten
-    key = (weight_dtype, event, torch.cuda.current_stream(device).cuda_stream)
+    key = (weight_dtype, event, fold, torch.cuda.current_stream(device).cuda_stream)
     cached = graphs.get(key)
     if isinstance(cached, _EagerPacking):
         return cached.replay()
@@ -82,17 +83,17 @@ def pack_live(model: nn.Module, weight_dtype: torch.dtype, event: bool) -> Packe
         if recaptures >= MAX_RECAPTURES:
             warnings.warn(f"fused rollout: the model's parameters were replaced {recaptures} times; packing its "
                           "weights eagerly at every launch from now on (no CUDA graph).", stacklevel=2)
-            graphs[key] = _EagerPacking(model, weight_dtype, event)
-            return pack_model(model, weight_dtype, event)
+            graphs[key] = _EagerPacking(model, weight_dtype, event, fold)
+            return pack_model(model, weight_dtype, event, fold)
         try:
-            cached = graphs[key] = PackGraph(model, weight_dtype, event, device, recaptures)
+            cached = graphs[key] = PackGraph(model, weight_dtype, event, fold, device, recaptures)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as error:  # an op that cannot be captured: correct, just slower
             warnings.warn(f"fused rollout: packing the weights could not be captured as a CUDA graph ({error}); "
                           "packing eagerly at every launch.", stacklevel=2)
-            graphs[key] = _EagerPacking(model, weight_dtype, event)
-            return pack_model(model, weight_dtype, event)
+            graphs[key] = _EagerPacking(model, weight_dtype, event, fold)
+            return pack_model(model, weight_dtype, event, fold)
     return cached.replay()
 
 

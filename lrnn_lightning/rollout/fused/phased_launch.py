@@ -7,8 +7,9 @@
 its columns of d_model (its MLP hidden units: 2 block_n), block_k the reduction chunk; split
 does not apply. The modes' phase and decoding and encoding take their own tiles: on fp32
 weights modes in blocks of block_n / 2 on half as many rows (at least 16) and decoding on 16
-rows; on bf16 weights modes in blocks of block_n on 16 rows, decoding on 32, and the
-down-projection reduces in chunks of 2 block_k (`phased_blocks`). The grid is one program an SM, or as many
+rows; on bf16 weights modes in blocks of block_n on 16 rows, decoding on min(32, block_b), and
+the down-projection reduces in chunks of 2 block_k (`phased_blocks`). bf16 weights packed with
+`fold` (pack.pack_model) take the folded products (fold.py). The grid is one program an SM, or as many
 as the widest phase has tasks, if fewer. The batch is specialised in whole row tiles (the
 kernel compiles once per row-tile count and grid).
 """
@@ -100,7 +101,8 @@ def build_phased_call(packed: PackedModel, x0: Tensor, state: State | None, num_
     stats = torch.empty(2, -(-d_model // blocks["BNC"]), rows, 2, device=device, dtype=f32)
     sem = torch.zeros(1, device=device, dtype=torch.int32)
     c = packed.common
-    if w_bf16:  # bf16 products read bf16 copies of h and the state, and weights with the norms folded in (fold.py)
+    fold = w_bf16 and FOLDED_KEYS[0] in c  # packed with fold: see `pack.pack_model`
+    if fold:  # bf16 products read bf16 copies of h and the state, and weights with the norms folded in (fold.py)
         copies = (torch.empty(rows, d_model, device=device, dtype=torch.bfloat16),
                   torch.empty(rows, device=device, dtype=f32),
                   torch.empty(rows, 2 * n_modes, device=device, dtype=torch.bfloat16))
@@ -117,6 +119,6 @@ def build_phased_call(packed: PackedModel, x0: Tensor, state: State | None, num_
             win, readout, d_skip, coef_a, coef_b, steps, *folded, batch, num_steps, packed.eps)
     constexprs = dict(W=width, D=d_model, F=d_ff, P=n_modes, n_layers=packed.n_layers, ROWS=rows, RULE=packed.rule,
                       EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale, NPROG=n_prog, PREC=precision,
-                      W_BF16=w_bf16, EMULATE_BF16=interpreted, FOLD=w_bf16, **blocks)
+                      W_BF16=w_bf16, EMULATE_BF16=interpreted, FOLD=fold, **blocks)
     return KernelCall("phased_rollout_kernel", (n_prog,), args, constexprs, config.num_warps, out, states,
                       cooperative=n_prog > 1, zeroed=(sem,) if n_prog > 1 else (), num_stages=PHASED_STAGES)

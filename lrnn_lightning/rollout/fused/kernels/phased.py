@@ -27,10 +27,11 @@ so that no phase overwrites partials another program may still read.
 
 Every tile multiplies with tl.dot (BM >= 16 rows), as the register kernel's tl.dot tiles do:
 bf16 weights meet bf16-rounded activations on the tensor cores, fp32 weights take PREC. On bf16
-weights (FOLD) a product after a LayerNorm multiplies a bf16 copy of h, less a centre for each row,
-by weights with the norm's gain folded in, and normalises after the product (fold.py): both operands
-go from shared memory straight to the tensor cores (278 -> 249 µs a step at (1024, 512, 128, 8) on
-an H100; 257 with the centres, which keep its rounding as small as the normalised product's).
+weights packed with the folded copies (FOLD) a product after a LayerNorm multiplies a bf16 copy of
+h, less a centre for each row, by weights with the norm's gain folded in, and normalises after the
+product (fold.py): both operands go from shared memory straight to the tensor cores (320 -> 279 µs a
+step at (1024, 512, 128, 8) on an H100; with the phases' own tiles 249, and 257 with the centres,
+which keep its rounding as small as the normalised product's; RESULTS.md, thirteenth session).
 The barrier is `group.group_barrier` over all NPROG programs; with NPROG 1 (the Triton
 interpreter, which runs one program at a time) there is none, and one program does every tile.
 """
