@@ -131,13 +131,14 @@ def test_phased_tiles_of_other_shapes_and_tensor_core_precisions(interpreter):
     assert 1e-5 < relative_error(bf16[:, 1:], ref[:, 1:]) < BF16_TOL
 
 
-def test_phased_bf16_products_round_as_little_as_the_register_tiles(interpreter):
+@pytest.mark.parametrize("case", [("lru", {}), ("s5", {"discretization": "zoh"})], ids=case_id)
+def test_phased_bf16_products_round_as_little_as_the_register_tiles(interpreter, case):
     # on bf16 weights the products after a LayerNorm round h less a centre for each row (fold.py), where the
     # register kernel's tiles round LN(h): rows of h whose mean is large against their spread (an encoder bias
     # of 10) must not err more at the first step (rounding h itself erred 14x more there). Weights packed
     # without the folded copies take the normalising products, as exact; 32-row tiles put the modes and
     # decoding on row tiles of their own (16 and 32 against 32)
-    model = wide_model(("lru", {}))
+    model = wide_model(case)
     with torch.no_grad():
         model.encoder.bias += 10.0
     context, dt = make_data(batch=20, event=True)
