@@ -69,7 +69,7 @@ from lrnn_lightning.rollout.fused.pack import (
     rows_to_state,
 )
 from lrnn_lightning.rollout.fused.pack_graph import pack_live
-from lrnn_lightning.rollout.fused.phased_launch import build_phased_call
+from lrnn_lightning.rollout.fused.phased_launch import build_phased_call, phased_model
 from lrnn_lightning.rollout.fused.support import KERNEL_MODULE, fused_support
 from lrnn_lightning.rollout.inference import rollout_mode
 from lrnn_lightning.rollout.state import State
@@ -393,9 +393,9 @@ def resolve_split(packed: PackedModel, config: KernelConfig, tiles: int, device:
 
 
 def phased_by_default(mixer_id: int, d_model: int, batch: int, n_sms: int) -> bool:
-    """Whether `default_launch` takes phased steps: an LRU / S5 model (mixer_id MODAL) from a padded d_model of
-    PHASED_MIN_D_MODEL on, past MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM."""
-    return mixer_id == MODAL and _whole(d_model) >= PHASED_MIN_D_MODEL and batch > MAX_ONE_ROW_PROGRAMS_PER_SM * n_sms
+    """Whether `default_launch` takes phased steps: a model they cover (`phased_launch.phased_model`), past
+    MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM."""
+    return phased_model(mixer_id, d_model) and batch > MAX_ONE_ROW_PROGRAMS_PER_SM * n_sms
 
 
 def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, precision: str,

@@ -19,13 +19,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lrnn_lightning.rollout.fused.config import DOT_BLOCK_BS, KernelConfig, next_pow2
+from lrnn_lightning.rollout.fused.config import DOT_BLOCK_BS, PHASED_MIN_D_MODEL, KernelConfig, next_pow2
 from lrnn_lightning.rollout.fused.fold import FOLDED_KEYS
 from lrnn_lightning.rollout.fused.kernel_call import KernelCall, io_buffers
 from lrnn_lightning.rollout.fused.pack import MIXER_NAMES, MODAL, PackedModel
 from lrnn_lightning.rollout.state import State
 
 PHASED_STAGES = 3  # software-pipelined stages of each tile's reduction loop (tl.range num_stages)
+
+
+def phased_model(mixer_id: int | None, d_model: int) -> bool:
+    """Whether phased steps cover and pay for a model: an LRU / S5 one (mixer_id MODAL) from a padded d_model of
+    PHASED_MIN_D_MODEL on (config.py: narrower models keep the register kernel's tiles)."""
+    return mixer_id == MODAL and next_pow2(d_model) >= PHASED_MIN_D_MODEL
 
 
 def check_phased(packed: PackedModel, config: KernelConfig) -> None:

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from lrnn_lightning.rollout.checks import model_device_dtype
-from lrnn_lightning.rollout.fused.config import PHASED_MIN_D_MODEL, next_pow2, processor_count
-from lrnn_lightning.rollout.fused.pack import MIXER_IDS, MODAL
+from lrnn_lightning.rollout.fused.config import processor_count
+from lrnn_lightning.rollout.fused.pack import MIXER_IDS
+from lrnn_lightning.rollout.fused.phased_launch import phased_model
 from lrnn_lightning.rollout.fused.support import fused_support
 
 BACKENDS = ("fused", "graph", "loop")
@@ -84,8 +85,7 @@ def phased_on_bf16(model: nn.Module, weight_dtype: torch.dtype | None) -> bool:
     (kernels/phased.py, `launch.default_launch`: LRU / S5 from a padded d_model of PHASED_MIN_D_MODEL) on bf16
     weights (`weight_dtype`, or the model's own when None)."""
     dtype = weight_dtype if weight_dtype is not None else next(model.parameters()).dtype
-    return (dtype == torch.bfloat16 and MIXER_IDS.get(type(model.layers[0].mixer)) == MODAL
-            and next_pow2(model.d_model) >= PHASED_MIN_D_MODEL)
+    return dtype == torch.bfloat16 and phased_model(MIXER_IDS.get(type(model.layers[0].mixer)), model.d_model)
 
 
 def graph_or_loop(fused_reason: str, device: torch.device, cuda_graph: bool | str, *, use_graph: bool,
