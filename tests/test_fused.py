@@ -126,6 +126,14 @@ def test_uncovered_models_say_why():
     assert model_coverage(model) == (False, "LayerNorms with different eps")
     odd = SequenceModel("lru", d_input=3, d_output=2, d_model=8, d_state=4, n_layers=1)
     assert "d_input=3 != d_output=2" in model_coverage(odd)[1]
+    # the kernel reads each weight from one stack over layers: the layers must agree in size and settings
+    pairs = [(make_model("s5", {"discretization": "zoh"}), make_model("s5", {"discretization": "dirac"})),
+             (make_model("lru"), make_model("lru", d_state=8)), (make_model("mamba"), make_model("mamba", d_state=8))]
+    for mixed, other in pairs:
+        assert model_coverage(mixed)[0]
+        mixed.layers[1] = other.layers[1]
+        covered, why = model_coverage(mixed)
+        assert not covered and why.startswith("layers of different sizes or mixer settings"), (mixed.mixer_name, why)
 
 
 def test_choose_backend_on_the_cpu_falls_back_to_the_loop(monkeypatch):

@@ -24,9 +24,9 @@ FOLD_KEYS = set(FOLDED_KEYS)
 
 def layer_norm_inputs(seed: int = 0, layers: int = 2, n: int = 12, k: int = 40, rows: int = 5):
     generator = torch.Generator().manual_seed(seed)
-    weights = [torch.randn(n, k, generator=generator) for _ in range(layers)]
-    gains = [1 + 0.3 * torch.randn(k, generator=generator) for _ in range(layers)]
-    biases = [0.2 * torch.randn(k, generator=generator) for _ in range(layers)]
+    weights = torch.randn(layers, n, k, generator=generator)
+    gains = 1 + 0.3 * torch.randn(layers, k, generator=generator)
+    biases = 0.2 * torch.randn(layers, k, generator=generator)
     h = 6.0 + torch.randn(rows, k, generator=generator)  # rows whose mean is large against their spread
     return weights, gains, biases, h
 
@@ -51,7 +51,7 @@ def test_bf16_folded_weights_sum_as_stored():
     assert w_folded.dtype == torch.bfloat16 and sums.dtype == torch.float32
     # the sums of the rounded weights the product multiplies, so that the mean cancels against them
     assert torch.allclose(sums, w_folded.double().sum(-1).float())
-    exact = torch.stack(weights) * torch.stack(gains)[:, None, :]
+    exact = weights * gains[:, None, :]
     assert 0 < relative_error(w_folded.float(), exact) < 2 ** -8
 
 

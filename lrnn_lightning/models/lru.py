@@ -19,13 +19,24 @@ forward and step share this rule.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lrnn_lightning.models.lti_complex import upcast
-from lrnn_lightning.models.lti_modal import ModalLTIMixer
+from lrnn_lightning.models.lti_modal import ModalLTIMixer, stacked_parameter
 from lrnn_lightning.models.validation import check_positive_int
+
+
+def lru_log_lambda(nu_log: Tensor, theta_log: Tensor) -> Tensor:
+    """log lambda = -exp(nu_log) + i exp(theta_log), complex, of the parameters' shape (..., P)."""
+    return torch.complex(-torch.exp(nu_log), torch.exp(theta_log))
+
+
+def lru_input_weight(B: Tensor, gamma_log: Tensor) -> Tensor:
+    """B (..., 2, P, H), each mode's row scaled by gamma = exp(gamma_log) (..., P), as [Re; Im] rows (..., 2P, H)."""
+    return (B * torch.exp(gamma_log)[..., None, :, None]).flatten(-3, -2)
 
 
 class LRU(ModalLTIMixer):
@@ -75,11 +86,24 @@ class LRU(ModalLTIMixer):
         return torch.exp(self._log_lambda())
 
     def _log_lambda(self) -> Tensor:
-        return torch.complex(-torch.exp(upcast(self.nu_log)), torch.exp(upcast(self.theta_log)))
+        return lru_log_lambda(upcast(self.nu_log), upcast(self.theta_log))
 
     def _discretize(self, dt: Tensor | None) -> tuple[Tensor, None]:
         log_lambda = self._log_lambda()
         return (log_lambda if dt is None else dt.unsqueeze(-1) * log_lambda), None
 
     def _input_weight(self) -> Tensor:
-        return (upcast(self.B) * torch.exp(upcast(self.gamma_log)).unsqueeze(-1)).flatten(0, 1)
+        return lru_input_weight(upcast(self.B), upcast(self.gamma_log))
+
+    @classmethod
+    def stacked_log_lambda(cls, mixers: Sequence[LRU]) -> Tensor:
+        """log lambda of L LRUs of one size, stacked: (L, P) complex."""
+        return lru_log_lambda(stacked_parameter(mixers, "nu_log"), stacked_parameter(mixers, "theta_log"))
+
+    @classmethod
+    def stacked_discretization(cls, mixers: Sequence[LRU]) -> tuple[Tensor, None]:
+        return cls.stacked_log_lambda(mixers), None
+
+    @classmethod
+    def stacked_input_weights(cls, mixers: Sequence[LRU]) -> Tensor:
+        return lru_input_weight(stacked_parameter(mixers, "B"), stacked_parameter(mixers, "gamma_log"))

@@ -29,6 +29,7 @@ The state is {"h_re": (batch, P), "h_im": (batch, P)}.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,14 @@ from lrnn_lightning.models.mixer import State
 from lrnn_lightning.models.scan import pairwise_scan
 from lrnn_lightning.models.step_ops import dual_readout_step, matmul_step, modal_update_step
 from lrnn_lightning.models.validation import check_dt, check_sequence
+
+
+def stacked_parameter(mixers: Sequence[nn.Module], name: str) -> Tensor:
+    """The parameter `name` of every mixer, read through `upcast` and stacked over layers: (L, *shape). For one
+    mixer, a view of the parameter itself where it needs no cast: never write into the result."""
+    if len(mixers) == 1:
+        return upcast(getattr(mixers[0], name)).unsqueeze(0)
+    return torch.stack([upcast(getattr(m, name)) for m in mixers])
 
 
 class ModalLTIMixer(ComplexStateMixer):
@@ -84,6 +93,31 @@ class ModalLTIMixer(ComplexStateMixer):
     def _input_weight(self) -> Tensor:
         """(2P, H) real matrix whose product with x gives [Re(B x), Im(B x)]."""
         return upcast(self.B).flatten(0, 1)
+
+    @classmethod
+    def stacked_discretization(cls, mixers: Sequence[ModalLTIMixer]) -> tuple[Tensor, Tensor | None]:
+        """`_discretize(None)` of L mixers of this class and one configuration, stacked over layers.
+
+        Returns:
+            log_decay (L, P) and input_scale (L, P) complex, None where no layer scales its input (a layer that
+            does not scales by 1): the same values as stacking each mixer's own. This default stacks those (a
+            few ops per layer); subclasses compute them from the stacked parameters in a few ops for all layers,
+            which is what the fused kernel's packing replays before every call.
+        """
+        pairs = [m._discretize(None) for m in mixers]
+        if all(scale is None for _, scale in pairs):
+            return torch.stack([log_decay for log_decay, _ in pairs]), None
+        scales = [torch.ones_like(log_decay) if scale is None else scale for log_decay, scale in pairs]  # None: 1
+        return torch.stack([log_decay for log_decay, _ in pairs]), torch.stack(scales)
+
+    @classmethod
+    def stacked_input_weights(cls, mixers: Sequence[ModalLTIMixer]) -> Tensor:
+        """`_input_weight()` of L mixers of this class and one configuration, stacked: (L, 2P, H) (see
+        `stacked_discretization`)."""
+        return torch.stack([m._input_weight() for m in mixers])
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_modes={self.n_modes}"
 
     def _unit_step_coefficients(self) -> tuple[Tensor, Tensor | None, Tensor]:
         """(decay, input scale, input weight) of a step without an event timestep."""

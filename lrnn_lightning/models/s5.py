@@ -27,6 +27,7 @@ log steps are log-uniform in [dt_min, dt_max]. Re(Lambda) is parameterised as
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from lrnn_lightning.models.lti_complex import upcast
 from lrnn_lightning.models.lti_discretization import get_discretization
 from lrnn_lightning.models.lti_init import check_even_state, check_step_range, log_uniform
-from lrnn_lightning.models.lti_modal import ModalLTIMixer
+from lrnn_lightning.models.lti_modal import ModalLTIMixer, stacked_parameter
 from lrnn_lightning.models.validation import check_positive_int
 
 
@@ -54,6 +55,11 @@ def hippo_normal_eig(n: int) -> tuple[Tensor, Tensor]:
     skew = -0.5 * torch.outer(scale, scale) * torch.sign(idx[:, None] - idx[None, :])
     w, vectors = torch.linalg.eigh(-1j * skew.to(torch.complex128))
     return torch.complex(torch.full_like(w, -0.5), w), vectors
+
+
+def s5_eigenvalues(real_log: Tensor, imag: Tensor) -> Tensor:
+    """Lambda = -exp(real_log) + i imag, complex, of the parameters' shape (..., P)."""
+    return torch.complex(-torch.exp(real_log), imag)
 
 
 class S5(ModalLTIMixer):
@@ -105,13 +111,30 @@ class S5(ModalLTIMixer):
 
     def eigenvalues(self) -> Tensor:
         """Continuous-time Lambda, complex (P,)."""
-        return torch.complex(-torch.exp(upcast(self.Lambda_real_log)), upcast(self.Lambda_imag))
+        return s5_eigenvalues(upcast(self.Lambda_real_log), upcast(self.Lambda_imag))
 
     def _discretize(self, dt: Tensor | None) -> tuple[Tensor, Tensor | None]:
         delta = torch.exp(upcast(self.log_step))
         if dt is not None:
             delta = dt.unsqueeze(-1) * delta
         return self._rule(self.eigenvalues(), delta)
+
+    @classmethod
+    def stacked_eigenvalues(cls, mixers: Sequence[S5]) -> Tensor:
+        """Lambda of L S5 layers of one size, stacked: (L, P) complex."""
+        return s5_eigenvalues(stacked_parameter(mixers, "Lambda_real_log"), stacked_parameter(mixers, "Lambda_imag"))
+
+    @classmethod
+    def stacked_steps(cls, mixers: Sequence[S5]) -> Tensor:
+        """Delta = exp(log_step) of L S5 layers of one size, stacked: (L, P) real."""
+        return torch.exp(stacked_parameter(mixers, "log_step"))
+
+    @classmethod
+    def stacked_discretization(cls, mixers: Sequence[S5]) -> tuple[Tensor, Tensor | None]:
+        rule = mixers[0]._rule
+        if any(m._rule is not rule for m in mixers):  # layers of several rules: each its own
+            return super().stacked_discretization(mixers)
+        return rule(cls.stacked_eigenvalues(mixers), cls.stacked_steps(mixers))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_modes={self.n_modes}, discretization={self.discretization!r}, "

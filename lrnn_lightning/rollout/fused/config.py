@@ -83,6 +83,7 @@ against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -221,5 +222,10 @@ def default_split(tiles: int, n_sms: int, blocks: int) -> int:
 def processor_count(device: torch.device) -> int:
     """SMs of a CUDA device (what `default_config` spreads the batch over); CPU_PROCESSORS elsewhere."""
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return CPU_PROCESSORS
+
+
+@functools.cache
+def _sm_count(index: int) -> int:  # asked at every fused call: a device's count never changes
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)

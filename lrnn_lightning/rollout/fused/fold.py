@@ -25,39 +25,35 @@ from lrnn_lightning.models.backbone import SequenceModel
 FOLDED_KEYS = tuple(f"{name}_{part}" for name in ("dec", "win", "up") for part in ("w_folded", "sums", "b_folded"))
 
 
-def folded(weights: list[Tensor], gains: list[Tensor], biases: list[Tensor], weight_dtype: torch.dtype
-           ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per layer l, W_l (N, K) after a LayerNorm of gain g_l (K,) and bias b_l (K,) -> (W' (L, N, K) in
-    weight_dtype, its sums over K as stored (L, N) fp32, W b (L, N) fp32)."""
-    w = torch.stack([t.detach().float() for t in weights])
-    g = torch.stack([t.detach().float() for t in gains])
-    b = torch.stack([t.detach().float() for t in biases])
+def folded(w: Tensor, g: Tensor, b: Tensor, weight_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Per layer l, W_l (N, K) after a LayerNorm of gain g_l (K,) and bias b_l (K,): w (L, N, K), g and b (L, K),
+    fp32 -> (W' (L, N, K) in weight_dtype, its sums over K as stored (L, N) fp32, W b (L, N) fp32)."""
     shifts = torch.bmm(w, b[:, :, None])[:, :, 0]
-    w_folded = w.mul_(g[:, None, :]).to(weight_dtype)  # w is a fresh stack: scaled in place, one pass fewer
+    w_folded = (w * g[:, None, :]).to(weight_dtype)
     return w_folded, w_folded.sum(-1, dtype=torch.float32), shifts
 
 
-def fold_norms(model: SequenceModel, mixer_inputs: list[Tensor], weight_dtype: torch.dtype) -> dict[str, Tensor]:
+def fold_norms(model: SequenceModel, mixer_inputs: Tensor, common: dict[str, Tensor], weight_dtype: torch.dtype
+               ) -> dict[str, Tensor]:
     """The folded decoder, mixer input and MLP up-projection of a modal (LRU / S5) model.
 
     Args:
         model: the SequenceModel being packed.
-        mixer_inputs: each layer's mixer input weight B as [Re; Im] rows (2P, D), fp32.
+        mixer_inputs: the layers' mixer input weights B as [Re; Im] rows, (L, 2P, D) fp32.
+        common: the packing's stacked LayerNorm gains and biases ("final_g", "final_b" (D,), "norm1_g", "norm1_b",
+            "norm2_g", "norm2_b" (L, D), fp32), read from there rather than stacked again.
         weight_dtype: the dtype of the folded weights (the kernel's weight dtype).
 
     Returns, for name in dec, win and up: "{name}_w_folded" (L, N, D) (dec: L = 1, N = W; win: N = 2P; up: N = 2F),
     "{name}_sums" (L, N) and "{name}_b_folded" (L, N): the layer's own bias (none for win) plus W b.
     """
     layers = list(model.layers)
-    norm = model.final_norm
-    dec_w, dec_sums, dec_shift = folded([model.decoder.weight], [norm.weight], [norm.bias], weight_dtype)
-    win, win_sums, win_shifts = folded(mixer_inputs, [la.mixer_norm.weight for la in layers],
-                                       [la.mixer_norm.bias for la in layers], weight_dtype)
-    up, up_sums, up_shift = folded([la.mlp.up.weight for la in layers], [la.mlp_norm.weight for la in layers],
-                                   [la.mlp_norm.bias for la in layers], weight_dtype)
-    up_bias = torch.stack([la.mlp.up.bias.detach().float() for la in layers])
+    dec_w, dec_sums, dec_shift = folded(model.decoder.weight.detach().float()[None], common["final_g"][None],
+                                        common["final_b"][None], weight_dtype)
+    win, win_sums, win_shifts = folded(mixer_inputs, common["norm1_g"], common["norm1_b"], weight_dtype)
+    up_w = torch.stack([la.mlp.up.weight.detach().float() for la in layers])
+    up, up_sums, up_shift = folded(up_w, common["norm2_g"], common["norm2_b"], weight_dtype)
     return {"dec_w_folded": dec_w, "dec_sums": dec_sums,
-            "dec_b_folded": dec_shift + model.decoder.bias.detach().float()[None, :],
+            "dec_b_folded": dec_shift + common["dec_b"][None, :],
             "win_w_folded": win, "win_sums": win_sums, "win_b_folded": win_shifts,
-            "up_w_folded": up, "up_sums": up_sums, "up_b_folded": up_shift + up_bias}
-
+            "up_w_folded": up, "up_sums": up_sums, "up_b_folded": up_shift + common["up_b"]}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lrnn_lightning.rollout.fused.pack import PackedModel, state_to_rows
+from lrnn_lightning.rollout.fused.pack import PackedModel, write_state_rows
 from lrnn_lightning.rollout.state import State
 
 
@@ -41,7 +41,7 @@ def io_buffers(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
                rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """A launch's fp32 output (B, num_steps + 1, W) holding x0 in column 0, its timesteps (dt_steps as fp32, or a
     one-element placeholder) and its state (L, rows, state_width): the batch's rows of `state` laid out as
-    `pack.state_to_rows` says, zeros elsewhere (no state: all zeros)."""
+    `pack.write_state_rows` says, zeros elsewhere (no state: all zeros)."""
     batch, width = x0.shape
     device, f32 = x0.device, torch.float32
     out = torch.empty(batch, num_steps + 1, width, device=device, dtype=f32)
@@ -49,8 +49,5 @@ def io_buffers(packed: PackedModel, x0: Tensor, state: State | None, num_steps: 
     dt = dt_steps.to(f32).contiguous() if dt_steps is not None else torch.ones(1, device=device, dtype=f32)
     states = torch.zeros(packed.n_layers, rows, packed.state_width, device=device, dtype=f32)
     if state is not None:
-        for layer in range(packed.n_layers):
-            prefix = f"{layer}."
-            layer_state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-            states[layer, :batch] = state_to_rows(packed.mixer_id, layer_state)
+        write_state_rows(packed.mixer_id, state, states, batch)
     return out, dt, states

@@ -333,12 +333,12 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
     result = out[:, 1:].to(x0.dtype, copy=graph is not None)
     if not return_state:
         return result
-    template = model.allocate_state(1, x0.device, torch.float32)
+    template = model.allocate_state(1, torch.device("meta"), torch.float32)  # shapes only
+    states = states[:, :batch].clone() if graph is not None else states[:, :batch]
     final: State = {}
     for layer in range(states.shape[0]):
         like = {key[len(f"{layer}."):]: value for key, value in template.items() if key.startswith(f"{layer}.")}
-        rows = states[layer, :batch].clone() if graph is not None else states[layer, :batch]
-        for key, value in rows_to_state(MIXER_IDS[type(model.layers[layer].mixer)], rows, like).items():
+        for key, value in rows_to_state(MIXER_IDS[type(model.layers[layer].mixer)], states[layer], like).items():
             final[f"{layer}.{key}"] = value.to(x0.dtype)
     return result, final
 

@@ -92,6 +92,11 @@ def _complex_planes(z: Tensor) -> Tensor:
     return torch.stack([z.real, z.imag]).float()
 
 
+def _layer_planes(z: Tensor) -> Tensor:
+    """Complex (L, ...) -> real (L, 2, ...): each layer's real then imaginary part, contiguous fp32."""
+    return torch.stack([z.real, z.imag], dim=1).float()
+
+
 def pack_model(model: SequenceModel, weight_dtype: torch.dtype, event: bool, fold: bool = False) -> PackedModel:
     """Everything the kernel reads, from the live parameters of `model` (assumed covered; see `fused_support`).
 
@@ -127,11 +132,11 @@ def pack_model(model: SequenceModel, weight_dtype: torch.dtype, event: bool, fol
         mixer_id = MIXER_IDS[type(mixers[0])]
         packer = {MODAL: _pack_modal, S4D_ID: _pack_s4d, MAMBA: _pack_mamba, RGLRU_ID: _pack_rglru}[mixer_id]
         if mixer_id == MODAL:  # B's fp32 rows feed the packed B and its folded copy: computed once
-            inputs = [m._input_weight() for m in mixers]
+            inputs = type(mixers[0]).stacked_input_weights(mixers).detach()
             packer = partial(_pack_modal, inputs=inputs)
         slots, sizes, rule, has_scale, state_width, scratch_width = packer(mixers, weight_dtype, event)
         if fold and mixer_id == MODAL and weight_dtype == torch.bfloat16:
-            common.update(fold_norms(model, inputs, weight_dtype))
+            common.update(fold_norms(model, inputs, common, weight_dtype))
         if mixer_id == MODAL and len(layers) == 1:
             common["columns"] = transposed_columns(common["enc_w"], slots[1], common["down_w"])
     device = common["enc_b"].device
@@ -152,38 +157,33 @@ def transposed_columns(enc_w: torch.Tensor, readout: torch.Tensor, down_w: torch
     return torch.cat([enc_w.t(), readout[0].t(), down_w[0].t()]).contiguous()
 
 
-def _pack_modal(mixers: list, weight_dtype: torch.dtype, event: bool, inputs: list[Tensor]):
-    first = mixers[0]
-    n_modes = first.n_modes
-    win = _stack(inputs, weight_dtype)
-    readout = _stack([m.output_scale * torch.cat([m.C[0], -m.C[1]], dim=1) for m in mixers], weight_dtype)
+def _pack_modal(mixers: list, weight_dtype: torch.dtype, event: bool, inputs: Tensor):
+    """LRU / S5 layers (one class and configuration, `support.model_coverage`), from their parameters stacked
+    over layers: a few dozen ops whatever the depth (the mixers' `stacked_*` methods)."""
+    first, kind = mixers[0], type(mixers[0])
+    win = inputs.to(weight_dtype).contiguous()
+    C = torch.stack([m.C.detach() for m in mixers])  # (L, 2, D, P)
+    readout = torch.cat([C[:, 0], -C[:, 1]], dim=-1)
+    if first.output_scale != 1.0:
+        readout = first.output_scale * readout
+    readout = readout.to(weight_dtype).contiguous()
     skip = _stack([m.D for m in mixers], torch.float32)
-    if isinstance(first, LRU):
-        rule = RULES["dirac"]
-    else:
-        rule = RULES[first.discretization]
-    coef_a, coef_b, steps = [], [], []
-    for m in mixers:
-        if event:
-            if isinstance(m, LRU):
-                zeta, lam, step = m._log_lambda(), torch.zeros_like(m._log_lambda()), torch.zeros_like(m.nu_log)
-            else:
-                step = torch.exp(m.log_step)
-                lam = m.eigenvalues()
-                zeta = step * lam
-            coef_a.append(_complex_planes(zeta))
-            coef_b.append(_complex_planes(lam))
-            steps.append(step.float())
+    rule = RULES["dirac"] if kind is LRU else RULES[first.discretization]
+    if event:
+        if kind is LRU:  # lambda^dt = exp(dt log lambda), input unscaled
+            zeta = kind.stacked_log_lambda(mixers)
+            lam, steps = torch.zeros_like(zeta), torch.zeros_like(zeta.real)
         else:
-            log_decay, scale = m._discretize(None)
-            decay = _complex_planes(torch.exp(log_decay))
-            coef_a.append(decay)
-            coef_b.append(_complex_planes(scale) if scale is not None else torch.stack([torch.ones_like(decay[0]),
-                                                                                         torch.zeros_like(decay[0])]))
-            steps.append(torch.zeros_like(decay[0]))
-    slots = [win, readout, skip, _stack(coef_a, torch.float32), _stack(coef_b, torch.float32),
-             _stack(steps, torch.float32)]
-    return slots, (n_modes,), rule, rule != RULES["dirac"], 2 * n_modes, 2 * n_modes
+            steps, lam = kind.stacked_steps(mixers), kind.stacked_eigenvalues(mixers)
+            zeta = steps * lam
+        coef_a, coef_b = _layer_planes(zeta), _layer_planes(lam)
+    else:
+        log_decay, scale = kind.stacked_discretization(mixers)
+        coef_a = _layer_planes(torch.exp(log_decay))
+        coef_b = _layer_planes(scale if scale is not None else torch.ones_like(log_decay))
+        steps = torch.zeros_like(log_decay.real)
+    slots = [win, readout, skip, coef_a, coef_b, steps.float().contiguous()]
+    return slots, (first.n_modes,), rule, rule != RULES["dirac"], 2 * first.n_modes, 2 * first.n_modes
 
 
 def _pack_s4d(mixers: list, weight_dtype: torch.dtype, event: bool):
@@ -241,27 +241,34 @@ def _pack_rglru(mixers: list, weight_dtype: torch.dtype, event: bool):
     return slots, (width, taps), 0, False, width * (taps - 1) + width, 6 * width
 
 
-def state_to_rows(mixer_id: int, layer_state: dict[str, Tensor]) -> Tensor:
-    """One layer's step-protocol state -> (B, state_width) fp32 rows in the kernel's layout."""
-    if mixer_id == MODAL:
-        parts = [layer_state["h_re"], layer_state["h_im"]]
-    elif mixer_id == S4D_ID:
-        parts = [layer_state["h_re"].flatten(1), layer_state["h_im"].flatten(1)]
-    else:
-        parts = [layer_state["conv"].flatten(1), layer_state["h"].flatten(1)]
-    return torch.cat([p.float() for p in parts], dim=1)
+STATE_KEYS = {MODAL: ("h_re", "h_im"), S4D_ID: ("h_re", "h_im"), MAMBA: ("conv", "h"), RGLRU_ID: ("conv", "h")}
+
+
+def write_state_rows(mixer_id: int, state: dict[str, Tensor], rows: Tensor, batch: int) -> None:
+    """Every layer's step-protocol state ("<layer>.<key>" entries, (batch, ...) each) into the first `batch` of the
+    kernel's fp32 rows (L, >= batch, state_width), in place, in the kernel's layout: per row, each key's values
+    flattened, in STATE_KEYS order. Each key's part of all layers is one stacked copy: two ops a key, whatever the
+    depth."""
+    start = 0
+    for key in STATE_KEYS[mixer_id]:
+        names = [f"{layer}.{key}" for layer in range(rows.shape[0])]
+        missing = [name for name in names if name not in state]
+        if missing:
+            raise ValueError(f"fused_steps: the state has no entries {missing[:4]}; its keys are {sorted(state)[:6]}. "
+                             "HINT: make it with the model's allocate_state or prefill.")
+        part = torch.stack([state[name].flatten(1) for name in names])
+        if part.shape[1] != batch:
+            raise ValueError(f"fused_steps: state '{names[0]}' has {part.shape[1]} rows, but x0 has {batch}. HINT: "
+                             "the state of a prefill or allocate_state of this batch size.")
+        rows[:, :batch, start:start + part.shape[-1]] = part
+        start += part.shape[-1]
 
 
 def rows_to_state(mixer_id: int, rows: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of `state_to_rows`: (B, state_width) -> a state shaped like `like` (any batch size) with B rows."""
-    if mixer_id == MODAL:
-        keys = ["h_re", "h_im"]
-    elif mixer_id == S4D_ID:
-        keys = ["h_re", "h_im"]
-    else:
-        keys = ["conv", "h"]
+    """One layer's (B, state_width) rows (`write_state_rows`' layout) -> a state shaped like `like` (any batch size)
+    with B rows."""
     out, start = {}, 0
-    for key in keys:
+    for key in STATE_KEYS[mixer_id]:
         template = like[key]
         size = template[0].numel()
         out[key] = rows[:, start:start + size].reshape(rows.shape[0], *template.shape[1:]).to(template.dtype)

@@ -70,6 +70,9 @@ def model_coverage(model: nn.Module) -> tuple[bool, str]:
     for layer in layers:
         if type(layer) is not ResidualBlock or type(layer.mlp) is not GatedMLP:
             return False, "a layer is not the standard ResidualBlock with a GatedMLP"
+    if len({_layer_configuration(layer) for layer in layers}) != 1:
+        return False, ("layers of different sizes or mixer settings (the kernel reads every layer's weights from "
+                       "one stack over layers)")
     for norm in norms:
         if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None \
                 or tuple(norm.normalized_shape) != (model.d_model,):
@@ -87,6 +90,14 @@ def model_coverage(model: nn.Module) -> tuple[bool, str]:
             layer.mlp.up.bias is None or layer.mlp.down.bias is None for layer in layers):
         return False, "a Linear without a bias in the backbone"
     return True, f"{model.mixer_name} x {len(layers)} layers covered"
+
+
+def _layer_configuration(layer: nn.Module) -> tuple:
+    """What must be equal across a covered model's layers: the mixer's settings (its `extra_repr`, e.g. S5's
+    discretization, and its output scale) and every parameter's name and shape."""
+    mixer = layer.mixer
+    shapes = tuple((name, tuple(p.shape)) for name, p in layer.named_parameters())
+    return mixer.extra_repr(), getattr(mixer, "output_scale", None), shapes
 
 
 def fused_support(model: nn.Module, weight_dtype: torch.dtype | None = None, *,

@@ -120,15 +120,6 @@ def normalized_products(h, rows, mean, rstd, g_ptr, b_ptr, w_ptr, w2_ptr, ns, n_
 
 
 @triton.jit
-def bf16_dot(x, w, EMULATE_BF16: tl.constexpr):
-    """x (M, K) times w (K, N), both bf16 -> (M, N) fp32 (in fp32 arithmetic where the interpreter emulates bf16)."""
-    if EMULATE_BF16:
-        return tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(x, w)
-
-
-@triton.jit
 def centred_copy(h16, rows, cs, c_ok, v, ref, D: tl.constexpr):
     """h16[rows, cs] = v - ref (each row's centre, (BM,)), in bf16: the copy that `folded_products` multiplies."""
     tl.store(h16 + rows[:, None] * D + cs[None, :], (v - ref[:, None]).to(tl.bfloat16), mask=c_ok[None, :])
@@ -159,9 +150,9 @@ def folded_products(h16, centre, rows, mean, rstd, w_ptr, w2_ptr, sums, sums2, s
         x = tl.load(h16 + rows[:, None] * D + ks[None, :], mask=k_ok[None, :], other=0.0)
         cells = ns[None, :] * D + ks[:, None]
         w_mask = n_ok[None, :] & k_ok[:, None]
-        acc += bf16_dot(x, tl.load(w_ptr + cells, mask=w_mask, other=0.0), EMULATE_BF16)
+        acc += dot_block(x, tl.load(w_ptr + cells, mask=w_mask, other=0.0), "ieee", True, EMULATE_BF16)
         if TWO:
-            acc2 += bf16_dot(x, tl.load(w2_ptr + cells, mask=w_mask, other=0.0), EMULATE_BF16)
+            acc2 += dot_block(x, tl.load(w2_ptr + cells, mask=w_mask, other=0.0), "ieee", True, EMULATE_BF16)
     acc = rstd[:, None] * (acc - offset * s) + shift
     if TWO:
         acc2 = rstd[:, None] * (acc2 - offset * s2) + shift2
@@ -171,8 +162,8 @@ def folded_products(h16, centre, rows, mean, rstd, w_ptr, w2_ptr, sums, sums2, s
 @triton.jit
 def plain_product(x_ptr, rows, w_ptr, ns, n_ok, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   BK: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
-                  EMULATE_BF16: tl.constexpr, X_BF16: tl.constexpr):
-    """x[rows] (BM, K) from memory (rows K apart; bf16 where X_BF16, with bf16 weights, else fp32) times the rows
+                  EMULATE_BF16: tl.constexpr):
+    """x[rows] (BM, K) from memory (rows K apart; fp32, or bf16 with bf16 weights) times the rows
     ns (BN,) of the weight matrix at w_ptr ((N, K), row-major) -> (BM, BN)."""
     acc = tl.full((BM, BN), 0.0, tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
@@ -180,10 +171,7 @@ def plain_product(x_ptr, rows, w_ptr, ns, n_ok, K: tl.constexpr, BM: tl.constexp
         k_ok = ks < K
         x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + ns[None, :] * K + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        if X_BF16:
-            acc += bf16_dot(x, w, EMULATE_BF16)
-        else:
-            acc += dot_block(x, w, PREC, W_BF16, EMULATE_BF16)
+        acc += dot_block(x, w, PREC, W_BF16, EMULATE_BF16)  # a bf16 x's cast to bf16 is a no-op
     return acc
 
 
@@ -310,11 +298,9 @@ def read_out_modes(h, h16, centre, stats, next_stats, eps, state, s16, norm_g, n
         bias = tl.load(norm_b + cs, mask=c_ok, other=0.0)[None, :]
         skip = tl.load(d_skip + cs, mask=c_ok, other=0.0)[None, :]
         if FOLD:
-            y = plain_product(s16, rows, readout, cs, c_ok, 2 * P, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16,
-                              True)
+            y = plain_product(s16, rows, readout, cs, c_ok, 2 * P, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16)
         else:
-            y = plain_product(state, rows, readout, cs, c_ok, 2 * P, BM, BNC, BK, STAGES, PREC, W_BF16,
-                              EMULATE_BF16, False)
+            y = plain_product(state, rows, readout, cs, c_ok, 2 * P, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16)
         a = tl.where(c_ok[None, :], (old - mean[:, None]) * rstd[:, None] * gain + bias, 0.0)
         add_to_residual(h, h16, next_stats, rows, c, cs, c_ok, old, y + skip * a, mean, D, BNC, ROWS, FOLD)
         if FOLD and c == 0:
@@ -361,7 +347,7 @@ def project_down(h, h16, centre, next_stats, g, down_w, down_b, pid, D: tl.const
             ref = tl.load(centre + rows)
         else:
             ref = tl.full((BM,), 0.0, tl.float32)
-        z = plain_product(g, rows, down_w, cs, c_ok, F, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16, W_BF16)
+        z = plain_product(g, rows, down_w, cs, c_ok, F, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16)
         add_to_residual(h, h16, next_stats, rows, c, cs, c_ok, old, z + bias, ref, D, BNC, ROWS, FOLD)
 
 
