@@ -1,6 +1,6 @@
 """`pack_live`: the fused kernel's packed weights from the live parameters, with the packing replayed as a CUDA graph.
 
-Packing (`pack.pack_model`) is a few dozen small PyTorch ops per launch: about 1 ms of
+Packing (`pack.pack_model`) is a few dozen small PyTorch ops per launch: up to 1 ms of
 launch overhead on an H100 host, more than a 64-step rollout of a small model spends in
 the kernel. On a GPU the packing is therefore captured once per (model, weight dtype,
 event mode, stream) and replayed before every eager launch (a call shape seen before packs
