@@ -85,13 +85,58 @@ def packing_ops(model, event: bool) -> collections.Counter:
     return counter.ops
 
 
-@pytest.mark.parametrize("name,kwargs", [("lru", {}), ("s5", {"discretization": "zoh"})], ids=["lru", "s5"])
+@pytest.mark.parametrize("name,kwargs", [("lru", {}), ("s5", {"discretization": "zoh"}), ("s4d", {}), ("mamba", {}),
+                                         ("rglru", {})], ids=["lru", "s5", "s4d", "mamba", "rglru"])
 @pytest.mark.parametrize("event", [False, True], ids=["unit", "event"])
 def test_packing_takes_as_many_ops_at_eight_layers_as_at_two(name, kwargs, event):
     shallow = packing_ops(make_model(name, kwargs, d_model=12, d_state=8, n_layers=2), event)
     deep = packing_ops(make_model(name, kwargs, d_model=12, d_state=8, n_layers=8), event)
     assert deep == shallow
-    assert sum(deep.values()) <= 60, deep  # 133-181 before the coefficients were stacked (8 layers)
+    assert sum(deep.values()) <= 60, deep  # LRU / S5: 101-181 before the coefficients were stacked (8 layers)
+
+
+@pytest.mark.parametrize("n_layers", [1, 3])
+@pytest.mark.parametrize("event", [False, True], ids=["unit", "event"])
+def test_stacked_s4d_mamba_and_rglru_coefficients_are_each_layers_own(n_layers, event):
+    s4d = make_model("s4d", d_model=12, d_state=8, n_layers=n_layers)
+    packed = pack_model(s4d, torch.float32, event=event)
+    for layer, m in enumerate(layer.mixer for layer in s4d.layers):
+        if event:
+            lam = m.eigenvalues()
+            a, b = m.log_dt.exp().unsqueeze(-1) * lam, lam
+        else:
+            log_decay, b = m._discretize(None)
+            a = log_decay.exp()
+        with torch.no_grad():
+            assert torch.equal(packed.mixer[0][layer], planes(a)) and torch.equal(packed.mixer[1][layer], planes(b))
+    mamba = make_model("mamba", d_model=12, d_state=8, n_layers=n_layers)
+    with torch.no_grad():
+        expected = torch.stack([layer.mixer._continuous_A() for layer in mamba.layers])
+        assert torch.equal(pack_model(mamba, torch.float32, event=event).mixer[6], expected)
+    rglru = make_model("rglru", d_model=12, d_state=8, n_layers=n_layers)
+    with torch.no_grad():
+        rglru.layers[0].mixer.c = 4.0  # layers of different c take each layer's own
+        for model in (rglru, make_model("rglru", d_model=12, d_state=8, n_layers=n_layers)):
+            expected = torch.stack([layer.mixer._log_decay_base() for layer in model.layers])
+            assert torch.equal(pack_model(model, torch.float32, event=event).mixer[6], expected)
+
+
+def test_event_packing_of_bf16_parameters_discretises_in_fp32_as_the_model_does():
+    """bf16 parameters: Delta = exp(log_step) in fp32, as S5._discretize and S4D._discretize take it (the packing
+    took exp in bf16 until the fourteenth session)."""
+    s5 = make_model("s5", {"discretization": "zoh"}, d_model=12, d_state=8, n_layers=2).to(torch.bfloat16)
+    packed = pack_model(s5, torch.bfloat16, event=True)
+    with torch.no_grad():
+        steps = torch.stack([layer.mixer.log_step.float().exp() for layer in s5.layers])
+        assert torch.equal(packed.mixer[5], steps)
+        rounded = torch.stack([layer.mixer.log_step.exp().float() for layer in s5.layers])  # exp in bf16
+        assert not torch.equal(packed.mixer[5], rounded)
+    s4d = make_model("s4d", d_model=12, d_state=8, n_layers=2).to(torch.bfloat16)
+    with torch.no_grad():
+        lam = torch.stack([layer.mixer.eigenvalues() for layer in s4d.layers])
+        delta = torch.stack([layer.mixer.log_dt.float().exp() for layer in s4d.layers]).unsqueeze(-1)
+        assert torch.equal(pack_model(s4d, torch.float32, event=True).mixer[0], torch.stack([(delta * lam).real,
+                                                                                            (delta * lam).imag], 1))
 
 
 @pytest.mark.parametrize("name", ["lru", "s4d", "mamba", "rglru"])

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lrnn_lightning.models.lti_complex import upcast
-from lrnn_lightning.models.lti_modal import ModalLTIMixer, stacked_parameter
+from lrnn_lightning.models.lti_complex import stacked_parameter, upcast
+from lrnn_lightning.models.lti_modal import ModalLTIMixer
 from lrnn_lightning.models.validation import check_positive_int
 
 

@@ -10,8 +10,10 @@ parameters and inputs to the working precision (at least float32).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _AT_LEAST_FLOAT32 = (torch.float32, torch.float64)
 
@@ -74,6 +76,19 @@ def powers_from_log(log_decay: Tensor, length: int) -> Tensor:
 def upcast(param: Tensor) -> Tensor:
     """`param` in at least float32: as is in float32 or float64, else a float32 copy."""
     return param if param.dtype in _AT_LEAST_FLOAT32 else param.float()
+
+
+def stacked_parameter(mixers: Sequence[nn.Module], name: str) -> Tensor:
+    """The parameter `name` of every mixer, read through `upcast` and stacked over layers: (L, *shape). For one
+    mixer, a view of the parameter itself where it needs no cast: never write into the result."""
+    if len(mixers) == 1:
+        return upcast(getattr(mixers[0], name)).unsqueeze(0)
+    return torch.stack([upcast(getattr(m, name)) for m in mixers])
+
+
+def eigenvalues_from_log(real_log: Tensor, imag: Tensor) -> Tensor:
+    """Lambda = -exp(real_log) + i imag, complex, of the parameters' shape: stable for every parameter value."""
+    return torch.complex(-torch.exp(real_log), imag)
 
 
 def working_precision(reference: Tensor, x: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor | None, torch.dtype]:

@@ -48,14 +48,6 @@ from lrnn_lightning.models.step_ops import dual_readout_step, matmul_step, modal
 from lrnn_lightning.models.validation import check_dt, check_sequence
 
 
-def stacked_parameter(mixers: Sequence[nn.Module], name: str) -> Tensor:
-    """The parameter `name` of every mixer, read through `upcast` and stacked over layers: (L, *shape). For one
-    mixer, a view of the parameter itself where it needs no cast: never write into the result."""
-    if len(mixers) == 1:
-        return upcast(getattr(mixers[0], name)).unsqueeze(0)
-    return torch.stack([upcast(getattr(m, name)) for m in mixers])
-
-
 class ModalLTIMixer(ComplexStateMixer):
     """Base of the diagonal complex SSMs with dense complex B and C (see the module doc).
 

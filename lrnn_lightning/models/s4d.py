@@ -24,6 +24,7 @@ promoted to at least float32 (see `working_precision`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,14 @@ from torch import Tensor, nn
 from lrnn_lightning.models.complex_state import ComplexStateMixer
 from lrnn_lightning.models.derived import derived
 from lrnn_lightning.models.fft_conv import causal_fft_conv
-from lrnn_lightning.models.lti_complex import complex_decay_add_, powers_from_log, upcast, working_precision
+from lrnn_lightning.models.lti_complex import (
+    complex_decay_add_,
+    eigenvalues_from_log,
+    powers_from_log,
+    stacked_parameter,
+    upcast,
+    working_precision,
+)
 from lrnn_lightning.models.lti_discretization import zoh
 from lrnn_lightning.models.lti_init import check_even_state, check_step_range, log_uniform
 from lrnn_lightning.models.mixer import State
@@ -76,7 +84,24 @@ class S4D(ComplexStateMixer):
 
     def eigenvalues(self) -> Tensor:
         """Continuous-time A, complex (d_model, N)."""
-        return torch.complex(-torch.exp(upcast(self.A_real_log)), upcast(self.A_imag))
+        return eigenvalues_from_log(upcast(self.A_real_log), upcast(self.A_imag))
+
+    @classmethod
+    def stacked_eigenvalues(cls, mixers: Sequence[S4D]) -> Tensor:
+        """A of L S4D layers of one size, stacked: (L, d_model, N) complex."""
+        real_log, imag = stacked_parameter(mixers, "A_real_log"), stacked_parameter(mixers, "A_imag")
+        return eigenvalues_from_log(real_log, imag)
+
+    @classmethod
+    def stacked_steps(cls, mixers: Sequence[S4D]) -> Tensor:
+        """Delta = exp(log_dt) of L S4D layers of one size, stacked: (L, d_model, 1) real."""
+        return torch.exp(stacked_parameter(mixers, "log_dt")).unsqueeze(-1)
+
+    @classmethod
+    def stacked_discretization(cls, mixers: Sequence[S4D]) -> tuple[Tensor, Tensor]:
+        """`_discretize(None)` of L S4D layers of one size, stacked: ZOH (log_decay, input_scale), complex
+        (L, d_model, N), bit for bit each layer's own, in a few ops for all layers (the fused kernel's packing)."""
+        return zoh(cls.stacked_eigenvalues(mixers), cls.stacked_steps(mixers))
 
     def _discretize(self, dt: Tensor | None) -> tuple[Tensor, Tensor]:
         """ZOH (log_decay, input_scale), complex (H, N) for dt=None, else dt.shape + (H, N)."""

@@ -32,10 +32,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lrnn_lightning.models.lti_complex import upcast
+from lrnn_lightning.models.lti_complex import eigenvalues_from_log, stacked_parameter, upcast
 from lrnn_lightning.models.lti_discretization import get_discretization
 from lrnn_lightning.models.lti_init import check_even_state, check_step_range, log_uniform
-from lrnn_lightning.models.lti_modal import ModalLTIMixer, stacked_parameter
+from lrnn_lightning.models.lti_modal import ModalLTIMixer
 from lrnn_lightning.models.validation import check_positive_int
 
 
@@ -55,11 +55,6 @@ def hippo_normal_eig(n: int) -> tuple[Tensor, Tensor]:
     skew = -0.5 * torch.outer(scale, scale) * torch.sign(idx[:, None] - idx[None, :])
     w, vectors = torch.linalg.eigh(-1j * skew.to(torch.complex128))
     return torch.complex(torch.full_like(w, -0.5), w), vectors
-
-
-def s5_eigenvalues(real_log: Tensor, imag: Tensor) -> Tensor:
-    """Lambda = -exp(real_log) + i imag, complex, of the parameters' shape (..., P)."""
-    return torch.complex(-torch.exp(real_log), imag)
 
 
 class S5(ModalLTIMixer):
@@ -111,7 +106,7 @@ class S5(ModalLTIMixer):
 
     def eigenvalues(self) -> Tensor:
         """Continuous-time Lambda, complex (P,)."""
-        return s5_eigenvalues(upcast(self.Lambda_real_log), upcast(self.Lambda_imag))
+        return eigenvalues_from_log(upcast(self.Lambda_real_log), upcast(self.Lambda_imag))
 
     def _discretize(self, dt: Tensor | None) -> tuple[Tensor, Tensor | None]:
         delta = torch.exp(upcast(self.log_step))
@@ -122,7 +117,8 @@ class S5(ModalLTIMixer):
     @classmethod
     def stacked_eigenvalues(cls, mixers: Sequence[S5]) -> Tensor:
         """Lambda of L S5 layers of one size, stacked: (L, P) complex."""
-        return s5_eigenvalues(stacked_parameter(mixers, "Lambda_real_log"), stacked_parameter(mixers, "Lambda_imag"))
+        real_log, imag = stacked_parameter(mixers, "Lambda_real_log"), stacked_parameter(mixers, "Lambda_imag")
+        return eigenvalues_from_log(real_log, imag)
 
     @classmethod
     def stacked_steps(cls, mixers: Sequence[S5]) -> Tensor:

@@ -192,19 +192,15 @@ def _pack_modal(mixers: list, weight_dtype: torch.dtype, event: bool, inputs: Te
 
 
 def _pack_s4d(mixers: list, weight_dtype: torch.dtype, event: bool):
+    """S4D layers of one size, from their parameters stacked over layers (`S4D.stacked_*`)."""
     first = mixers[0]
-    coef_a, coef_b = [], []
-    for m in mixers:
-        if event:
-            lam = m.eigenvalues()
-            coef_a.append(_complex_planes(torch.exp(m.log_dt).unsqueeze(-1) * lam))
-            coef_b.append(_complex_planes(lam))
-        else:
-            log_decay, scale = m._discretize(None)
-            coef_a.append(_complex_planes(torch.exp(log_decay)))
-            coef_b.append(_complex_planes(scale))
-    slots = [_stack(coef_a, torch.float32), _stack(coef_b, torch.float32), _stack([m.C for m in mixers], torch.float32),
-             _stack([m.D for m in mixers], torch.float32)]
+    if event:  # the kernel discretises dt * Delta * A
+        lam = S4D.stacked_eigenvalues(mixers)
+        coef_a, coef_b = _layer_planes(S4D.stacked_steps(mixers) * lam), _layer_planes(lam)
+    else:
+        log_decay, scale = S4D.stacked_discretization(mixers)
+        coef_a, coef_b = _layer_planes(torch.exp(log_decay)), _layer_planes(scale)
+    slots = [coef_a, coef_b, _stack([m.C for m in mixers], torch.float32), _stack([m.D for m in mixers], torch.float32)]
     return slots, (first.n_modes,), RULES["zoh"], True, 2 * first.d_model * first.n_modes, 0
 
 
@@ -219,13 +215,22 @@ def _pack_mamba(mixers: list, weight_dtype: torch.dtype, event: bool):
         _stack([m.x_proj.weight for m in mixers], weight_dtype),
         _stack([m.dt_proj.weight for m in mixers], weight_dtype),
         _stack([m.dt_proj.bias for m in mixers], f32),
-        _stack([-torch.exp(m.A_log) for m in mixers], f32),
+        (-torch.exp(torch.stack([m.A_log.detach() for m in mixers]))).float(),  # each layer's _continuous_A
         _stack([m.D for m in mixers], f32),
         _stack([m.out_proj.weight for m in mixers], weight_dtype),
     ]
     state_width = inner * (taps - 1) + inner * n
     scratch_width = 5 * inner + rank + 2 * n
     return slots, (inner, n, rank, taps), 0, False, state_width, scratch_width
+
+
+def _log_decay_bases(mixers: list) -> Tensor:
+    """Each RG-LRU layer's `_log_decay_base`, c log sigmoid(Lambda), stacked (L, W) fp32: in two ops where the
+    layers share c."""
+    c = mixers[0].c
+    if any(m.c != c for m in mixers):
+        return _stack([m._log_decay_base() for m in mixers], torch.float32)
+    return (c * F.logsigmoid(torch.stack([m.Lambda.detach() for m in mixers]))).float()
 
 
 def _pack_rglru(mixers: list, weight_dtype: torch.dtype, event: bool):
@@ -239,7 +244,7 @@ def _pack_rglru(mixers: list, weight_dtype: torch.dtype, event: bool):
         _stack([m.conv.bias for m in mixers], f32),
         _stack([m.gates.weight for m in mixers], weight_dtype),
         _stack([m.gates.bias for m in mixers], f32),
-        _stack([m.c * F.logsigmoid(m.Lambda) for m in mixers], f32),
+        _log_decay_bases(mixers),
         _stack([m.out_proj.weight for m in mixers], weight_dtype),
         _stack([m.out_proj.bias for m in mixers], f32),
     ]
