@@ -91,6 +91,11 @@ def eigenvalues_from_log(real_log: Tensor, imag: Tensor) -> Tensor:
     return torch.complex(-torch.exp(real_log), imag)
 
 
+def stacked_eigenvalues(mixers: Sequence[nn.Module], real_log: str, imag: str) -> Tensor:
+    """`eigenvalues_from_log` of the parameters named `real_log` and `imag` of every mixer, stacked: (L, *shape)."""
+    return eigenvalues_from_log(stacked_parameter(mixers, real_log), stacked_parameter(mixers, imag))
+
+
 def working_precision(reference: Tensor, x: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor | None, torch.dtype]:
     """Cast x and dt to the computation's dtype, and say which dtype the output takes.
 

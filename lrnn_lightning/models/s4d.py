@@ -36,6 +36,7 @@ from lrnn_lightning.models.lti_complex import (
     complex_decay_add_,
     eigenvalues_from_log,
     powers_from_log,
+    stacked_eigenvalues,
     stacked_parameter,
     upcast,
     working_precision,
@@ -89,8 +90,7 @@ class S4D(ComplexStateMixer):
     @classmethod
     def stacked_eigenvalues(cls, mixers: Sequence[S4D]) -> Tensor:
         """A of L S4D layers of one size, stacked: (L, d_model, N) complex."""
-        real_log, imag = stacked_parameter(mixers, "A_real_log"), stacked_parameter(mixers, "A_imag")
-        return eigenvalues_from_log(real_log, imag)
+        return stacked_eigenvalues(mixers, "A_real_log", "A_imag")
 
     @classmethod
     def stacked_steps(cls, mixers: Sequence[S4D]) -> Tensor:

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lrnn_lightning.models.lti_complex import eigenvalues_from_log, stacked_parameter, upcast
+from lrnn_lightning.models.lti_complex import eigenvalues_from_log, stacked_eigenvalues, stacked_parameter, upcast
 from lrnn_lightning.models.lti_discretization import get_discretization
 from lrnn_lightning.models.lti_init import check_even_state, check_step_range, log_uniform
 from lrnn_lightning.models.lti_modal import ModalLTIMixer
@@ -117,8 +117,7 @@ class S5(ModalLTIMixer):
     @classmethod
     def stacked_eigenvalues(cls, mixers: Sequence[S5]) -> Tensor:
         """Lambda of L S5 layers of one size, stacked: (L, P) complex."""
-        real_log, imag = stacked_parameter(mixers, "Lambda_real_log"), stacked_parameter(mixers, "Lambda_imag")
-        return eigenvalues_from_log(real_log, imag)
+        return stacked_eigenvalues(mixers, "Lambda_real_log", "Lambda_imag")
 
     @classmethod
     def stacked_steps(cls, mixers: Sequence[S5]) -> Tensor:
