@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lrnn_lightning.models.lti_complex import upcast
 from lrnn_lightning.rollout.fused.pack import MIXER_IDS, STATE_KEYS, pack_model, rows_to_state, write_state_rows
 from tests.test_fused import make_model
 
@@ -23,7 +24,8 @@ def planes(z: torch.Tensor) -> torch.Tensor:
 
 
 def per_layer_slots(model, weight_dtype, event):
-    """The mixer slots m0..m5, each layer from its own methods (the packing's formulas before stacking)."""
+    """The mixer slots m0..m5, each layer from its own methods or, in event mode, the packing's per-layer formulas
+    before stacking (with the models' upcast, as their `_discretize` reads the parameters)."""
     mixers = [layer.mixer for layer in model.layers]
     win = torch.stack([m._input_weight() for m in mixers]).to(weight_dtype)
     readout = torch.stack([m.output_scale * torch.cat([m.C[0], -m.C[1]], dim=1) for m in mixers]).to(weight_dtype)
@@ -33,7 +35,7 @@ def per_layer_slots(model, weight_dtype, event):
             log_lambda = m._log_lambda()
             a, b, step = log_lambda, torch.zeros_like(log_lambda), torch.zeros_like(m.nu_log)
         elif event:  # S5: the kernel discretises dt * Delta * Lambda
-            step, b = m.log_step.exp(), m.eigenvalues()
+            step, b = upcast(m.log_step).exp(), m.eigenvalues()
             a = step * b
         else:
             log_decay, scale = m._discretize(None)
@@ -42,17 +44,21 @@ def per_layer_slots(model, weight_dtype, event):
         coef_a.append(planes(a))
         coef_b.append(planes(b))
         steps.append(step.float())
-    return [win, readout, torch.stack([m.D for m in mixers]), torch.stack(coef_a), torch.stack(coef_b),
+    return [win, readout, torch.stack([m.D for m in mixers]).float(), torch.stack(coef_a), torch.stack(coef_b),
             torch.stack(steps)]
 
 
 @pytest.mark.parametrize("name,kwargs", MODAL_CASES, ids=lambda case: str(case))
 @pytest.mark.parametrize("n_layers", [1, 3])
 @pytest.mark.parametrize("event", [False, True], ids=["unit", "event"])
-def test_stacked_packing_is_each_layers_own(name, kwargs, n_layers, event):
-    model = make_model(name, kwargs, d_model=12, d_state=8, n_layers=n_layers)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32-params", "bf16-params"])
+def test_stacked_packing_is_each_layers_own(name, kwargs, n_layers, event, param_dtype):
+    model = make_model(name, kwargs, d_model=12, d_state=8, n_layers=n_layers).to(param_dtype)
     for weight_dtype in (torch.float32, torch.bfloat16):
         packed = pack_model(model, weight_dtype, event=event, fold=True)
+        unfolded = pack_model(model, weight_dtype, event=event)
+        for key, value in unfolded.common.items():  # what other launches read is the same with the folded copies
+            assert torch.equal(packed.common[key], value), key
         expected = per_layer_slots(model, weight_dtype, event)
         with torch.no_grad():
             for index, want in enumerate(expected):
@@ -155,8 +161,17 @@ def test_state_rows_hold_every_layers_state_in_the_kernels_layout(name):
         assert torch.equal(rows[layer, :batch], expected)
         back = rows_to_state(mixer_id, rows[layer, :batch], like)
         assert all(torch.equal(back[key], like[key]) for key in like)
-    with pytest.raises(ValueError, match=r"state '0\.\w+' has 4 rows, but x0 has 3\. HINT"):
+    written = rows.clone()
+    with pytest.raises(ValueError, match=r"state '0\.\w+' has shape \(4, .*but x0 has 3 rows.*HINT"):
         write_state_rows(mixer_id, state, rows, 3)
+    other = make_model(name, d_model=16, d_state=4, n_layers=3).allocate_state(batch)  # another state size
+    with pytest.raises(ValueError, match=rf"the state holds \d+ values a row per layer, but the model's state holds "
+                                         rf"{width} .*HINT"):
+        write_state_rows(mixer_id, other, rows, batch)
+    resized = next(key for key in STATE_KEYS[mixer_id] if other[f"1.{key}"].shape != state[f"1.{key}"].shape)
+    with pytest.raises(ValueError, match=rf"state '1\.{resized}' has shape .* and '0\.{resized}' has shape"):
+        write_state_rows(mixer_id, dict(state, **{f"1.{resized}": other[f"1.{resized}"]}), rows, batch)
+    assert torch.equal(rows, written)  # nothing written before raising
     del state["2.h" if "2.h" in state else "2.h_im"]
     with pytest.raises(ValueError, match=r"the state has no entries \['2\.h(_im)?'\].*HINT: make it with"):
         write_state_rows(mixer_id, state, rows, batch)

@@ -299,21 +299,22 @@ def test_autocast_and_float64_timesteps_run_in_the_parameters_precision(cls, kwa
 MODAL_CASES = [case for case in LTI_CASES if case.values[0] is not S4D]
 
 
-def make_layers(cls, kwargs, n_layers=3):
+def make_layers(cls, kwargs, n_layers=3, dtype=torch.float32):
     layers = []
     for seed in range(n_layers):
         torch.manual_seed(seed)
         mixer = cls(D_MODEL, D_STATE, **kwargs)
         perturb_parameters(mixer, seed=seed)
-        layers.append(mixer)
+        layers.append(mixer.to(dtype))
     return layers
 
 
 @pytest.mark.parametrize("cls,kwargs", MODAL_CASES)
 @pytest.mark.parametrize("n_layers", [1, 3])
-def test_stacked_coefficients_are_each_layers_own(cls, kwargs, n_layers):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_stacked_coefficients_are_each_layers_own(cls, kwargs, n_layers, dtype):
     """The batched coefficients the fused packing reads equal each layer's own methods bit for bit."""
-    layers = make_layers(cls, kwargs, n_layers)
+    layers = make_layers(cls, kwargs, n_layers, dtype)
     log_decay, scale = cls.stacked_discretization(layers)
     own = [m._discretize(None) for m in layers]
     assert log_decay.shape == (n_layers, layers[0].n_modes) and log_decay.abs().min() > 0
@@ -328,7 +329,7 @@ def test_stacked_coefficients_are_each_layers_own(cls, kwargs, n_layers):
         assert torch.equal(LRU.stacked_log_lambda(layers), torch.stack([m._log_lambda() for m in layers]))
     else:
         assert torch.equal(S5.stacked_eigenvalues(layers), torch.stack([m.eigenvalues() for m in layers]))
-        assert torch.equal(S5.stacked_steps(layers), torch.stack([m.log_step.exp() for m in layers]))
+        assert torch.equal(S5.stacked_steps(layers), torch.stack([m.log_step.float().exp() for m in layers]))
 
 
 def test_stacked_s5_layers_of_several_rules_take_each_layers_own():

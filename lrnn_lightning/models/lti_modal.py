@@ -92,7 +92,7 @@ class ModalLTIMixer(ComplexStateMixer):
 
         Returns:
             log_decay (L, P) and input_scale (L, P) complex, None where no layer scales its input (a layer that
-            does not scales by 1): the same values as stacking each mixer's own. This default stacks those (a
+            does not, by 1): the same values as stacking each mixer's own. This default stacks those (a
             few ops per layer); subclasses compute them from the stacked parameters in a few ops for all layers,
             which is what the fused kernel's packing replays before every call.
         """

@@ -5,9 +5,9 @@ tl.dot are cast to the kernel's weight dtype (float32 or bfloat16); everything e
 (biases, norms, discretised coefficients, conv taps) stays float32. Every derived tensor
 (discretised decays, folded input gains, -exp(A_log), ...) is computed here from the
 live parameters through the mixers' own formulas, so an optimizer step between two
-launches is always seen. LRU / S5 coefficients come from the parameters stacked over layers
-(the mixers' `stacked_*` methods): each op is a node of every fused call's CUDA graph, and
-an 8-layer model packs in about 45 ops instead of 160 (0.22 ms instead of 0.4 on an H100).
+launches is always seen. The coefficients come from the parameters stacked over layers (the
+mixers' `stacked_*` methods): each op is a node of every fused call's CUDA graph, and an
+8-layer LRU / S5 model packs in about 45 ops instead of 160 (0.22 ms instead of 0.4 on an H100).
 
 Mixer slots (m0..m8) and sizes (md0..md3), per kernel MIXER id:
 
@@ -87,11 +87,6 @@ def _stack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     if len(tensors) == 1:
         return tensors[0].detach().to(dtype).contiguous().unsqueeze(0)
     return torch.stack([t.detach() for t in tensors]).to(dtype).contiguous()
-
-
-def _complex_planes(z: Tensor) -> Tensor:
-    """Complex (...,) -> real (2, ...) holding the real then the imaginary part."""
-    return torch.stack([z.real, z.imag]).float()
 
 
 def _layer_planes(z: Tensor) -> Tensor:
@@ -258,18 +253,27 @@ def write_state_rows(mixer_id: int, state: dict[str, Tensor], rows: Tensor, batc
     """Every layer's step-protocol state ("<layer>.<key>" entries, (batch, ...) each) into the first `batch` of the
     kernel's fp32 rows (L, >= batch, state_width), in place, in the kernel's layout: per row, each key's values
     flattened, in STATE_KEYS order. Each key's part of all layers is one stacked copy: two ops a key, whatever the
-    depth."""
-    start = 0
+    depth. Raises a ValueError, before writing anything, for a state of another batch size or layout."""
+    hint = "HINT: the state of this model's prefill or allocate_state, at x0's batch size."
+    parts = []
     for key in STATE_KEYS[mixer_id]:
         names = [f"{layer}.{key}" for layer in range(rows.shape[0])]
         missing = [name for name in names if name not in state]
         if missing:
             raise ValueError(f"fused_steps: the state has no entries {missing[:4]}; its keys are {sorted(state)[:6]}. "
                              "HINT: make it with the model's allocate_state or prefill.")
-        part = torch.stack([state[name].flatten(1) for name in names])
-        if part.shape[1] != batch:
-            raise ValueError(f"fused_steps: state '{names[0]}' has {part.shape[1]} rows, but x0 has {batch}. HINT: "
-                             "the state of a prefill or allocate_state of this batch size.")
+        for name in names:
+            shape = tuple(state[name].shape)
+            if not shape or shape[0] != batch or shape != tuple(state[names[0]].shape):
+                raise ValueError(f"fused_steps: state '{name}' has shape {shape}, but x0 has {batch} rows and "
+                                 f"'{names[0]}' has shape {tuple(state[names[0]].shape)}. {hint}")
+        parts.append(torch.stack([state[name].flatten(1) for name in names]))
+    width = sum(part.shape[-1] for part in parts)
+    if width != rows.shape[-1]:
+        raise ValueError(f"fused_steps: the state holds {width} values a row per layer, but the model's state holds "
+                         f"{rows.shape[-1]} ({' + '.join(STATE_KEYS[mixer_id])}). {hint}")
+    start = 0
+    for part in parts:
         rows[:, :batch, start:start + part.shape[-1]] = part
         start += part.shape[-1]
 

@@ -31,7 +31,7 @@ import triton.language as tl
 
 @triton.jit
 def dot_block(x, w, PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """x (M, K) fp32 times w (K, N) in the weights' dtype -> (M, N) fp32."""
+    """x (M, K) fp32 (or bf16, with bf16 weights) times w (K, N) in the weights' dtype -> (M, N) fp32."""
     if W_BF16:
         if EMULATE_BF16:
             return tl.dot(x.to(tl.bfloat16).to(tl.float32), w.to(tl.float32), input_precision="ieee")
