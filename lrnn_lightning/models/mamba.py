@@ -10,6 +10,7 @@ while the input term keeps the selective Delta_t B_t u_t (as in STREAM).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +188,12 @@ class Mamba(Mixer):
 
     def _continuous_A(self) -> Tensor:
         return -torch.exp(self.A_log)
+
+    @classmethod
+    def stacked_continuous_A(cls, mixers: Sequence[Mamba]) -> Tensor:
+        """`_continuous_A()` of L Mamba layers of one size, stacked: (L, E, N), in two ops whatever L (the fused
+        kernel's packing)."""
+        return -torch.exp(torch.stack([m.A_log for m in mixers]))
 
     def step(self, x_t: Tensor, state: State, dt_t: Tensor | None = None) -> Tensor:
         """x_t (B, D), dt_t (B,) or None -> (B, D); `state` updated in place."""

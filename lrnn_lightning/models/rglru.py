@@ -9,6 +9,8 @@ Event mode (timesteps dt given): a_t = a^(c r_t dt_t), and the normaliser uses t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -102,6 +104,15 @@ class RGLRU(Mixer):
     def _log_decay_base(self) -> Tensor:
         """c log a, (W,): the log-decay at a fully open recurrence gate."""
         return self.c * F.logsigmoid(self.Lambda)
+
+    @classmethod
+    def stacked_log_decay_bases(cls, mixers: Sequence[RGLRU]) -> Tensor:
+        """`_log_decay_base()` of L RG-LRU layers of one width, stacked: (L, W), in two ops where they share c
+        (the fused kernel's packing)."""
+        c = mixers[0].c
+        if any(m.c != c for m in mixers):
+            return torch.stack([m._log_decay_base() for m in mixers])
+        return c * F.logsigmoid(torch.stack([m.Lambda for m in mixers]))
 
     def _recurrence(self, u: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """u (..., W), dt (...) or None -> decay a_t, normaliser sqrt(1 - a_t^2) and gated input i_t u_t,

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lrnn_lightning.models.backbone import SequenceModel
@@ -210,22 +209,13 @@ def _pack_mamba(mixers: list, weight_dtype: torch.dtype, event: bool):
         _stack([m.x_proj.weight for m in mixers], weight_dtype),
         _stack([m.dt_proj.weight for m in mixers], weight_dtype),
         _stack([m.dt_proj.bias for m in mixers], f32),
-        (-torch.exp(torch.stack([m.A_log.detach() for m in mixers]))).float(),  # each layer's _continuous_A
+        Mamba.stacked_continuous_A(mixers).float(),
         _stack([m.D for m in mixers], f32),
         _stack([m.out_proj.weight for m in mixers], weight_dtype),
     ]
     state_width = inner * (taps - 1) + inner * n
     scratch_width = 5 * inner + rank + 2 * n
     return slots, (inner, n, rank, taps), 0, False, state_width, scratch_width
-
-
-def _log_decay_bases(mixers: list) -> Tensor:
-    """Each RG-LRU layer's `_log_decay_base`, c log sigmoid(Lambda), stacked (L, W) fp32: in two ops where the
-    layers share c."""
-    c = mixers[0].c
-    if any(m.c != c for m in mixers):
-        return _stack([m._log_decay_base() for m in mixers], torch.float32)
-    return (c * F.logsigmoid(torch.stack([m.Lambda.detach() for m in mixers]))).float()
 
 
 def _pack_rglru(mixers: list, weight_dtype: torch.dtype, event: bool):
@@ -239,7 +229,7 @@ def _pack_rglru(mixers: list, weight_dtype: torch.dtype, event: bool):
         _stack([m.conv.bias for m in mixers], f32),
         _stack([m.gates.weight for m in mixers], weight_dtype),
         _stack([m.gates.bias for m in mixers], f32),
-        _log_decay_bases(mixers),
+        RGLRU.stacked_log_decay_bases(mixers).float(),
         _stack([m.out_proj.weight for m in mixers], weight_dtype),
         _stack([m.out_proj.bias for m in mixers], f32),
     ]
