@@ -101,7 +101,7 @@ def pack_model(model: SequenceModel, weight_dtype: torch.dtype, event: bool, fol
         weight_dtype: torch.float32 or torch.bfloat16, the dtype of the tl.dot weights.
         event: whether the rollout has per-step timesteps (discretisation then happens in the kernel).
         fold: also the weights with their LayerNorm gains folded in (`fold.fold_norms`), for phased steps of an
-            LRU / S5 model on bf16 weights (ignored elsewhere); about 0.13 ms of every call's packing on an H100
+            LRU / S5 model on bf16 weights (ignored elsewhere); about 0.1 ms of every call's packing on an H100
             at (1024, 512, 128, 8), so only the launches that read them ask.
     """
     f32 = torch.float32
