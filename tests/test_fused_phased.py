@@ -3,7 +3,7 @@
 In the interpreter the kernel runs as one program that takes every tile of every phase, so these tests
 check its arithmetic: the tiles of rows, modes, columns and hidden units (ragged ones included), the
 LayerNorm statistics merged from column tiles, the state, event dt and every discretisation. Its
-barriers between programs are exercised on the GPU (tests/test_fused_phased_cuda.py).
+waits between programs (the row blocks' counters) are exercised on the GPU (tests/test_fused_phased_cuda.py).
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ def test_phased_tiles_cover_the_model_in_several_blocks(interpreter):
     assert call.constexprs["ROWS"] == 32 and call.states.shape == (2, 32, 40)
     on_gpu = build_call(packed, torch.randn(20, 3), None, 4, None, "ieee", PHASED, interpreted=False, n_sms=132)
     assert on_gpu.grid == (6,) and on_gpu.cooperative and on_gpu.constexprs["NPROG"] == 6
+    # one counter of finished tiles for each row block of 16 rows (the padded 32: two), zeroed by every launch
+    (done,) = on_gpu.zeroed
+    assert done.dtype == torch.int32 and done.shape == (2,) and any(arg is done for arg in on_gpu.args)
     assert build_call(packed, torch.randn(20, 3), None, 4, None, "ieee", PHASED, interpreted=False,
                       n_sms=4).grid == (4,)  # one program an SM at most: they wait for each other
 

@@ -1,6 +1,6 @@
-"""The phased fused kernel (kernels/phased.py) compiled on a GPU: many programs with grid-wide barriers
-between the phases of every step, against float64 and fp32 loops (the fp32 bound of test_fused_cuda.py),
-on tensor cores, from a prefilled state and after an optimizer step.
+"""The phased fused kernel (kernels/phased.py) compiled on a GPU: many programs, each tile waiting for the tiles of
+the phase before it on its rows (the row blocks' counters), against float64 and fp32 loops (the fp32 bound of
+test_fused_cuda.py), on tensor cores, from a prefilled state and after an optimizer step.
 
 Run: pytest -m cuda tests/test_fused_phased_cuda.py
 """
@@ -78,7 +78,7 @@ def test_phased_tiles_on_tensor_cores(config, case):
                           config=KernelConfig(block_b=16, block_k=32, activations="registers"))
     phased_first, tiles_first = relative_error(bf16[:, 1], ref[:, 1]), relative_error(tiles[:, 1], ref[:, 1])
     assert phased_first < 2 * tiles_first, f"bf16 at step 1: phased {phased_first:.2e}, register {tiles_first:.2e}"
-    # the programs' bf16 copies of h, its centres and the state, handed over at the barriers: the same bits again
+    # the programs' bf16 copies of h, its centres and the state, handed over between programs: the same bits again
     assert torch.equal(fused_rollout(model, context, HORIZON, dt, weight_dtype=torch.bfloat16, config=config), bf16)
 
 
@@ -132,7 +132,7 @@ def test_phased_large_model_on_gpu():
 
 
 def test_a_phased_call_launched_again_carries_its_state_on():
-    """The barrier's counter is zeroed by every launch; relaunching one call steps on from its state, as the
+    """The row blocks' counters are zeroed by every launch; relaunching one call steps on from its state, as the
     eager step does."""
     model = gpu_model("lru", n_layers=1)
     packed = pack_model(model, torch.float32, event=False)

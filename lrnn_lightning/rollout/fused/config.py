@@ -66,7 +66,8 @@ the split steps stayed within +-2% or lost up to 13%, and unsplit one-row progra
 
 Phased steps (kernels/phased.py, `phased_config`). Past MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM, an LRU / S5
 model from a padded d_model of PHASED_MIN_D_MODEL on runs each step as phases of tiles shared by the whole
-GPU, with grid-wide barriers between them, instead of row tiles that each stream the whole model. H100,
+GPU, each tile waiting only for the previous phase's tiles on its rows, instead of row tiles that each stream the
+whole model. H100,
 twelfth session, (1024, 512, 128, 8), µs per step of the kernel alone: bf16 4137 (16-row tiles) -> 302-324
 (the fp32 graph's 1384: 0.33x -> 4.3-4.4x; whole calls 4.0-4.3x), tf32x3 6193 -> 1450, exact fp32
 14600 -> 3640 (both still slower than the fp32 graph). Thirteenth session, bf16: the products after a
@@ -74,7 +75,11 @@ LayerNorm multiply a centred bf16 copy of h by weights with the norm's gain fold
 modes, decoding and down-projection take their own tiles (`phased_launch.phased_blocks`): 320 -> 251-255
 (the kernel alone 5.2-5.4x faster than the fp32 graph; whole calls 4.9-5.1x). At d_model 128 the
 register kernel's tiles were as fast or faster (bf16, B=1024: 62.9 against 61.5-92.3 µs; B=512: 47.9
-against 60.6-90.1), so narrower models keep them (d_model 256: not measured).
+against 60.6-90.1), so narrower models keep them (d_model 256: not measured). Fifteenth session: with the
+grid-wide barriers between phases replaced by counters per row block (kernels/phased.py), bf16 kernel 249-257 ->
+235-246 (whole calls 5.3-5.4x the fp32 graph), tf32x3 1448-1466 -> 1415-1443; the phase tiles were timed again
+under the counters and kept. At (256, 128, 64, 4) (bf16, LRU) phased steps still lose to the split register
+steps: 52.5 µs (16-row tiles) against 42.0.
 
 `experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
 against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their

@@ -105,7 +105,7 @@ def build_phased_call(packed: PackedModel, x0: Tensor, state: State | None, num_
     h = torch.empty(rows, d_model, device=device, dtype=f32)
     units = torch.empty(rows, d_ff, device=device, dtype=torch.bfloat16 if w_bf16 else f32)
     stats = torch.empty(2, -(-d_model // blocks["BNC"]), rows, 2, device=device, dtype=f32)
-    sem = torch.zeros(1, device=device, dtype=torch.int32)
+    done = torch.zeros(rows // blocks["BM"], device=device, dtype=torch.int32)  # each row block's finished tiles
     c = packed.common
     fold = w_bf16 and FOLDED_KEYS[0] in c  # packed with fold: see `pack.pack_model`
     if fold:  # bf16 products read bf16 copies of h and the state, and weights with the norms folded in (fold.py)
@@ -119,7 +119,7 @@ def build_phased_call(packed: PackedModel, x0: Tensor, state: State | None, num_
 
     win, readout, d_skip, coef_a, coef_b, steps = packed.mixer[:6]
     args = (out, out.stride(0), out.stride(1), dt, dt.stride(0) if dt_steps is not None else 0,
-            states, h, units, stats, sem, *copies,
+            states, h, units, stats, done, *copies,
             c["enc_w"], c["enc_b"], c["dec_w"], c["dec_b"], c["final_g"], c["final_b"],
             c["norm1_g"], c["norm1_b"], c["norm2_g"], c["norm2_b"], c["up_w"], c["up_b"], c["down_w"], c["down_b"],
             win, readout, d_skip, coef_a, coef_b, steps, *folded, batch, num_steps, packed.eps)
@@ -127,4 +127,4 @@ def build_phased_call(packed: PackedModel, x0: Tensor, state: State | None, num_
                       EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale, NPROG=n_prog, PREC=precision,
                       W_BF16=w_bf16, EMULATE_BF16=interpreted, FOLD=fold, **blocks)
     return KernelCall("phased_rollout_kernel", (n_prog,), args, constexprs, config.num_warps, out, states,
-                      cooperative=n_prog > 1, zeroed=(sem,) if n_prog > 1 else (), num_stages=PHASED_STAGES)
+                      cooperative=n_prog > 1, zeroed=(done,) if n_prog > 1 else (), num_stages=PHASED_STAGES)

@@ -5,8 +5,8 @@ so every program streams every weight at every step: at (1024, 512, 128, 8) its 
 read 64 copies of the model a step, and the kernel ran 3-11x slower than the CUDA graph
 (RESULTS.md). Here a persistent grid of NPROG programs (one an SM, launched cooperatively)
 runs each step as a chain of phases, each a matmul cut into (rows, columns) tiles that the
-programs share out, with a grid-wide barrier between phases; each tile reads only the rows
-and weight columns it needs, so a weight is read once per row tile, not once per row:
+programs share out; each tile reads only the rows and weight columns it needs, so a weight
+is read once per row tile, not once per row:
 
     per step t:  DE  (row tiles)           decode step t - 1's output  x = dec(LN_f(h)) -> out[:, t];
                                            encode h = enc(x)
@@ -32,8 +32,16 @@ h, less a centre for each row, by weights with the norm's gain folded in, and no
 product (fold.py): both operands go from shared memory straight to the tensor cores (320 -> 279 µs a
 step at (1024, 512, 128, 8) on an H100; with the phases' own tiles 249, and 257 with the centres,
 which keep its rounding as small as the normalised product's; RESULTS.md, thirteenth session).
-The barrier is `group.group_barrier` over all NPROG programs; with NPROG 1 (the Triton
-interpreter, which runs one program at a time) there is none, and one program does every tile.
+Every phase reads and writes whole rows' data only (h, its partials and copies, g, the state, the
+output), so a tile waits only for the tiles of the phase before it on the same rows, not for the whole grid: each
+row block (the BM rows of a tile of phases Y, U and Dn; phases M and DE cut it into smaller row tiles) has a counter
+of finished tiles, which every tile bumps when done (`rows_done`, a release) and the next phase's tiles on those rows
+poll until it reaches the count of every tile before their phase since the launch (`wait_for_rows`, an acquire).
+Counting a block's tiles in phase order is enough: a tile starts only after every earlier phase finished on its
+rows, so the count passes a phase's threshold only when that phase, and everything that read what the next
+overwrites, has finished there. A program takes its tiles in phase order and each waits only for earlier phases,
+so the grid cannot deadlock once every program is resident (the cooperative launch). With NPROG 1 (the Triton
+interpreter, which runs one program at a time) there is nothing to wait for, and one program does every tile.
 """
 
 from __future__ import annotations
@@ -42,15 +50,28 @@ import triton
 import triton.language as tl
 
 from lrnn_lightning.rollout.fused.kernels.common import dot_block, gelu, row_sum
-from lrnn_lightning.rollout.fused.kernels.group import group_barrier
 from lrnn_lightning.rollout.fused.kernels.lti import advance_modes, mode_coefficients
 
 
 @triton.jit
-def grid_barrier(sem, pid, NPROG: tl.constexpr):
-    """Every program of the grid waits for all the others (nothing to wait for when NPROG is 1)."""
+def wait_for_rows(done, block, target, NPROG: tl.constexpr):
+    """Wait until row block `block`'s counter in `done` ((ROWS / BM,) int32) reaches `target`: every task before the
+    caller's phase on these rows has finished, and what it stored is visible (nothing to wait for when NPROG is 1,
+    where one program runs every task in order)."""
     if NPROG > 1:
-        group_barrier(sem, pid, NPROG)
+        # every poll is an acquire, as in group.group_barrier; the difference keeps the test right after wrap-around
+        now = tl.atomic_add(done + block, 0, sem="acquire", scope="gpu")
+        while now - target < 0:
+            now = tl.atomic_add(done + block, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()  # what thread 0 acquired, the whole program sees
+
+
+@triton.jit
+def rows_done(done, block, NPROG: tl.constexpr):
+    """Count one finished task on row block `block`: its stores, and its loads, happen before the count."""
+    if NPROG > 1:
+        tl.debug_barrier()  # every thread's accesses of the task come before the release below
+        tl.atomic_add(done + block, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -177,17 +198,20 @@ def plain_product(x_ptr, rows, w_ptr, ns, n_ok, K: tl.constexpr, BM: tl.constexp
 
 @triton.jit
 def decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h, h16, centre, stats, eps, enc_w, enc_b,
-                  dec_w, dec_b, final_g, final_b, dec_wf, dec_sums, dec_bf, pid, W: tl.constexpr, D: tl.constexpr,
-                  ROWS: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr,
-                  NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
-                  EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
+                  dec_w, dec_b, final_g, final_b, dec_wf, dec_sums, dec_bf, done, target, pid, W: tl.constexpr,
+                  D: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
+                  BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
+                  W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
     """Phase DE of step t: for each of this program's row tiles, decode x = dec(LN_f(h)) into out[:, t] (t > 0;
     x0 = out[:, 0] at t = 0), then encode h = enc(x) (t < n_steps) with its LN partials (and where FOLD h's bf16
-    copy, centred on each row's mean over the first column tile)."""
+    copy, centred on each row's mean over the first column tile). Each tile first waits for its row block's
+    counter to reach `target` (`wait_for_rows`; blocks of BR rows)."""
     ws = tl.arange(0, BW)
     w_ok = ws < W
     for r in range(pid, ROWS // BM, NPROG):
         rows = r * BM + tl.arange(0, BM)
+        block = r * BM // BR
+        wait_for_rows(done, block, target, NPROG)
         io_mask = (rows < B)[:, None] & w_ok[None, :]
         out_rows = out_ptr + rows.to(tl.int64)[:, None] * out_stride_b + ws[None, :]
         if t > 0:
@@ -217,12 +241,14 @@ def decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h, h16, ce
                     centred_copy(h16, rows, cs, c_ok, v, ref, D)
             if FOLD:
                 tl.store(centre + rows, ref)
+        rows_done(done, block, NPROG)
 
 
 @triton.jit
 def mix_modes(t, dt_ptr, dt_stride_b, B, h, h16, centre, stats, eps, state, s16, norm_g, norm_b, win, win_f, win_sums,
-              win_shifts, coef_a, coef_b, steps_ptr, pid, D: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr,
-              BM: tl.constexpr, BPM: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr,
+              win_shifts, coef_a, coef_b, steps_ptr, done, target, pid, D: tl.constexpr, P: tl.constexpr,
+              ROWS: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BPM: tl.constexpr, BNC: tl.constexpr,
+              BK: tl.constexpr, NPROG: tl.constexpr,
               RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr, STAGES: tl.constexpr,
               PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
     """Phase M: for each (row tile, block of BPM modes), s = decay s + scale B LN1(h), in place in `state`
@@ -230,14 +256,17 @@ def mix_modes(t, dt_ptr, dt_stride_b, B, h, h16, centre, stats, eps, state, s16,
     as [Re; Im] rows (win_f, win_sums, win_shifts: folded, fold.py); coefficients as in `lti.mode_coefficients`."""
     for task in range(pid, (ROWS // BM) * ((P + BPM - 1) // BPM), NPROG):
         rows, _, ps, p_ok = column_tile(task, P, BM, BPM)
-        # what the tile reads besides the product's chunks is loaded first, to arrive while the product streams
-        mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
+        # the coefficients depend on nothing other tasks write: they are computed while the row block is waited for
         if EVENT:
             dt = tl.load(dt_ptr + rows.to(tl.int64) * dt_stride_b + t, mask=rows < B, other=1.0)
         else:
             dt = tl.full((BM,), 1.0, tl.float32)
         decay_re, decay_im, scale_re, scale_im = mode_coefficients(dt, coef_a, coef_b, steps_ptr, ps, p_ok, P, RULE,
                                                                    EVENT)
+        block = row_block(task, P, BM, BPM, BR)
+        wait_for_rows(done, block, target, NPROG)
+        # what the tile reads besides the product's chunks is loaded first, to arrive while the product streams
+        mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
         cell = state + rows[:, None] * (2 * P) + ps[None, :]
         s_re = tl.load(cell, mask=p_ok[None, :], other=0.0)
         s_im = tl.load(cell + P, mask=p_ok[None, :], other=0.0)
@@ -256,6 +285,7 @@ def mix_modes(t, dt_ptr, dt_stride_b, B, h, h16, centre, stats, eps, state, s16,
             copy = s16 + rows[:, None] * (2 * P) + ps[None, :]
             tl.store(copy, new_re.to(tl.bfloat16), mask=p_ok[None, :])
             tl.store(copy + P, new_im.to(tl.bfloat16), mask=p_ok[None, :])
+        rows_done(done, block, NPROG)
 
 
 @triton.jit
@@ -266,6 +296,12 @@ def column_tile(task, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     c = task % n_blocks
     cs = c * BN + tl.arange(0, BN)
     return (task // n_blocks) * BM + tl.arange(0, BM), c, cs, cs < N
+
+
+@triton.jit
+def row_block(task, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    """The row block (of BR rows, a multiple of BM) that task `task` of `column_tile` works on."""
+    return (task // ((N + BN - 1) // BN)) * BM // BR
 
 
 @triton.jit
@@ -282,8 +318,9 @@ def add_to_residual(h, h16, next_stats, rows, c, cs, c_ok, old, delta, ref, D: t
 
 
 @triton.jit
-def read_out_modes(h, h16, centre, stats, next_stats, eps, state, s16, norm_g, norm_b, readout, d_skip, pid,
-                   D: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BNC: tl.constexpr,
+def read_out_modes(h, h16, centre, stats, next_stats, eps, state, s16, norm_g, norm_b, readout, d_skip, done,
+                   target, pid, D: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
+                   BNC: tl.constexpr,
                    BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
                    W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
     """Phase Y: for each (row tile, block of BNC columns of d_model), h = h + (C s + D_skip LN1(h)), with the
@@ -292,11 +329,13 @@ def read_out_modes(h, h16, centre, stats, next_stats, eps, state, s16, norm_g, n
     means, which become the rows' centres."""
     for task in range(pid, (ROWS // BM) * ((D + BNC - 1) // BNC), NPROG):
         rows, c, cs, c_ok = column_tile(task, D, BM, BNC)
-        old = tl.load(h + rows[:, None] * D + cs[None, :], mask=c_ok[None, :], other=0.0)  # first, as in mix_modes
-        mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
         gain = tl.load(norm_g + cs, mask=c_ok, other=0.0)[None, :]
         bias = tl.load(norm_b + cs, mask=c_ok, other=0.0)[None, :]
         skip = tl.load(d_skip + cs, mask=c_ok, other=0.0)[None, :]
+        block = task // ((D + BNC - 1) // BNC)  # tiles of BM rows: each its own row block
+        wait_for_rows(done, block, target, NPROG)
+        old = tl.load(h + rows[:, None] * D + cs[None, :], mask=c_ok[None, :], other=0.0)  # first, as in mix_modes
+        mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
         if FOLD:
             y = plain_product(s16, rows, readout, cs, c_ok, 2 * P, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16)
         else:
@@ -305,18 +344,21 @@ def read_out_modes(h, h16, centre, stats, next_stats, eps, state, s16, norm_g, n
         add_to_residual(h, h16, next_stats, rows, c, cs, c_ok, old, y + skip * a, mean, D, BNC, ROWS, FOLD)
         if FOLD and c == 0:
             tl.store(centre + rows, mean)
+        rows_done(done, block, NPROG)
 
 
 @triton.jit
-def gated_units(h, h16, centre, stats, eps, g, norm_g, norm_b, up_w, up_b, up_f, up_sums, up_bf, pid, D: tl.constexpr,
-                F: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BFU: tl.constexpr, BNC: tl.constexpr,
-                BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
+def gated_units(h, h16, centre, stats, eps, g, norm_g, norm_b, up_w, up_b, up_f, up_sums, up_bf, done, target, pid,
+                D: tl.constexpr, F: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BFU: tl.constexpr,
+                BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
                 W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
     """Phase U: for each (row tile, block of BFU hidden units), g = (Wv a + bv) * gelu(Wg a + bg) with a = LN2(h),
     into `g` ((ROWS, F), bf16 with bf16 weights: the down-projection rounds it so anyway). up (2F, D) holds Wv
     then Wg (up_f, up_sums, up_bf: folded, fold.py)."""
     for task in range(pid, (ROWS // BM) * ((F + BFU - 1) // BFU), NPROG):
         rows, _, fs, f_ok = column_tile(task, F, BM, BFU)
+        block = task // ((F + BFU - 1) // BFU)
+        wait_for_rows(done, block, target, NPROG)
         mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
         if FOLD:
             value, gate = folded_products(h16, centre, rows, mean, rstd, up_f, up_f + F * D, up_sums, up_sums + F,
@@ -330,10 +372,11 @@ def gated_units(h, h16, centre, stats, eps, g, norm_g, norm_b, up_w, up_b, up_f,
             gate += gate_bias
         units = value * gelu(gate)
         tl.store(g + rows[:, None] * F + fs[None, :], units.to(g.dtype.element_ty), mask=f_ok[None, :])
+        rows_done(done, block, NPROG)
 
 
 @triton.jit
-def project_down(h, h16, centre, next_stats, g, down_w, down_b, pid, D: tl.constexpr, F: tl.constexpr,
+def project_down(h, h16, centre, next_stats, g, down_w, down_b, done, target, pid, D: tl.constexpr, F: tl.constexpr,
                  ROWS: tl.constexpr, BM: tl.constexpr, BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr,
                  STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr,
                  FOLD: tl.constexpr):
@@ -341,14 +384,17 @@ def project_down(h, h16, centre, next_stats, g, down_w, down_b, pid, D: tl.const
     partials in `next_stats`. down (D, F). Where FOLD h's copy keeps the rows' centres (phase Y's)."""
     for task in range(pid, (ROWS // BM) * ((D + BNC - 1) // BNC), NPROG):
         rows, c, cs, c_ok = column_tile(task, D, BM, BNC)
-        old = tl.load(h + rows[:, None] * D + cs[None, :], mask=c_ok[None, :], other=0.0)  # first, as in mix_modes
         bias = tl.load(down_b + cs, mask=c_ok, other=0.0)[None, :]
+        block = task // ((D + BNC - 1) // BNC)
+        wait_for_rows(done, block, target, NPROG)
+        old = tl.load(h + rows[:, None] * D + cs[None, :], mask=c_ok[None, :], other=0.0)  # first, as in mix_modes
         if FOLD:
             ref = tl.load(centre + rows)
         else:
             ref = tl.full((BM,), 0.0, tl.float32)
         z = plain_product(g, rows, down_w, cs, c_ok, F, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16)
         add_to_residual(h, h16, next_stats, rows, c, cs, c_ok, old, z + bias, ref, D, BNC, ROWS, FOLD)
+        rows_done(done, block, NPROG)
 
 
 # horizon, strides and the rows within the last tile vary from call to call; the widths, tiles, row tiles (ROWS)
@@ -356,7 +402,7 @@ def project_down(h, h16, centre, next_stats, g, down_w, down_b, pid, D: tl.const
 @triton.jit(do_not_specialize=["out_stride_b", "out_stride_t", "dt_stride_b", "B", "n_steps"])
 def phased_rollout_kernel(
     out_ptr, out_stride_b, out_stride_t, dt_ptr, dt_stride_b,
-    state_ptr, h_ptr, g_ptr, stats_ptr, sem_ptr, h16_ptr, centre_ptr, s16_ptr,
+    state_ptr, h_ptr, g_ptr, stats_ptr, done_ptr, h16_ptr, centre_ptr, s16_ptr,
     enc_w, enc_b, dec_w, dec_b, final_g, final_b,
     norm1_g, norm1_b, norm2_g, norm2_b, up_w, up_b, down_w, down_b,
     win, readout, d_skip, coef_a, coef_b, steps_ptr,
@@ -372,7 +418,8 @@ def phased_rollout_kernel(
 
     out (B, n_steps + 1, W) holds x0 in column 0 and receives step t's output in column t + 1; dt (B, n_steps)
     fp32 when EVENT; state (n_layers, ROWS, 2P) fp32, updated in place; h (ROWS, D) fp32 and g (ROWS, F) fp32 or
-    bf16 (W_BF16) scratch; stats (2, D / BNC, ROWS, 2) fp32 scratch; sem an int32 zeroed before the launch.
+    bf16 (W_BF16) scratch; stats (2, D / BNC, ROWS, 2) fp32 scratch; done (ROWS / BM,) int32, the row blocks'
+    counters of finished tiles (module doc), zeroed before the launch.
     FOLD (bf16 weights): the products after a LayerNorm read a bf16 copy of h less a centre for each row (h16
     (ROWS, D) bf16, centre (ROWS,) fp32) and of the state for phase Y (s16 (ROWS, 2P) bf16), all scratch, and the
     weights with the norms' gains folded in (fold.py): dec_wf (W, D), dec_sums and dec_bf (W,); win_f (L, 2P, D),
@@ -385,32 +432,35 @@ def phased_rollout_kernel(
     pid = tl.program_id(0)
     NC: tl.constexpr = (D + BNC - 1) // BNC  # column tiles of d_model
     stats_mlp = stats_ptr + 2 * ROWS * NC  # the second buffer: LN2's partials
+    # tasks on one row block (BM rows) in each phase, and before each phase of a layer and of a step
+    tl.static_assert(BM % BMM == 0 and BM % BME == 0, "phases M and DE take row tiles within the row blocks")
+    N_M: tl.constexpr = BM // BMM * ((P + BPM - 1) // BPM)
+    N_U: tl.constexpr = (F + BFU - 1) // BFU
+    PER_LAYER: tl.constexpr = N_M + 2 * NC + N_U
+    PER_STEP: tl.constexpr = BM // BME + n_layers * PER_LAYER
     for t in range(n_steps + 1):
+        before = t * PER_STEP  # int32: wraps, as the counters do (`wait_for_rows` compares differences)
         decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h_ptr, h16_ptr, centre_ptr, stats_ptr, eps,
-                      enc_w, enc_b, dec_w, dec_b, final_g, final_b, dec_wf, dec_sums, dec_bf, pid, W, D, ROWS, BME, BW,
-                      BNC, BK, NPROG, STAGES, PREC, W_BF16, EMULATE_BF16, FOLD)
+                      enc_w, enc_b, dec_w, dec_b, final_g, final_b, dec_wf, dec_sums, dec_bf, done_ptr, before, pid, W,
+                      D, ROWS, BME, BM, BW, BNC, BK, NPROG, STAGES, PREC, W_BF16, EMULATE_BF16, FOLD)
         if t < n_steps:
-            grid_barrier(sem_ptr, pid, NPROG)
             for layer in range(n_layers):
+                before = t * PER_STEP + BM // BME + layer * PER_LAYER
                 state = state_ptr + layer * (ROWS * 2 * P)
                 mix_modes(t, dt_ptr, dt_stride_b, B, h_ptr, h16_ptr, centre_ptr, stats_ptr, eps, state, s16_ptr,
                           norm1_g + layer * D, norm1_b + layer * D, win + layer * (2 * P * D),
                           win_f + layer * (2 * P * D), win_sums + layer * (2 * P), win_shifts + layer * (2 * P),
-                          coef_a + layer * (2 * P), coef_b + layer * (2 * P), steps_ptr + layer * P, pid, D, P, ROWS,
-                          BMM, BPM, BNC, BK, NPROG, RULE, EVENT, HAS_SCALE, STAGES, PREC, W_BF16, EMULATE_BF16,
-                          FOLD)
-                grid_barrier(sem_ptr, pid, NPROG)
+                          coef_a + layer * (2 * P), coef_b + layer * (2 * P), steps_ptr + layer * P, done_ptr, before,
+                          pid, D, P, ROWS, BMM, BM, BPM, BNC, BK, NPROG, RULE, EVENT, HAS_SCALE, STAGES, PREC, W_BF16,
+                          EMULATE_BF16, FOLD)
                 read_out_modes(h_ptr, h16_ptr, centre_ptr, stats_ptr, stats_mlp, eps, state, s16_ptr,
                                norm1_g + layer * D, norm1_b + layer * D, readout + layer * (2 * P * D),
-                               d_skip + layer * D, pid, D, P, ROWS, BM, BNC, BK, NPROG, STAGES, PREC, W_BF16,
-                               EMULATE_BF16, FOLD)
-                grid_barrier(sem_ptr, pid, NPROG)
+                               d_skip + layer * D, done_ptr, before + N_M, pid, D, P, ROWS, BM, BNC, BK, NPROG, STAGES,
+                               PREC, W_BF16, EMULATE_BF16, FOLD)
                 gated_units(h_ptr, h16_ptr, centre_ptr, stats_mlp, eps, g_ptr, norm2_g + layer * D, norm2_b + layer * D,
                             up_w + layer * (2 * F * D), up_b + layer * (2 * F), up_f + layer * (2 * F * D),
-                            up_sums + layer * (2 * F), up_bf + layer * (2 * F), pid, D, F, ROWS, BM, BFU, BNC, BK,
-                            NPROG, STAGES, PREC, W_BF16, EMULATE_BF16, FOLD)
-                grid_barrier(sem_ptr, pid, NPROG)
+                            up_sums + layer * (2 * F), up_bf + layer * (2 * F), done_ptr, before + N_M + NC, pid, D, F,
+                            ROWS, BM, BFU, BNC, BK, NPROG, STAGES, PREC, W_BF16, EMULATE_BF16, FOLD)
                 project_down(h_ptr, h16_ptr, centre_ptr, stats_ptr, g_ptr, down_w + layer * (D * F),
-                             down_b + layer * D, pid, D, F, ROWS, BM, BNC, BKD, NPROG, STAGES, PREC, W_BF16,
-                             EMULATE_BF16, FOLD)
-                grid_barrier(sem_ptr, pid, NPROG)
+                             down_b + layer * D, done_ptr, before + N_M + NC + N_U, pid, D, F, ROWS, BM, BNC, BKD,
+                             NPROG, STAGES, PREC, W_BF16, EMULATE_BF16, FOLD)
