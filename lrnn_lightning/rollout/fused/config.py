@@ -77,7 +77,7 @@ modes, decoding and down-projection take their own tiles (`phased_launch.phased_
 register kernel's tiles were as fast or faster (bf16, B=1024: 62.9 against 61.5-92.3 µs; B=512: 47.9
 against 60.6-90.1), so narrower models keep them (d_model 256: not measured). Fifteenth session: with the
 grid-wide barriers between phases replaced by counters per row block (kernels/phased.py), bf16 kernel 249-257 ->
-235-246 (whole calls 5.3-5.4x the fp32 graph), tf32x3 1448-1466 -> 1415-1443; the phase tiles were timed again
+235-246 (whole calls 5.2-5.4x the fp32 graph), tf32x3 1448-1466 -> 1415-1443; the phase tiles were timed again
 under the counters and kept. At (256, 128, 64, 4) (bf16, LRU) phased steps still lose to the split register
 steps: 52.5 µs (16-row tiles) against 42.0.
 
