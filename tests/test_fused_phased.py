@@ -94,6 +94,28 @@ def test_phased_tiles_cover_the_model_in_several_blocks(interpreter):
                       n_sms=4).grid == (4,)  # one program an SM at most: they wait for each other
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_phased_tiles_count_every_tile_once_per_row_block(interpreter, weight_dtype):
+    """Every tile bumps its row block's counter once (kernels/phased.py), also in one program: the final counts are
+    what the waits on the GPU count up to. 40 rows in 32-row blocks (the second padded); modes and decoding on 16-row
+    tiles (fp32) or modes on 16 and decoding on 32 (bf16), so that phases M and DE cut the blocks."""
+    model = wide_model(("s5", {"discretization": "zoh"}), n_layers=2)
+    packed = pack_model(model, weight_dtype, event=False, fold=weight_dtype == torch.bfloat16)
+    call = build_call(packed, torch.randn(40, model.d_input), None, 5, None, "ieee", replace(PHASED, block_b=32),
+                      interpreted=True)
+    (done,) = call.zeroed
+    done.fill_(-7)  # what a launch must clear
+    call.launch(interpreter)
+    k = call.constexprs
+    decode_rows = 16 if weight_dtype == torch.float32 else 32
+    assert (k["BM"], k["BMM"], k["BME"], k["P"], k["BPM"], k["BNC"], k["BFU"]) == (32, 16, decode_rows, 10, 16, 16, 32)
+    # a step on one block: the decoding's row tiles, then per layer 2 row tiles x 1 block of the 10 modes, 3 column
+    # tiles of d_model 40 twice (readout, down-projection) and 3 blocks of the 80 hidden units; then a last decoding
+    decode = 32 // decode_rows
+    expected = 5 * (decode + 2 * (2 * 1 + 2 * 3 + 3)) + decode
+    assert done.tolist() == [expected, expected]
+
+
 def test_phased_steps_leave_the_loops_final_state(interpreter):
     model = wide_model(("s5", {"discretization": "zoh"}))
     context, dt = make_data(batch=20, event=True)

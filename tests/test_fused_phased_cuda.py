@@ -131,6 +131,36 @@ def test_phased_large_model_on_gpu():
     assert_fp32_accurate(model, context, 20, None, fused_rollout(model, context, 20, config=config))
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_phased_grids_of_any_size_give_the_one_program_bits(weight_dtype):
+    """Tiles wait only for their own row block's counter (kernels/phased.py): whatever the grid, and so whichever
+    program takes which tiles and runs ahead, the outputs are the bits of one program running every tile in order,
+    and each row block's counter ends at the same count. d_model 512 (1024 hidden units), 2 layers: fp32 modes on
+    32-row and decoding on 16-row tiles of the 64-row blocks, bf16 modes on 16 and decoding on 32; 300 rows in 5
+    blocks, the last padded; grids of 1, 7, 37 and as many programs as the widest phase has tiles (at most one an
+    SM)."""
+    model = gpu_model("s5", {"discretization": "zoh"}, d_model=512, d_state=128, n_layers=2)
+    packed = pack_model(model, weight_dtype, event=True, fold=weight_dtype == torch.bfloat16)
+    x0 = torch.randn(300, model.d_input, device="cuda")
+    dt = 0.3 + 1.7 * torch.rand(300, 12, device="cuda")
+    config = KernelConfig(block_b=64, block_n=64, block_k=32, num_warps=4, activations="phased")
+    kernels = kernel_module()
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    runs = {}
+    for grid in (1, 7, 37, n_sms):
+        call = build_call(packed, x0, None, 12, dt, "ieee", config, False, n_sms=grid)
+        with torch.no_grad():
+            call.launch(kernels)
+        torch.cuda.synchronize()
+        runs[call.grid[0]] = (call.out.clone(), call.zeroed[0].tolist())
+    assert len(runs) == 4 and max(runs) > 37, sorted(runs)
+    out, counts = runs[1]
+    assert torch.isfinite(out).all() and len(set(counts)) == 1 and len(counts) == 5
+    for grid, (other, other_counts) in runs.items():
+        assert torch.equal(other, out), f"{grid} programs"
+        assert other_counts == counts, f"{grid} programs"
+
+
 def test_a_phased_call_launched_again_carries_its_state_on():
     """The row blocks' counters are zeroed by every launch; relaunching one call steps on from its state, as the
     eager step does."""

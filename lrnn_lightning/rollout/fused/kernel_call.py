@@ -24,12 +24,14 @@ class KernelCall:
     out: Tensor
     states: Tensor
     cooperative: bool = False  # programs wait for each other (a split or phased step): all must be resident
-    zeroed: tuple[Tensor, ...] = ()  # zeroed before every launch: exchange slots and barrier counters
+    zeroed: tuple[Tensor, ...] = ()  # zeroed before every launch: exchange slots, barrier and row-block counters
     num_stages: int = 1  # Triton's software pipelining of loops (the register kernel's loops stream no tiles)
 
     def launch(self, kernels) -> None:
         """Launch it from the kernel module `kernels` (`kernel_module()`). Launching one call again is
-        correct: the exchange slots are zeroed first, since tags restart at every launch (kernels/group.py)."""
+        correct: the exchange slots are zeroed first, since tags restart at every launch (kernels/group.py), and so
+        are the phased kernel's row-block counters, which a stale count would let tiles pass before their inputs
+        are written (kernels/phased.py)."""
         for tensor in self.zeroed:
             tensor.zero_()
         options = {"launch_cooperative_grid": True} if self.cooperative else {}

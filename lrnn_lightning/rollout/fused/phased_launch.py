@@ -127,4 +127,4 @@ def build_phased_call(packed: PackedModel, x0: Tensor, state: State | None, num_
                       EVENT=dt_steps is not None, HAS_SCALE=packed.has_scale, NPROG=n_prog, PREC=precision,
                       W_BF16=w_bf16, EMULATE_BF16=interpreted, FOLD=fold, **blocks)
     return KernelCall("phased_rollout_kernel", (n_prog,), args, constexprs, config.num_warps, out, states,
-                      cooperative=n_prog > 1, zeroed=(done,) if n_prog > 1 else (), num_stages=PHASED_STAGES)
+                      cooperative=n_prog > 1, zeroed=(done,), num_stages=PHASED_STAGES)

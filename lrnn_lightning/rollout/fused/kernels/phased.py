@@ -32,16 +32,18 @@ h, less a centre for each row, by weights with the norm's gain folded in, and no
 product (fold.py): both operands go from shared memory straight to the tensor cores (320 -> 279 µs a
 step at (1024, 512, 128, 8) on an H100; with the phases' own tiles 249, and 257 with the centres,
 which keep its rounding as small as the normalised product's; RESULTS.md, thirteenth session).
-Every phase reads and writes whole rows' data only (h, its partials and copies, g, the state, the
-output), so a tile waits only for the tiles of the phase before it on the same rows, not for the whole grid: each
-row block (the BM rows of a tile of phases Y, U and Dn; phases M and DE cut it into smaller row tiles) has a counter
-of finished tiles, which every tile bumps when done (`rows_done`, a release) and the next phase's tiles on those rows
+Every tile reads and writes only data of its own rows (h, its partials and copies, g, the state, the output), so a
+tile waits only for the tiles of the phase before it on the same rows, not for the whole grid: each row block (the
+BM rows of a tile of phases Y, U and Dn; phases M and DE cut it into row tiles as large or smaller) has a counter of
+finished tiles, which every tile bumps when done (`rows_done`, a release) and the next phase's tiles on those rows
 poll until it reaches the count of every tile before their phase since the launch (`wait_for_rows`, an acquire).
 Counting a block's tiles in phase order is enough: a tile starts only after every earlier phase finished on its
 rows, so the count passes a phase's threshold only when that phase, and everything that read what the next
-overwrites, has finished there. A program takes its tiles in phase order and each waits only for earlier phases,
-so the grid cannot deadlock once every program is resident (the cooperative launch). With NPROG 1 (the Triton
-interpreter, which runs one program at a time) there is nothing to wait for, and one program does every tile.
+overwrites, has finished there. A program takes its tiles in phase order and each waits only for earlier phases, so
+the grid cannot deadlock once every program is resident (the cooperative launch). With NPROG 1 (the Triton
+interpreter, which runs one program at a time) there is nothing to wait for, and one program does every tile (and
+still counts them). The counters replaced barriers over the whole grid between phases: 249-257 -> 235-246 µs a
+step at (1024, 512, 128, 8) with bf16 weights (RESULTS.md, fifteenth session).
 """
 
 from __future__ import annotations
@@ -67,11 +69,11 @@ def wait_for_rows(done, block, target, NPROG: tl.constexpr):
 
 
 @triton.jit
-def rows_done(done, block, NPROG: tl.constexpr):
-    """Count one finished task on row block `block`: its stores, and its loads, happen before the count."""
-    if NPROG > 1:
-        tl.debug_barrier()  # every thread's accesses of the task come before the release below
-        tl.atomic_add(done + block, 1, sem="release", scope="gpu")
+def rows_done(done, block):
+    """Count one finished task on row block `block`: its stores, and its loads, happen before the count. (One
+    program counts too, although nothing waits: the final counts show that every tile ran once.)"""
+    tl.debug_barrier()  # every thread's accesses of the task come before the release below
+    tl.atomic_add(done + block, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -241,7 +243,7 @@ def decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h, h16, ce
                     centred_copy(h16, rows, cs, c_ok, v, ref, D)
             if FOLD:
                 tl.store(centre + rows, ref)
-        rows_done(done, block, NPROG)
+        rows_done(done, block)
 
 
 @triton.jit
@@ -285,7 +287,7 @@ def mix_modes(t, dt_ptr, dt_stride_b, B, h, h16, centre, stats, eps, state, s16,
             copy = s16 + rows[:, None] * (2 * P) + ps[None, :]
             tl.store(copy, new_re.to(tl.bfloat16), mask=p_ok[None, :])
             tl.store(copy + P, new_im.to(tl.bfloat16), mask=p_ok[None, :])
-        rows_done(done, block, NPROG)
+        rows_done(done, block)
 
 
 @triton.jit
@@ -344,7 +346,7 @@ def read_out_modes(h, h16, centre, stats, next_stats, eps, state, s16, norm_g, n
         add_to_residual(h, h16, next_stats, rows, c, cs, c_ok, old, y + skip * a, mean, D, BNC, ROWS, FOLD)
         if FOLD and c == 0:
             tl.store(centre + rows, mean)
-        rows_done(done, block, NPROG)
+        rows_done(done, block)
 
 
 @triton.jit
@@ -372,7 +374,7 @@ def gated_units(h, h16, centre, stats, eps, g, norm_g, norm_b, up_w, up_b, up_f,
             gate += gate_bias
         units = value * gelu(gate)
         tl.store(g + rows[:, None] * F + fs[None, :], units.to(g.dtype.element_ty), mask=f_ok[None, :])
-        rows_done(done, block, NPROG)
+        rows_done(done, block)
 
 
 @triton.jit
@@ -394,7 +396,7 @@ def project_down(h, h16, centre, next_stats, g, down_w, down_b, done, target, pi
             ref = tl.full((BM,), 0.0, tl.float32)
         z = plain_product(g, rows, down_w, cs, c_ok, F, BM, BNC, BK, STAGES, PREC, W_BF16, EMULATE_BF16)
         add_to_residual(h, h16, next_stats, rows, c, cs, c_ok, old, z + bias, ref, D, BNC, ROWS, FOLD)
-        rows_done(done, block, NPROG)
+        rows_done(done, block)
 
 
 # horizon, strides and the rows within the last tile vary from call to call; the widths, tiles, row tiles (ROWS)
@@ -439,7 +441,9 @@ def phased_rollout_kernel(
     PER_LAYER: tl.constexpr = N_M + 2 * NC + N_U
     PER_STEP: tl.constexpr = BM // BME + n_layers * PER_LAYER
     for t in range(n_steps + 1):
-        before = t * PER_STEP  # int32: wraps, as the counters do (`wait_for_rows` compares differences)
+        # int32: wraps as the counters do, and `wait_for_rows` compares differences, which stay within about
+        # PER_STEP (a program's tiles on a block recur every step), so wrap-around is harmless
+        before = t * PER_STEP
         decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h_ptr, h16_ptr, centre_ptr, stats_ptr, eps,
                       enc_w, enc_b, dec_w, dec_b, final_g, final_b, dec_wf, dec_sums, dec_bf, done_ptr, before, pid, W,
                       D, ROWS, BME, BM, BW, BNC, BK, NPROG, STAGES, PREC, W_BF16, EMULATE_BF16, FOLD)
