@@ -250,9 +250,9 @@ def decode_encode(t, n_steps, out_ptr, out_stride_b, out_stride_t, B, h, h16, ce
 def mix_modes(t, dt_ptr, dt_stride_b, B, h, h16, centre, stats, eps, state, s16, norm_g, norm_b, win, win_f, win_sums,
               win_shifts, coef_a, coef_b, steps_ptr, done, target, pid, D: tl.constexpr, P: tl.constexpr,
               ROWS: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BPM: tl.constexpr, BNC: tl.constexpr,
-              BK: tl.constexpr, NPROG: tl.constexpr,
-              RULE: tl.constexpr, EVENT: tl.constexpr, HAS_SCALE: tl.constexpr, STAGES: tl.constexpr,
-              PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
+              BK: tl.constexpr, NPROG: tl.constexpr, RULE: tl.constexpr, EVENT: tl.constexpr,
+              HAS_SCALE: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr, W_BF16: tl.constexpr,
+              EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
     """Phase M: for each (row tile, block of BPM modes), s = decay s + scale B LN1(h), in place in `state`
     ((ROWS, 2P): [s_re, s_im] a row), and where FOLD a bf16 copy in s16 (ROWS, 2P) for phase Y. win (2P, D) is B
     as [Re; Im] rows (win_f, win_sums, win_shifts: folded, fold.py); coefficients as in `lti.mode_coefficients`."""
@@ -302,7 +302,8 @@ def column_tile(task, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def row_block(task, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
-    """The row block (of BR rows, a multiple of BM) that task `task` of `column_tile` works on."""
+    """The row block (of BR rows, a multiple of BM) that task `task` of `column_tile` works on (with BR = BM: its
+    row tile)."""
     return (task // ((N + BN - 1) // BN)) * BM // BR
 
 
@@ -322,9 +323,8 @@ def add_to_residual(h, h16, next_stats, rows, c, cs, c_ok, old, delta, ref, D: t
 @triton.jit
 def read_out_modes(h, h16, centre, stats, next_stats, eps, state, s16, norm_g, norm_b, readout, d_skip, done,
                    target, pid, D: tl.constexpr, P: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
-                   BNC: tl.constexpr,
-                   BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
-                   W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
+                   BNC: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr, STAGES: tl.constexpr,
+                   PREC: tl.constexpr, W_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD: tl.constexpr):
     """Phase Y: for each (row tile, block of BNC columns of d_model), h = h + (C s + D_skip LN1(h)), with the
     new LN2 partials in `next_stats`. readout (D, 2P) is the real map [C_re, -C_im]; where FOLD the product
     reads the state's bf16 copy s16 (the bf16 product rounds s so anyway), and h's copy is centred on LN1's
@@ -334,7 +334,7 @@ def read_out_modes(h, h16, centre, stats, next_stats, eps, state, s16, norm_g, n
         gain = tl.load(norm_g + cs, mask=c_ok, other=0.0)[None, :]
         bias = tl.load(norm_b + cs, mask=c_ok, other=0.0)[None, :]
         skip = tl.load(d_skip + cs, mask=c_ok, other=0.0)[None, :]
-        block = task // ((D + BNC - 1) // BNC)  # tiles of BM rows: each its own row block
+        block = row_block(task, D, BM, BNC, BM)
         wait_for_rows(done, block, target, NPROG)
         old = tl.load(h + rows[:, None] * D + cs[None, :], mask=c_ok[None, :], other=0.0)  # first, as in mix_modes
         mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
@@ -359,7 +359,7 @@ def gated_units(h, h16, centre, stats, eps, g, norm_g, norm_b, up_w, up_b, up_f,
     then Wg (up_f, up_sums, up_bf: folded, fold.py)."""
     for task in range(pid, (ROWS // BM) * ((F + BFU - 1) // BFU), NPROG):
         rows, _, fs, f_ok = column_tile(task, F, BM, BFU)
-        block = task // ((F + BFU - 1) // BFU)
+        block = row_block(task, F, BM, BFU, BM)
         wait_for_rows(done, block, target, NPROG)
         mean, rstd = merged_stats(stats, rows, eps, D, BNC, ROWS)
         if FOLD:
@@ -387,7 +387,7 @@ def project_down(h, h16, centre, next_stats, g, down_w, down_b, done, target, pi
     for task in range(pid, (ROWS // BM) * ((D + BNC - 1) // BNC), NPROG):
         rows, c, cs, c_ok = column_tile(task, D, BM, BNC)
         bias = tl.load(down_b + cs, mask=c_ok, other=0.0)[None, :]
-        block = task // ((D + BNC - 1) // BNC)
+        block = row_block(task, D, BM, BNC, BM)
         wait_for_rows(done, block, target, NPROG)
         old = tl.load(h + rows[:, None] * D + cs[None, :], mask=c_ok[None, :], other=0.0)  # first, as in mix_modes
         if FOLD:
