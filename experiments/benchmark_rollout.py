@@ -14,6 +14,9 @@ Variants, all on the same card in one run:
               Triton kernel launch, live weights packed per call (`fused_steps`), exact fp32; the
               call is replayed as a CUDA graph from its second run on (`fused.call_graph`: the
               untimed first run and the warm-up are its first two)
+    graph-bf16  ours (K-step graph) captured under a bf16 autocast (RolloutEngine(autocast_dtype=torch.bfloat16))
+    fused-bf16  the fused backend on bf16 weights, as RolloutEngine(fused=True, autocast_dtype=torch.bfloat16)
+              runs it: the pair to compare with bf16 arithmetic on both sides
 Every variant but cublas runs the model's step with the fused step kernel where it applies (the
 seed's scheme too: it replays the same `step`).
 Each time is the median of --repeats timed runs (CUDA events) after a warm-up run; next to
@@ -45,8 +48,9 @@ from lrnn_lightning.rollout import StepGraph, run_steps  # noqa: E402
 from lrnn_lightning.rollout.inference import matmul_tf32, rollout_mode  # noqa: E402
 
 CONFIGS = [(32, 32, 16, 1), (32, 128, 64, 4), (256, 256, 64, 6), (1024, 512, 128, 8)]  # (B, d_model, d_state, layers)
-VARIANTS = ("eager", "seed", "graph", "compiled", "tf32", "cublas", "fused")
-GPU_ONLY = {"seed", "graph", "compiled", "tf32", "cublas", "fused"}
+VARIANTS = ("eager", "seed", "graph", "compiled", "tf32", "cublas", "fused", "graph-bf16", "fused-bf16")
+GPU_ONLY = set(VARIANTS) - {"eager"}
+GRAPHS = ("graph", "compiled", "tf32", "cublas", "graph-bf16")  # variants that replay a StepGraph of --chunk steps
 
 
 class SeedStyleGraph:
@@ -86,12 +90,15 @@ def build_variant(variant: str, model: nn.Module, batch: int, width: int, chunk:
         return eager
     if variant == "seed":
         return SeedStyleGraph(model, batch, width, device).run
-    if variant == "fused":
+    if variant in ("fused", "fused-bf16"):
         from lrnn_lightning.rollout.fused import fused_steps
 
-        return lambda x0, num_steps: fused_steps(model, x0, None, num_steps)
+        weight_dtype = torch.bfloat16 if variant == "fused-bf16" else torch.float32
+        return lambda x0, num_steps: fused_steps(model, x0, None, num_steps, weight_dtype=weight_dtype)
+    autocast_dtype = torch.bfloat16 if variant == "graph-bf16" else None
     with matmul_tf32(variant == "tf32"), use_step_kernels(variant != "cublas"):
-        graph = StepGraph(model, batch, width, chunk=chunk, device=device, compile=variant == "compiled")
+        graph = StepGraph(model, batch, width, chunk=chunk, device=device, compile=variant == "compiled",
+                          autocast_dtype=autocast_dtype)
 
     def replay(x0: Tensor, num_steps: int) -> Tensor:
         out = torch.empty(batch, num_steps, width, device=device)
@@ -144,7 +151,7 @@ def bench_config(name: str, config: tuple[int, int, int, int], args, device: tor
     with rollout_mode(model, device.type):
         for variant in args.variants:
             row = {"model": name, "B": batch, "d_model": d_model, "d_state": d_state, "layers": layers,
-                   "variant": variant, "chunk": args.chunk if variant in ("graph", "compiled", "tf32", "cublas") else 1}
+                   "variant": variant, "chunk": args.chunk if variant in GRAPHS else 1}
             if variant in GPU_ONLY and device.type != "cuda":
                 rows.append({**row, "skipped": "needs a CUDA GPU"})
                 continue

@@ -26,7 +26,8 @@ def test_benchmark_main_runs_tiny_on_cpu(tmp_path, capsys):
                            "--repeats", "1", "--chunk", "4", "--out", str(out)])
     eager, *gpu_only = rows
     assert eager["variant"] == "eager" and eager["us_per_step"] > 0 and eager["kernels_per_step"] is None
-    assert [r["variant"] for r in gpu_only] == ["seed", "graph", "compiled", "tf32", "cublas", "fused"]
+    assert [r["variant"] for r in gpu_only] == ["seed", "graph", "compiled", "tf32", "cublas", "fused", "graph-bf16",
+                                                "fused-bf16"]
     assert all(r["skipped"] == "needs a CUDA GPU" for r in gpu_only)
     saved = json.loads(out.read_text())
     assert saved["rows"][0]["us_per_step"] == eager["us_per_step"]
