@@ -173,7 +173,7 @@ def test_auto_takes_phased_bf16_steps_at_large_batch(monkeypatch):
                           132).activations == "phased"  # what the reason says is what runs
     # fp32 weights, a mixer or a width that takes no phased steps: the graph, as beyond two rows per SM
     assert not choose_fused(wide, "auto", None, on_gpu=True, batch=batch, n_sms=132).fused
-    for model in (make_model("mamba", d_model=512, n_layers=1), make_model("s5", d_model=256, n_layers=1)):
+    for model in (make_model("mamba", d_model=512, n_layers=1), make_model("s5", d_model=128, n_layers=1)):
         assert not choose_fused(model, "auto", torch.bfloat16, on_gpu=True, batch=batch, n_sms=132).fused
 
 

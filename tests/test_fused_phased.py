@@ -230,8 +230,12 @@ def test_wide_modal_models_take_phased_steps_at_large_batch(weight_dtype):
     assert default("lru", 512, 1024) == phased_config(weight_dtype)
     assert default("s5", 400, 2 * h100 + 1).activations == "phased"  # d_model 400 pads to 512
     assert default("lru", 512, 2 * h100).activations != "phased"  # two rows per SM: one-row programs
-    assert default("lru", 256, 1024).activations != "phased"  # narrower models keep the row tiles
+    # from a padded d_model of 256 on, on 32-row tiles below 512; d_model 128 keeps the register kernel's row tiles
+    assert default("s5", 200, 1024) == phased_config(weight_dtype, 200)
+    assert phased_config(weight_dtype, 200) == replace(phased_config(weight_dtype), block_b=32)
+    assert default("lru", 128, 1024).activations != "phased"
     assert default("mamba", 512, 1024).activations != "phased"  # the phased kernel is modal only
     config = phased_config(weight_dtype)
     assert (config.block_b, config.block_k, config.num_warps) == ((64, 64, 8) if weight_dtype == torch.bfloat16
                                                                   else (64, 32, 4))
+    assert phased_config(weight_dtype, 400) == config  # pads to 512

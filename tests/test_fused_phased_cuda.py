@@ -14,8 +14,9 @@ import torch
 
 from lrnn_lightning.rollout import RolloutEngine, run_steps
 from lrnn_lightning.rollout.fused import KernelConfig, fused_rollout, fused_steps
+from lrnn_lightning.rollout.fused.config import phased_config
 from lrnn_lightning.rollout.fused.fold import FOLDED_KEYS
-from lrnn_lightning.rollout.fused.launch import build_call, kernel_module
+from lrnn_lightning.rollout.fused.launch import build_call, default_launch, kernel_module
 from lrnn_lightning.rollout.fused.pack import pack_model
 from lrnn_lightning.rollout.fused.pack_graph import pack_live
 from tests.conftest import relative_error
@@ -159,6 +160,19 @@ def test_phased_grids_of_any_size_give_the_one_program_bits(weight_dtype):
     for grid, (other, other_counts) in runs.items():
         assert torch.equal(other, out), f"{grid} programs"
         assert other_counts == counts, f"{grid} programs"
+
+
+def test_models_of_d_model_256_take_phased_steps_at_large_batch():
+    """From a padded d_model of 256 on (config.PHASED_MIN_D_MODEL), beyond two rows per SM, the default launch runs
+    phased steps on 32-row tiles (below 512: config.phased_config), within the fp32 bound of the loop."""
+    model = gpu_model("lru", d_model=200, d_state=32, n_layers=2)
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = 2 * n_sms + 36
+    context, _ = gpu_data(batch=batch)
+    packed = pack_model(model, torch.float32, event=False)
+    config = default_launch(packed, batch, torch.float32, "ieee", n_sms)
+    assert config == phased_config(torch.float32, 200) and config.block_b == 32
+    assert_fp32_accurate(model, context, HORIZON, None, fused_rollout(model, context, HORIZON))
 
 
 def test_a_phased_call_launched_again_carries_its_state_on():

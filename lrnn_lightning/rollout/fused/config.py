@@ -75,11 +75,19 @@ LayerNorm multiply a centred bf16 copy of h by weights with the norm's gain fold
 modes, decoding and down-projection take their own tiles (`phased_launch.phased_blocks`): 320 -> 251-255
 (the kernel alone 5.2-5.4x faster than the fp32 graph; whole calls 4.9-5.1x). At d_model 128 the
 register kernel's tiles were as fast or faster (bf16, B=1024: 62.9 against 61.5-92.3 µs; B=512: 47.9
-against 60.6-90.1), so narrower models keep them (d_model 256: not measured). Fifteenth session: with the
+against 60.6-90.1), so narrower models kept them. Fifteenth session: with the
 grid-wide barriers between phases replaced by counters per row block (kernels/phased.py), bf16 kernel 249-257 ->
 235-246 (whole calls 5.2-5.4x the fp32 graph), tf32x3 1448-1466 -> 1415-1443; the phase tiles were timed again
 under the counters and kept. At (256, 128, 64, 4) (bf16, LRU) phased steps still lose to the split register
-steps: 52.5 µs (16-row tiles) against 42.0.
+steps: 52.5 µs (16-row tiles) against 42.0. At d_model 256 beyond two rows per SM the register kernel's tiles
+were far slower than phased steps (H200, kernel alone, µs a step; LRU / S5): (512, 256, 64, 6) bf16 1499 / 1429
+against 95.7 / 93.1 on 32-row phased tiles (111 / 109 on 64-row ones; graph 401 / 335), fp32 2234 / 2084 against
+780 / 739; (1024, 256, 128, 8) bf16 626 / 528 against 134 / 131 (graph 685 / 639), fp32 3642 / 3239 against
+1270 / 1013. So phased steps start at a padded d_model of 256, on 32-row tiles below PHASED_WIDE_D_MODEL (at
+(1024, 384, 128, 8), padded 512, 64-row tiles: 208 / 190 against 260 / 250). At d_model 128 (B=1024) 32-row
+phased tiles were 5-15% faster than the register kernel's in bf16 (53.0 / 52.3 against 62.4 / 55.2) and 33%
+in fp32 (304 / 280 against 455 / 401; graph 235 / 196): not measured at other batches, so d_model 128 keeps
+the register kernel.
 
 `experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
 against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their
@@ -112,7 +120,8 @@ MIN_DOT_SPLIT = 4  # tl.dot tiles split by default only this many ways or more (
 DOT_SPLIT_WARPS = 4  # warps of a split tl.dot tile (module doc)
 RESIDENT_WARPS = 4  # warps of a whole-model-resident one-row program (module doc)
 REDUCTION_CHUNK = 16  # one-row programs with bf16 weights sum their tiles in chunks this wide (module doc)
-PHASED_MIN_D_MODEL = 512  # LRU / S5 models from this padded d_model on take phased steps at large batch (module doc)
+PHASED_MIN_D_MODEL = 256  # LRU / S5 models from this padded d_model on take phased steps at large batch (module doc)
+PHASED_WIDE_D_MODEL = 512  # phased steps on 64-row tiles from this padded d_model on, 32-row tiles below (module doc)
 
 
 @dataclass(frozen=True)
@@ -203,14 +212,16 @@ def default_config(batch: int, weight_dtype: torch.dtype = torch.float32, precis
     return config
 
 
-def phased_config(weight_dtype: torch.dtype = torch.float32) -> KernelConfig:
-    """The launch shape of phased steps (kernels/phased.py): 64-row tiles; bf16 weights stream 64-wide chunks on 8
-    warps (H100, twelfth session: 317-324 µs a step at (1024, 512, 128, 8), against 340-400 for 32-row tiles, 4
-    warps or 32-wide chunks; 251-258 since the thirteenth's folded products, where 32-wide chunks took 289),
-    fp32 ones 32-wide chunks on 4 warps (64-wide tf32x3 chunks on 8 warps exceed the shared memory)."""
+def phased_config(weight_dtype: torch.dtype = torch.float32, d_model: int = PHASED_WIDE_D_MODEL) -> KernelConfig:
+    """The launch shape of phased steps (kernels/phased.py) for a model of `d_model`: 64-row tiles from a padded
+    d_model of PHASED_WIDE_D_MODEL on, 32-row tiles below; bf16 weights stream 64-wide chunks on 8 warps (H100,
+    twelfth session: 317-324 µs a step at (1024, 512, 128, 8), against 340-400 for 32-row tiles, 4 warps or
+    32-wide chunks; 251-258 since the thirteenth's folded products, where 32-wide chunks took 289), fp32 ones
+    32-wide chunks on 4 warps (64-wide tf32x3 chunks on 8 warps exceed the shared memory)."""
+    rows = 64 if next_pow2(d_model) >= PHASED_WIDE_D_MODEL else 32
     if weight_dtype == torch.bfloat16:
-        return KernelConfig(block_b=64, block_n=64, block_k=64, num_warps=8, activations="phased")
-    return KernelConfig(block_b=64, block_n=64, block_k=32, num_warps=4, activations="phased")
+        return KernelConfig(block_b=rows, block_n=64, block_k=64, num_warps=8, activations="phased")
+    return KernelConfig(block_b=rows, block_n=64, block_k=32, num_warps=4, activations="phased")
 
 
 def default_split(tiles: int, n_sms: int, blocks: int) -> int:

@@ -414,7 +414,7 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
       per SM, takes phased steps (`phased_config`, kernels/phased.py).
     """
     if phased_by_default(packed.mixer_id, packed.d_model, batch, n_sms):
-        return phased_config(weight_dtype)
+        return phased_config(weight_dtype, packed.d_model)
     config = default_config(batch, weight_dtype, precision, n_sms=n_sms, d_model=packed.d_model)
     tiles = -(-batch // config.block_b)
     if config.block_b >= 16:
