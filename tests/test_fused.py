@@ -171,10 +171,19 @@ def test_auto_takes_phased_bf16_steps_at_large_batch(monkeypatch):
     assert choice.fused and "528 rows on 132 SMs take phased steps on bf16 weights" in choice.reason
     assert default_launch(pack_model(wide, torch.bfloat16, event=False), batch, torch.bfloat16, "ieee",
                           132).activations == "phased"  # what the reason says is what runs
-    # fp32 weights, a mixer or a width that takes no phased steps: the graph, as beyond two rows per SM
+    # fp32 weights, a mixer or a width not measured faster than the graph: the graph, as beyond two rows per SM
     assert not choose_fused(wide, "auto", None, on_gpu=True, batch=batch, n_sms=132).fused
-    for model in (make_model("mamba", d_model=512, n_layers=1), make_model("s5", d_model=128, n_layers=1)):
+    for model in (make_model("mamba", d_model=512, n_layers=1), make_model("s5", d_model=64, n_layers=1)):
         assert not choose_fused(model, "auto", torch.bfloat16, on_gpu=True, batch=batch, n_sms=132).fused
+    # d_model 128 (padded; 100 here) on bf16 weights: the register kernel's tiles below 8 rows per SM, phased from 8
+    narrow = make_model("s5", d_model=100, n_layers=1)
+    packed = pack_model(narrow, torch.bfloat16, event=False)
+    for rows, steps in ((batch, "the register kernel's tiles"), (8 * 132, "phased steps")):
+        choice = choose_fused(narrow, "auto", torch.bfloat16, on_gpu=True, batch=rows, n_sms=132)
+        assert choice.fused and f"{rows} rows on 132 SMs take {steps} on bf16 weights" in choice.reason
+        launch = default_launch(packed, rows, torch.bfloat16, "ieee", 132)
+        assert (launch.activations == "phased") == (steps == "phased steps"), (rows, launch)
+    assert not choose_fused(narrow, "auto", None, on_gpu=True, batch=batch, n_sms=132).fused
 
 
 def test_choose_backend_without_triton(monkeypatch):
@@ -592,8 +601,8 @@ def test_default_launch_refines_the_batch_rule_with_the_model():
     for batch, split in ((256, 8), (512, 4)):
         config = default_launch(lru_bf16, batch, torch.bfloat16, "ieee", h100)
         assert (config.block_b, config.split, config.num_warps) == (16, split, DOT_SPLIT_WARPS), batch
-    assert default_launch(lru_bf16, 1024, torch.bfloat16, "ieee", h100) == \
-        default_config(1024, torch.bfloat16, n_sms=h100, d_model=128)  # 64 tiles: split 2 was no faster
+    assert default_launch(lru_bf16, 7 * h100, torch.bfloat16, "ieee", h100) == \
+        default_config(7 * h100, torch.bfloat16, n_sms=h100, d_model=128)  # 58 tiles: split 2 was no faster
     assert default_launch(lru, 512, torch.float32, "tf32x3", h100).split == 4
     # Mamba's 16-row state tiles do not fit the register kernel: one-row programs up to two rows per SM
     mamba_bf16 = packed("mamba", 128, 64, 4, torch.bfloat16)
@@ -608,10 +617,9 @@ def test_default_launch_refines_the_batch_rule_with_the_model():
     assert (config.block_b, config.split, config.num_warps) == (16, 8, 8)
     call = build_call(wide_io, torch.randn(256, 32), None, 2, None, "ieee", config, interpreted=False, n_sms=h100)
     assert call.kernel == "register_rollout_kernel" and call.constexprs["SPLIT"] == 8
-    # exact fp32 keeps the batch rule (one-row programs up to two rows per SM, then the scratch kernel's tiles)
-    for batch in (256, 1024):
-        assert default_launch(lru, batch, torch.float32, "ieee", h100) == default_config(batch, n_sms=h100,
-                                                                                          d_model=128)
+    # exact fp32 keeps the batch rule up to two rows per SM (one-row programs), then takes phased steps at this width
+    assert default_launch(lru, 256, torch.float32, "ieee", h100) == default_config(256, n_sms=h100, d_model=128)
+    assert default_launch(lru, 1024, torch.float32, "ieee", h100).activations == "phased"
 
 
 def test_default_split_rule():

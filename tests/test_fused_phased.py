@@ -230,10 +230,17 @@ def test_wide_modal_models_take_phased_steps_at_large_batch(weight_dtype):
     assert default("lru", 512, 1024) == phased_config(weight_dtype)
     assert default("s5", 400, 2 * h100 + 1).activations == "phased"  # d_model 400 pads to 512
     assert default("lru", 512, 2 * h100).activations != "phased"  # two rows per SM: one-row programs
-    # from a padded d_model of 256 on, on 32-row tiles below 512; d_model 128 keeps the register kernel's row tiles
+    # from a padded d_model of 256 on, on 32-row tiles below 512
     assert default("s5", 200, 1024) == phased_config(weight_dtype, 200)
     assert phased_config(weight_dtype, 200) == replace(phased_config(weight_dtype), block_b=32)
-    assert default("lru", 128, 1024).activations != "phased"
+    # at a padded d_model of 128: exact fp32 past two rows per SM, bf16 from eight; tf32x3 and d_model 64 never
+    assert default("lru", 128, 8 * h100 - 131) == phased_config(weight_dtype, 128)  # 8 rows on some SMs
+    assert default("lru", 100, 7 * h100).activations == ("phased" if weight_dtype == torch.float32 else "auto")
+    assert default("lru", 128, 2 * h100).activations != "phased"
+    assert default("lru", 64, 16 * h100).activations != "phased"
+    if weight_dtype == torch.float32:  # the precision of fp32 weights' dots (bf16 weights multiply in bf16)
+        packed = pack_model(make_model("s5", d_model=128, n_layers=1), weight_dtype, event=False)
+        assert default_launch(packed, 8 * h100, weight_dtype, "tf32x3", h100).activations != "phased"
     assert default("mamba", 512, 1024).activations != "phased"  # the phased kernel is modal only
     config = phased_config(weight_dtype)
     assert (config.block_b, config.block_k, config.num_warps) == ((64, 64, 8) if weight_dtype == torch.bfloat16

@@ -162,16 +162,18 @@ def test_phased_grids_of_any_size_give_the_one_program_bits(weight_dtype):
         assert other_counts == counts, f"{grid} programs"
 
 
-def test_models_of_d_model_256_take_phased_steps_at_large_batch():
-    """From a padded d_model of 256 on (config.PHASED_MIN_D_MODEL), beyond two rows per SM, the default launch runs
-    phased steps on 32-row tiles (below 512: config.phased_config), within the fp32 bound of the loop."""
-    model = gpu_model("lru", d_model=200, d_state=32, n_layers=2)
+@pytest.mark.parametrize("d_model", [200, 100])
+def test_models_of_d_model_128_and_256_take_phased_steps_at_large_batch(d_model):
+    """From a padded d_model of 256 on (config.PHASED_MIN_D_MODEL), and at 128 on exact fp32 weights, beyond two rows
+    per SM the default launch runs phased steps on 32-row tiles (below 512: config.phased_config), within the fp32
+    bound of the loop."""
+    model = gpu_model("s5" if d_model < 128 else "lru", d_model=d_model, d_state=32, n_layers=2)
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count
     batch = 2 * n_sms + 36
     context, _ = gpu_data(batch=batch)
     packed = pack_model(model, torch.float32, event=False)
     config = default_launch(packed, batch, torch.float32, "ieee", n_sms)
-    assert config == phased_config(torch.float32, 200) and config.block_b == 32
+    assert config == phased_config(torch.float32, d_model) and config.block_b == 32
     assert_fp32_accurate(model, context, HORIZON, None, fused_rollout(model, context, HORIZON))
 
 
@@ -195,7 +197,7 @@ def test_a_phased_call_launched_again_carries_its_state_on():
 
 def test_the_engine_takes_phased_bf16_steps_beyond_two_rows_per_sm():
     """fused="auto" under a bf16 autocast takes the kernel past two rows per SM for a model that runs phased steps
-    (selection.phased_on_bf16), and the graph for the same model in fp32."""
+    (selection.wide_modal_bf16), and the graph for the same model in fp32."""
     model = gpu_model("lru", d_model=512, d_state=32, n_layers=1)
     batch = 2 * torch.cuda.get_device_properties(0).multi_processor_count + 36
     context, _ = gpu_data(batch=batch)

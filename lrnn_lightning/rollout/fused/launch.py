@@ -69,7 +69,7 @@ from lrnn_lightning.rollout.fused.pack import (
     rows_to_state,
 )
 from lrnn_lightning.rollout.fused.pack_graph import pack_live
-from lrnn_lightning.rollout.fused.phased_launch import build_phased_call, phased_model
+from lrnn_lightning.rollout.fused.phased_launch import build_phased_call, phased_pays
 from lrnn_lightning.rollout.fused.support import KERNEL_MODULE, fused_support
 from lrnn_lightning.rollout.inference import rollout_mode
 from lrnn_lightning.rollout.state import State
@@ -307,8 +307,8 @@ def fused_steps(model: nn.Module, x0: Tensor, state: State | None, num_steps: in
     # the interpreter runs one program at a time, whatever device the tensors are on
     n_sms = CPU_PROCESSORS if kernels.INTERPRETED else processor_count(x0.device)
     fold = weight_dtype == torch.bfloat16 and (config.activations == "phased" if config is not None else
-                                               phased_by_default(MIXER_IDS[type(model.layers[0].mixer)],
-                                                                 model.d_model, batch, n_sms))
+                                               phased_pays(MIXER_IDS[type(model.layers[0].mixer)], model.d_model,
+                                                           batch, n_sms, weight_dtype, precision))
     with torch.no_grad():
         graph = None
         if packed is None and x0.device.type == "cuda" and not kernels.INTERPRETED \
@@ -392,12 +392,6 @@ def resolve_split(packed: PackedModel, config: KernelConfig, tiles: int, device:
     return config.split
 
 
-def phased_by_default(mixer_id: int, d_model: int, batch: int, n_sms: int) -> bool:
-    """Whether `default_launch` takes phased steps: a model they cover (`phased_launch.phased_model`), past
-    MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM."""
-    return phased_model(mixer_id, d_model) and batch > MAX_ONE_ROW_PROGRAMS_PER_SM * n_sms
-
-
 def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, precision: str,
                    n_sms: int) -> KernelConfig:
     """The launch shape `fused_steps` takes without a config: `default_config` for the batch, refined by what
@@ -411,9 +405,10 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
     - a one-layer LRU / S5 model that runs resident (kernels/resident.py) takes RESIDENT_WARPS warps;
     - a one-row LRU / S5 step that splits, up to d_model NARROW_SPLIT_D_MODEL, takes NARROW_SPLIT_WARPS;
     - an LRU / S5 model from a padded d_model of PHASED_MIN_D_MODEL on, past MAX_ONE_ROW_PROGRAMS_PER_SM rows
-      per SM, takes phased steps (`phased_config`, kernels/phased.py).
+      per SM, takes phased steps (`phased_config`, kernels/phased.py), as does one of d_model 128 where
+      `phased_launch.phased_pays` says so.
     """
-    if phased_by_default(packed.mixer_id, packed.d_model, batch, n_sms):
+    if phased_pays(packed.mixer_id, packed.d_model, batch, n_sms, weight_dtype, precision):
         return phased_config(weight_dtype, packed.d_model)
     config = default_config(batch, weight_dtype, precision, n_sms=n_sms, d_model=packed.d_model)
     tiles = -(-batch // config.block_b)

@@ -19,7 +19,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lrnn_lightning.rollout.fused.config import DOT_BLOCK_BS, PHASED_MIN_D_MODEL, KernelConfig, next_pow2
+from lrnn_lightning.rollout.fused.config import (
+    DOT_BLOCK_BS,
+    MAX_ONE_ROW_PROGRAMS_PER_SM,
+    PHASED_MIN_D_MODEL,
+    PHASED_NARROW_BF16_ROWS_PER_SM,
+    PHASED_NARROW_D_MODEL,
+    KernelConfig,
+    next_pow2,
+)
 from lrnn_lightning.rollout.fused.fold import FOLDED_KEYS
 from lrnn_lightning.rollout.fused.kernel_call import KernelCall, io_buffers
 from lrnn_lightning.rollout.fused.pack import MIXER_NAMES, MODAL, PackedModel
@@ -28,10 +36,24 @@ from lrnn_lightning.rollout.state import State
 PHASED_STAGES = 3  # software-pipelined stages of each tile's reduction loop (tl.range num_stages)
 
 
-def phased_model(mixer_id: int | None, d_model: int) -> bool:
-    """Whether phased steps cover and pay for a model: an LRU / S5 one (mixer_id MODAL) from a padded d_model of
-    PHASED_MIN_D_MODEL on (config.py: narrower models keep the register kernel's tiles)."""
-    return mixer_id == MODAL and next_pow2(d_model) >= PHASED_MIN_D_MODEL
+def phased_pays(mixer_id: int | None, d_model: int, batch: int, n_sms: int, weight_dtype: torch.dtype,
+                precision: str) -> bool:
+    """Whether phased steps cover and pay for a rollout of `batch` rows on `n_sms` SMs (config.py's module doc has
+    the measurements): an LRU / S5 model (mixer_id MODAL) past MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM, from a
+    padded d_model of PHASED_MIN_D_MODEL on; at a padded d_model of PHASED_NARROW_D_MODEL on exact fp32 weights
+    ("ieee"), or on bf16 weights from PHASED_NARROW_BF16_ROWS_PER_SM rows per SM. Narrower models, and tf32 dots at
+    d_model 128, keep the register kernel's tiles."""
+    rows_per_sm = -(-batch // n_sms)
+    if mixer_id != MODAL or rows_per_sm <= MAX_ONE_ROW_PROGRAMS_PER_SM:
+        return False
+    width = next_pow2(d_model)
+    if width >= PHASED_MIN_D_MODEL:
+        return True
+    if width != PHASED_NARROW_D_MODEL:
+        return False
+    if weight_dtype == torch.bfloat16:
+        return rows_per_sm >= PHASED_NARROW_BF16_ROWS_PER_SM
+    return precision == "ieee"
 
 
 def check_phased(packed: PackedModel, config: KernelConfig) -> None:

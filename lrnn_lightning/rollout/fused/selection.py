@@ -8,18 +8,21 @@ import torch
 from torch import nn
 
 from lrnn_lightning.rollout.checks import model_device_dtype
-from lrnn_lightning.rollout.fused.config import processor_count
-from lrnn_lightning.rollout.fused.pack import MIXER_IDS
-from lrnn_lightning.rollout.fused.phased_launch import phased_model
+from lrnn_lightning.rollout.fused.config import next_pow2, processor_count
+from lrnn_lightning.rollout.fused.pack import MIXER_IDS, MODAL
+from lrnn_lightning.rollout.fused.phased_launch import phased_pays
 from lrnn_lightning.rollout.fused.support import fused_support
 
 BACKENDS = ("fused", "graph", "loop")
 # fused="auto" takes the kernel up to this many batch rows per SM: on an H100 it was 1.6-5.4x faster than the CUDA
 # graph from B=1 to B=256 (two rows per SM), and 3-11x slower at B=1024 (d_model 512; experiments/RESULTS.md).
-# Beyond, only where the launch takes phased steps on bf16 weights (`phased_on_bf16`): whole rollouts through the
-# engine at (B, 512, 128, 8) took 453 / 468 µs a step (B=1024 / 512, LRU) against 923 / 750 for the CUDA graph
-# under the same bf16 autocast; with fp32 weights phased steps ran 2.3-3.1x slower than the fp32 graph
+# Beyond, only for LRU / S5 models from a padded d_model of BF16_AUTO_MIN_D_MODEL on with bf16 weights
+# (`wide_modal_bf16`): whole rollouts through the engine at (B, 512, 128, 8) took 453 / 468 µs a step (B=1024 / 512,
+# LRU) against 923 / 750 for the CUDA graph under the same bf16 autocast; calls of 64 steps at d_model 256 ran
+# 3.5-3.9x faster than that graph, and at d_model 128 (B=512-2048) X; with fp32 weights phased steps ran 2.3-3.1x
+# slower than the fp32 graph at d_model 512, and 0.6-1.0x its speed at d_model 128
 AUTO_MAX_ROWS_PER_SM = 2
+BF16_AUTO_MIN_D_MODEL = 128
 
 
 class BackendChoice(NamedTuple):
@@ -55,8 +58,8 @@ def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype 
         weight_dtype: the kernel's matmul weight dtype (None: the model's).
         on_gpu: whether the model is on a CUDA GPU ("auto" takes the kernel only there).
         batch: the rollout's rows, if known: "auto" takes the kernel only up to AUTO_MAX_ROWS_PER_SM
-            rows per SM, where it was measured faster than the CUDA graph, and beyond where it runs phased
-            steps on bf16 weights (`phased_on_bf16`).
+            rows per SM, where it was measured faster than the CUDA graph, and beyond for LRU / S5 models of
+            d_model 128 or more on bf16 weights (`wide_modal_bf16`).
         n_sms: the GPU's SMs (None: the current CUDA device's).
         signature: `fingerprint.model_signature(model)` if the caller has just taken it (None: taken here).
     """
@@ -70,9 +73,12 @@ def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype 
         return FusedChoice(False, f"{asked}, not fused: no CUDA GPU", None)
     if fused is not True and batch is not None:
         n_sms = n_sms or processor_count(torch.device("cuda"))
-        if -(-batch // n_sms) > AUTO_MAX_ROWS_PER_SM and phased_on_bf16(model, weight_dtype):
-            return FusedChoice(True, f"{asked}: {why}; {batch} rows on {n_sms} SMs take phased steps on bf16 "
-                                     "weights, where the kernel was faster than the CUDA graph", None)
+        if -(-batch // n_sms) > AUTO_MAX_ROWS_PER_SM and wide_modal_bf16(model, weight_dtype):
+            mixer_id = MIXER_IDS[type(model.layers[0].mixer)]
+            steps = ("phased steps" if phased_pays(mixer_id, model.d_model, batch, n_sms, torch.bfloat16, "ieee")
+                     else "the register kernel's tiles")
+            return FusedChoice(True, f"{asked}: {why}; {batch} rows on {n_sms} SMs take {steps} on bf16 weights, "
+                                     "where the kernel was faster than the CUDA graph", None)
         if -(-batch // n_sms) > AUTO_MAX_ROWS_PER_SM:
             return FusedChoice(False, f"{asked}, not fused: {batch} rows are more than {AUTO_MAX_ROWS_PER_SM} per SM "
                                       f"({n_sms} SMs), where the CUDA graph was faster (fused=true forces the kernel)",
@@ -80,12 +86,14 @@ def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype 
     return FusedChoice(True, f"{asked}: {why}", None)
 
 
-def phased_on_bf16(model: nn.Module, weight_dtype: torch.dtype | None) -> bool:
-    """Whether a rollout of the covered `model` past AUTO_MAX_ROWS_PER_SM rows per SM runs phased steps
-    (kernels/phased.py, `launch.default_launch`: LRU / S5 from a padded d_model of PHASED_MIN_D_MODEL) on bf16
-    weights (`weight_dtype`, or the model's own when None)."""
+def wide_modal_bf16(model: nn.Module, weight_dtype: torch.dtype | None) -> bool:
+    """Whether the covered `model` is an LRU / S5 one from a padded d_model of BF16_AUTO_MIN_D_MODEL on, rolled out
+    on bf16 weights (`weight_dtype`, or the model's own when None): past AUTO_MAX_ROWS_PER_SM rows per SM its
+    launch (phased steps, kernels/phased.py, or at d_model 128 below `phased_launch.phased_pays`'s batch the
+    register kernel's tiles) was measured faster than the CUDA graph."""
     dtype = weight_dtype if weight_dtype is not None else next(model.parameters()).dtype
-    return dtype == torch.bfloat16 and phased_model(MIXER_IDS.get(type(model.layers[0].mixer)), model.d_model)
+    return (dtype == torch.bfloat16 and MIXER_IDS.get(type(model.layers[0].mixer)) == MODAL
+            and next_pow2(model.d_model) >= BF16_AUTO_MIN_D_MODEL)
 
 
 def graph_or_loop(fused_reason: str, device: torch.device, cuda_graph: bool | str, *, use_graph: bool,
@@ -104,8 +112,8 @@ def choose_backend(model: nn.Module, fused: bool | str = "auto", cuda_graph: boo
 
     `fused="auto"` takes the fused kernel when `fused_support` says yes, the model is on a
     GPU (the Triton interpreter is never chosen automatically) and the batch, if given, is
-    at most AUTO_MAX_ROWS_PER_SM rows per SM or runs phased steps on bf16 weights
-    (`phased_on_bf16`); else what `cuda_graph` gives: the graph on a
+    at most AUTO_MAX_ROWS_PER_SM rows per SM or an LRU / S5 model of d_model 128 or more runs on bf16 weights
+    (`wide_modal_bf16`); else what `cuda_graph` gives: the graph on a
     GPU unless it is False, else the loop. Explicit requests that cannot be honoured raise
     instead of falling back silently.
 
