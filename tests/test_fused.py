@@ -175,10 +175,10 @@ def test_auto_takes_phased_bf16_steps_at_large_batch(monkeypatch):
     assert not choose_fused(wide, "auto", None, on_gpu=True, batch=batch, n_sms=132).fused
     for model in (make_model("mamba", d_model=512, n_layers=1), make_model("s5", d_model=64, n_layers=1)):
         assert not choose_fused(model, "auto", torch.bfloat16, on_gpu=True, batch=batch, n_sms=132).fused
-    # d_model 128 (padded; 100 here) on bf16 weights: the register kernel's tiles below 8 rows per SM, phased from 8
+    # d_model 128 (padded; 100 here) on bf16 weights: the register kernel's tiles up to 4 rows per SM, phased beyond
     narrow = make_model("s5", d_model=100, n_layers=1)
     packed = pack_model(narrow, torch.bfloat16, event=False)
-    for rows, steps in ((batch, "the register kernel's tiles"), (8 * 132, "phased steps")):
+    for rows, steps in ((batch, "the register kernel's tiles"), (batch + 1, "phased steps")):
         choice = choose_fused(narrow, "auto", torch.bfloat16, on_gpu=True, batch=rows, n_sms=132)
         assert choice.fused and f"{rows} rows on 132 SMs take {steps} on bf16 weights" in choice.reason
         launch = default_launch(packed, rows, torch.bfloat16, "ieee", 132)
@@ -601,8 +601,8 @@ def test_default_launch_refines_the_batch_rule_with_the_model():
     for batch, split in ((256, 8), (512, 4)):
         config = default_launch(lru_bf16, batch, torch.bfloat16, "ieee", h100)
         assert (config.block_b, config.split, config.num_warps) == (16, split, DOT_SPLIT_WARPS), batch
-    assert default_launch(lru_bf16, 7 * h100, torch.bfloat16, "ieee", h100) == \
-        default_config(7 * h100, torch.bfloat16, n_sms=h100, d_model=128)  # 58 tiles: split 2 was no faster
+    # past 4 rows per SM (33 tiles and more), where no split of MIN_DOT_SPLIT fits, phased steps (split 2 was no faster)
+    assert default_launch(lru_bf16, 4 * h100 + 1, torch.bfloat16, "ieee", h100).activations == "phased"
     assert default_launch(lru, 512, torch.float32, "tf32x3", h100).split == 4
     # Mamba's 16-row state tiles do not fit the register kernel: one-row programs up to two rows per SM
     mamba_bf16 = packed("mamba", 128, 64, 4, torch.bfloat16)
