@@ -18,9 +18,10 @@ BACKENDS = ("fused", "graph", "loop")
 # graph from B=1 to B=256 (two rows per SM), and 3-11x slower at B=1024 (d_model 512; experiments/RESULTS.md).
 # Beyond, only for LRU / S5 models from a padded d_model of BF16_AUTO_MIN_D_MODEL on with bf16 weights
 # (`wide_modal_bf16`): whole rollouts through the engine at (B, 512, 128, 8) took 453 / 468 µs a step (B=1024 / 512,
-# LRU) against 923 / 750 for the CUDA graph under the same bf16 autocast; calls of 64 steps at d_model 256 ran
-# 3.5-3.9x faster than that graph, and at d_model 128 (B=512-2048) X; with fp32 weights phased steps ran 2.3-3.1x
-# slower than the fp32 graph at d_model 512, and 0.6-1.0x its speed at d_model 128
+# LRU) against 923 / 750 for the CUDA graph under the same bf16 autocast; calls of 64 steps through the engine ran
+# 3.2-3.9x faster than that graph at d_model 256 (B=512, 1024) and 3.5-5.0x at d_model 128 (B=512-2048, sixteenth
+# session); with fp32 weights the kernel ran 2.3-3.1x slower than the fp32 graph at d_model 512, and 0.61-0.97x its
+# speed at d_model 128
 AUTO_MAX_ROWS_PER_SM = 2
 BF16_AUTO_MIN_D_MODEL = 128
 
