@@ -144,7 +144,8 @@ class RolloutCallback(Callback):
             (a configuration error without CUDA) or False (always the loop).
         fused: run each rollout as one fused Triton kernel (`RolloutEngine(fused=...)`):
             False, "auto" (where the kernel covers the model on a GPU and the rollout has at
-            most two rows per SM, else as `cuda_graph` says; a kernel failure warns once and
+            most two rows per SM, or is an LRU / S5 one of d_model 65 or more on bf16 weights
+            (`fused.selection.wide_modal_bf16`), else as `cuda_graph` says; a kernel failure warns once and
             the graph takes over) or True (a
             configuration error for a model the kernel does not cover, or without a GPU).
             `tf32` picks the kernel's "tf32" dots; chunk, compile and batch_size concern
