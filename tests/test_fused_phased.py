@@ -206,6 +206,29 @@ def test_fused_steps_fold_the_norms_only_for_phased_steps_on_bf16_weights(interp
     assert asked == [True, False, False, False]  # d_model 40 at 20 rows: no phased steps by default
 
 
+def test_fused_steps_fold_for_default_phased_steps_at_d_model_128(interpreter, monkeypatch):
+    """At a padded d_model of 128 the default launch of bf16 weights is phased past the register tiles' split (on
+    the interpreter's one SM, from 3 rows), and `fused_steps` packs the folded copies those steps read."""
+    class Packed(Exception):
+        pass
+
+    asked = []
+
+    def record(*args):
+        asked.append(args[3])
+        raise Packed
+
+    monkeypatch.setattr(launch, "pack_live", record)
+    model = make_model("lru", d_model=100, d_state=16, n_layers=1)
+    context, _ = make_data(batch=20)
+    assert default_launch(pack_model(model, torch.bfloat16, event=False), 20, torch.bfloat16, "ieee",
+                          1) == phased_config(torch.bfloat16, 100)
+    for weight_dtype in (torch.bfloat16, torch.float32):
+        with pytest.raises(Packed):
+            fused_rollout(model, context, HORIZON, weight_dtype=weight_dtype)
+    assert asked == [True, False]  # fp32 weights never fold
+
+
 def test_phased_launch_errors(interpreter):
     context, _ = make_data(batch=20)
     packed = pack_model(make_model("lru", d_model=512, d_state=128, n_layers=8), torch.float32, event=False)
@@ -233,14 +256,21 @@ def test_wide_modal_models_take_phased_steps_at_large_batch(weight_dtype):
     # from a padded d_model of 256 on, on 32-row tiles below 512
     assert default("s5", 200, 1024) == phased_config(weight_dtype, 200)
     assert phased_config(weight_dtype, 200) == replace(phased_config(weight_dtype), block_b=32)
-    # at a padded d_model of 128: exact fp32 past two rows per SM, bf16 from five; tf32x3 and d_model 64 never
-    assert default("lru", 128, 4 * h100 + 1) == phased_config(weight_dtype, 128)  # 5 rows on one SM
-    assert default("lru", 100, 4 * h100).activations == ("phased" if weight_dtype == torch.float32 else "auto")
+    # at a padded d_model of 128: exact fp32 past two rows per SM, bf16 where the register kernel's 16-row tiles are
+    # too many to split 4 ways (B > 528 on 132 SMs); tf32 dots and d_model 64 never
+    fp32 = weight_dtype == torch.float32
+    assert default("lru", 128, 4 * h100 + 1) == phased_config(weight_dtype, 128)  # 34 tiles
+    assert default("lru", 100, 4 * h100).activations == ("phased" if fp32 else "auto")  # 33 tiles split 4 ways
+    assert default("lru", 100, 2 * h100 + 1).activations == ("phased" if fp32 else "auto")
     assert default("lru", 128, 2 * h100).activations != "phased"
     assert default("lru", 64, 16 * h100).activations != "phased"
-    if weight_dtype == torch.float32:  # the precision of fp32 weights' dots (bf16 weights multiply in bf16)
-        packed = pack_model(make_model("s5", d_model=128, n_layers=1), weight_dtype, event=False)
-        assert default_launch(packed, 8 * h100, weight_dtype, "tf32x3", h100).activations != "phased"
+    packed = pack_model(make_model("s5", d_model=128, n_layers=4), weight_dtype, event=False)
+    # 114 SMs (an H100 PCIe), 4 rows per SM: 29 tiles of 16 rows cannot split 4 ways, so bf16 takes phased steps too
+    launch_114 = default_launch(packed, 4 * 114, weight_dtype, "ieee", 114)
+    assert launch_114 == phased_config(weight_dtype, 128), launch_114
+    if fp32:  # the precision of fp32 weights' dots (bf16 weights multiply in bf16)
+        for precision in ("tf32x3", "tf32"):
+            assert default_launch(packed, 8 * h100, weight_dtype, precision, h100).activations != "phased"
     assert default("mamba", 512, 1024).activations != "phased"  # the phased kernel is modal only
     config = phased_config(weight_dtype)
     assert (config.block_b, config.block_k, config.num_warps) == ((64, 64, 8) if weight_dtype == torch.bfloat16

@@ -88,12 +88,12 @@ against 95.7 / 93.1 on 32-row phased tiles (111 / 109 on 64-row ones; graph 401 
 phased tiles were 5-15% faster than the register kernel's in bf16 (53.0 / 52.3 against 62.4 / 55.2) and 33%
 in fp32 (304 / 280 against 455 / 401; graph 235 / 196). Sixteenth session (H100, kernel alone, LRU / S5, 32-row
 phased tiles against the default): fp32 B=512 303 / 283 against 452 / 399 (graph 196 / 176), B=2048 336 / 283
-against 450 / 394; bf16 B=384 and 512 52.1 / 50.6 and 53.5 / 52.5 against 48.3 / 43.6 and 47.9 / 45.3 (16-row
-register tiles split 4 ways), B=768 53.3 / 52.9 against 63.2 / 55.8, B=2048 52.1 / 51.4 against 62.4 / 54.6 (tiles
-too many to split MIN_DOT_SPLIT ways). So at a padded d_model of PHASED_NARROW_D_MODEL exact fp32 ("ieee") weights
-take 32-row phased steps past MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM, and bf16 ones from
-PHASED_NARROW_BF16_ROWS_PER_SM rows per SM on, where the register kernel's 16-row tiles stop splitting (B > 528 on
-an H100); tf32 and tf32x3 dots, not measured there, keep the register kernel.
+against 450 / 394; bf16 B=384 and 512 51.8 / 50.6 and 53.5 / 52.5 against 47.5 / 44.2 and 47.9 / 45.3 (16-row
+register tiles split 4 ways), B=640 53.5 / 52.7 against 63.0 / 55.3, B=2048 52.1 / 51.4 against 62.4 / 54.6 (tiles
+too many to split MIN_DOT_SPLIT ways). So at a padded d_model of PHASED_NARROW_D_MODEL (measured at 128) exact fp32
+("ieee") weights take 32-row phased steps past MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM, and bf16 ones where the
+register kernel's 16-row tiles are too many to split MIN_DOT_SPLIT ways (B > 528 on an H100;
+`phased_launch.phased_pays`); tf32 and tf32x3 dots, not measured there, keep the register kernel.
 
 `experiments/benchmark_fused.py --block-bs ... --warps ... --splits ...` times other shapes
 against this choice on a GPU. The 2, 4 and 8-row small tiles stay available for explicit configs: their
@@ -127,8 +127,7 @@ DOT_SPLIT_WARPS = 4  # warps of a split tl.dot tile (module doc)
 RESIDENT_WARPS = 4  # warps of a whole-model-resident one-row program (module doc)
 REDUCTION_CHUNK = 16  # one-row programs with bf16 weights sum their tiles in chunks this wide (module doc)
 PHASED_MIN_D_MODEL = 256  # LRU / S5 models from this padded d_model on take phased steps at large batch (module doc)
-PHASED_NARROW_D_MODEL = 128  # ... and of this one: exact fp32 past two rows per SM, bf16 from the rows below
-PHASED_NARROW_BF16_ROWS_PER_SM = 5  # bf16 weights of a padded d_model of PHASED_NARROW_D_MODEL (module doc)
+PHASED_NARROW_D_MODEL = 128  # ... and of this one: exact fp32 past two rows per SM, bf16 where tiles stop splitting
 PHASED_WIDE_D_MODEL = 512  # phased steps on 64-row tiles from this padded d_model on, 32-row tiles below (module doc)
 
 

@@ -405,8 +405,8 @@ def default_launch(packed: PackedModel, batch: int, weight_dtype: torch.dtype, p
     - a one-layer LRU / S5 model that runs resident (kernels/resident.py) takes RESIDENT_WARPS warps;
     - a one-row LRU / S5 step that splits, up to d_model NARROW_SPLIT_D_MODEL, takes NARROW_SPLIT_WARPS;
     - an LRU / S5 model from a padded d_model of PHASED_MIN_D_MODEL on, past MAX_ONE_ROW_PROGRAMS_PER_SM rows
-      per SM, takes phased steps (`phased_config`, kernels/phased.py), as does one of d_model 128 where
-      `phased_launch.phased_pays` says so.
+      per SM, takes phased steps (`phased_config`, kernels/phased.py), as does one of a padded d_model of 128
+      (d_model 65-128) where `phased_launch.phased_pays` says so.
     """
     if phased_pays(packed.mixer_id, packed.d_model, batch, n_sms, weight_dtype, precision):
         return phased_config(weight_dtype, packed.d_model)

@@ -22,8 +22,8 @@ from torch import Tensor
 from lrnn_lightning.rollout.fused.config import (
     DOT_BLOCK_BS,
     MAX_ONE_ROW_PROGRAMS_PER_SM,
+    MIN_DOT_SPLIT,
     PHASED_MIN_D_MODEL,
-    PHASED_NARROW_BF16_ROWS_PER_SM,
     PHASED_NARROW_D_MODEL,
     KernelConfig,
     next_pow2,
@@ -40,9 +40,10 @@ def phased_pays(mixer_id: int | None, d_model: int, batch: int, n_sms: int, weig
                 precision: str) -> bool:
     """Whether phased steps cover and pay for a rollout of `batch` rows on `n_sms` SMs (config.py's module doc has
     the measurements): an LRU / S5 model (mixer_id MODAL) past MAX_ONE_ROW_PROGRAMS_PER_SM rows per SM, from a
-    padded d_model of PHASED_MIN_D_MODEL on; at a padded d_model of PHASED_NARROW_D_MODEL on exact fp32 weights
-    ("ieee"), or on bf16 weights from PHASED_NARROW_BF16_ROWS_PER_SM rows per SM. Narrower models, and tf32 dots at
-    d_model 128, keep the register kernel's tiles."""
+    padded d_model of PHASED_MIN_D_MODEL on; at a padded d_model of PHASED_NARROW_D_MODEL (d_model 65-128) on exact
+    fp32 weights ("ieee"), or on bf16 weights where the register kernel's 16-row tiles are too many to split
+    MIN_DOT_SPLIT ways (`launch.default_launch`; B > 528 on 132 SMs). Narrower models, and tf32 dots at d_model 128,
+    keep the register kernel's tiles."""
     rows_per_sm = -(-batch // n_sms)
     if mixer_id != MODAL or rows_per_sm <= MAX_ONE_ROW_PROGRAMS_PER_SM:
         return False
@@ -52,7 +53,7 @@ def phased_pays(mixer_id: int | None, d_model: int, batch: int, n_sms: int, weig
     if width != PHASED_NARROW_D_MODEL:
         return False
     if weight_dtype == torch.bfloat16:
-        return rows_per_sm >= PHASED_NARROW_BF16_ROWS_PER_SM
+        return -(-batch // DOT_BLOCK_BS[0]) * MIN_DOT_SPLIT > n_sms
     return precision == "ieee"
 
 

@@ -59,8 +59,8 @@ def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype 
         weight_dtype: the kernel's matmul weight dtype (None: the model's).
         on_gpu: whether the model is on a CUDA GPU ("auto" takes the kernel only there).
         batch: the rollout's rows, if known: "auto" takes the kernel only up to AUTO_MAX_ROWS_PER_SM
-            rows per SM, where it was measured faster than the CUDA graph, and beyond for LRU / S5 models of
-            d_model 128 or more on bf16 weights (`wide_modal_bf16`).
+            rows per SM, where it was measured faster than the CUDA graph, and beyond for LRU / S5 models of a
+            padded d_model of 128 or more (d_model >= 65) on bf16 weights (`wide_modal_bf16`).
         n_sms: the GPU's SMs (None: the current CUDA device's).
         signature: `fingerprint.model_signature(model)` if the caller has just taken it (None: taken here).
     """
@@ -113,9 +113,9 @@ def choose_backend(model: nn.Module, fused: bool | str = "auto", cuda_graph: boo
 
     `fused="auto"` takes the fused kernel when `fused_support` says yes, the model is on a
     GPU (the Triton interpreter is never chosen automatically) and the batch, if given, is
-    at most AUTO_MAX_ROWS_PER_SM rows per SM or an LRU / S5 model of d_model 128 or more runs on bf16 weights
-    (`wide_modal_bf16`); else what `cuda_graph` gives: the graph on a
-    GPU unless it is False, else the loop. Explicit requests that cannot be honoured raise
+    at most AUTO_MAX_ROWS_PER_SM rows per SM or an LRU / S5 model of a padded d_model of 128 or more
+    (d_model >= 65, measured at 128) runs on bf16 weights (`wide_modal_bf16`); else what `cuda_graph` gives:
+    the graph on a GPU unless it is False, else the loop. Explicit requests that cannot be honoured raise
     instead of falling back silently.
 
     Args:
