@@ -211,3 +211,20 @@ def test_the_engine_takes_phased_bf16_steps_beyond_two_rows_per_sm():
     fp32.rollout(context, HORIZON)
     assert fp32.stats.path == "graph" and "more than 2 per SM" in fp32.stats.backend_reason
     fp32.release()
+
+
+@pytest.mark.parametrize("rows_per_sm, steps", [(3, "the register kernel's tiles"), (5, "phased steps")])
+def test_the_engine_takes_bf16_steps_at_d_model_128_beyond_two_rows_per_sm(rows_per_sm, steps):
+    """fused="auto" under a bf16 autocast takes the kernel past two rows per SM for an S5 model of d_model 128
+    (selection.wide_modal_bf16): the register kernel's tiles while they split, phased steps beyond; within the bf16
+    bound of the loop."""
+    model = gpu_model("s5", d_model=128, d_state=32, n_layers=2)
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = (rows_per_sm - 1) * n_sms + 7
+    context, _ = gpu_data(batch=batch)
+    engine = RolloutEngine(model, fused="auto", autocast_dtype=torch.bfloat16)
+    out = engine.rollout(context, HORIZON)
+    assert engine.stats.path == "fused" and f"take {steps} on bf16 weights" in engine.stats.backend_reason
+    ref = loop_rollout(model, context, HORIZON)
+    assert 1e-5 < relative_error(out[:, 1:BF16_STEPS + 1], ref[:, 1:BF16_STEPS + 1]) < BF16_TOL
+    engine.release()
