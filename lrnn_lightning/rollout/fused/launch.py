@@ -42,7 +42,6 @@ from lrnn_lightning.rollout.fused.config import (  # noqa: F401 (KernelConfig an
     MIN_DOT_SPLIT,
     NARROW_SPLIT_D_MODEL,
     NARROW_SPLIT_WARPS,
-    PHASED_MIN_D_MODEL,
     REDUCTION_CHUNK,
     RESIDENT_WARPS,
     SPLIT_LAYER_RULE_MIN_D_MODEL,
