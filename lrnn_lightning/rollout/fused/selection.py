@@ -74,13 +74,14 @@ def choose_fused(model: nn.Module, fused: bool | str, weight_dtype: torch.dtype 
         return FusedChoice(False, f"{asked}, not fused: no CUDA GPU", None)
     if fused is not True and batch is not None:
         n_sms = n_sms or processor_count(torch.device("cuda"))
-        if -(-batch // n_sms) > AUTO_MAX_ROWS_PER_SM and wide_modal_bf16(model, weight_dtype):
+        beyond = -(-batch // n_sms) > AUTO_MAX_ROWS_PER_SM
+        if beyond and wide_modal_bf16(model, weight_dtype):
             mixer_id = MIXER_IDS[type(model.layers[0].mixer)]
             steps = ("phased steps" if phased_pays(mixer_id, model.d_model, batch, n_sms, torch.bfloat16, "ieee")
                      else "the register kernel's tiles")
             return FusedChoice(True, f"{asked}: {why}; {batch} rows on {n_sms} SMs take {steps} on bf16 weights, "
                                      "where the kernel was faster than the CUDA graph", None)
-        if -(-batch // n_sms) > AUTO_MAX_ROWS_PER_SM:
+        if beyond:
             return FusedChoice(False, f"{asked}, not fused: {batch} rows are more than {AUTO_MAX_ROWS_PER_SM} per SM "
                                       f"({n_sms} SMs), where the CUDA graph was faster (fused=true forces the kernel)",
                                None)
