@@ -237,9 +237,10 @@ def test_media_only_on_global_rank_zero(tmp_path, monkeypatch):
 def test_more_sequences_than_windows_warns_and_uses_all(tmp_path):
     callback = RolloutCallback(num_sequences=50)
     data = tiny_data()
-    with pytest.warns(UserWarning, match=r"num_sequences=50 but the validation set has only 6 windows"):
+    # per series, starts 0, 8, 16 of 60 validation samples and the window ending at the last one (start 20)
+    with pytest.warns(UserWarning, match=r"num_sequences=50 but the validation set has only 8 windows"):
         tiny_trainer(tmp_path, [callback], logger=False).validate(tiny_module(), datamodule=data)
-    assert callback.indices == list(range(6))
+    assert callback.indices == list(range(8))
 
 
 @pytest.mark.cuda

@@ -31,6 +31,36 @@ def test_windows_are_consecutive_slices_of_the_series():
     assert "dt" not in SeriesWindows(series, None, 6, 4)[0]
 
 
+def test_cover_end_adds_the_window_ending_at_each_series_last_sample_after_the_grid():
+    rng = np.random.default_rng(5)
+    # windows of 10 every 3 samples: 23 samples end their grid at 21, 22 at 21 (covered), 7 hold no window
+    series = [rng.normal(size=(23, 2)), rng.normal(size=(22, 2)), rng.normal(size=(7, 2))]
+    dts = [rng.uniform(0.5, 1.5, len(s)) for s in series]
+    grid = SeriesWindows(series, dts, context_length=6, horizon=4, stride=3)
+    covered = SeriesWindows(series, dts, context_length=6, horizon=4, stride=3, cover_end=True)
+    assert len(grid) == 5 + 5 and len(covered) == len(grid) + 1
+    for k in range(len(grid)):  # the grid's windows keep their numbers
+        torch.testing.assert_close(covered[k]["future"], grid[k]["future"])
+    end = covered[len(grid)]
+    np.testing.assert_allclose(end["context"].numpy(), series[0][13:19], rtol=1e-6)
+    np.testing.assert_allclose(end["future"].numpy(), series[0][19:23], rtol=1e-6)
+    np.testing.assert_allclose(end["dt"].numpy(), dts[0][13:23], rtol=1e-6)
+
+
+def test_validation_scores_the_last_samples_unless_told_not_to():
+    options = dict(SMALL, val_stride=7)  # 60 validation samples, windows of 40: starts 0, 7, 14 miss the end
+    covered, grid = OscillatorsDataModule(**options), OscillatorsDataModule(val_cover_end=False, **options)
+    for dm in (covered, grid):
+        dm.setup()
+    val = covered.val_dataset.series[0]
+    assert val.shape[0] == 60 and len(covered.val_dataset) == len(grid.val_dataset) + 2
+    torch.testing.assert_close(covered.val_dataset[len(grid.val_dataset)]["future"], val[-24:])
+    assert all(not torch.equal(grid.val_dataset[k]["future"][-1], val[-1]) for k in range(len(grid.val_dataset)))
+    assert len(covered.train_dataset) == len(grid.train_dataset)  # training keeps its grid
+    with pytest.raises(ValueError, match=r"val_cover_end must be true or false, got 'yes'"):
+        OscillatorsDataModule(val_cover_end="yes", **options)
+
+
 def test_rk4_is_fourth_order_on_a_known_solution():
     rhs = lambda t, y: -y  # y(t) = exp(-t)
     errors = []

@@ -56,6 +56,8 @@ class WindowDataModule(LightningDataModule, abc.ABC):
         batch_size: windows per training batch.
         stride: distance between training window starts.
         val_stride: distance between validation window starts (defaults to `stride`).
+        val_cover_end: also score the validation window that ends at each series' last sample, which the
+            `val_stride` grid misses unless it divides; False keeps only the grid's windows.
         val_fraction: the last fraction of every series that is held out for validation.
         event: yield per-step timesteps `dt` (event mode).
         dt_unit: the time unit `dt` is expressed in; None uses the median gap of the training
@@ -71,7 +73,8 @@ class WindowDataModule(LightningDataModule, abc.ABC):
 
     def __init__(self, context_length: int = 64, horizon: int = 128, batch_size: int = 32, stride: int = 1,
                  val_stride: int | None = None, val_fraction: float = 0.2, event: bool = False,
-                 dt_unit: float | None = None, num_workers: int = 0, shuffle_seed: int | None = None):
+                 dt_unit: float | None = None, num_workers: int = 0, shuffle_seed: int | None = None,
+                 val_cover_end: bool = True):
         super().__init__()
         owner = type(self).__name__
         self.context_length = check_positive_int(context_length, "context_length", owner)
@@ -79,6 +82,9 @@ class WindowDataModule(LightningDataModule, abc.ABC):
         self.batch_size = check_positive_int(batch_size, "batch_size", owner, hint="use e.g. data.batch_size=32.")
         self.stride = check_positive_int(stride, "stride", owner)
         self.val_stride = self.stride if val_stride is None else check_positive_int(val_stride, "val_stride", owner)
+        if not isinstance(val_cover_end, bool):
+            raise ValueError(f"{owner}: val_cover_end must be true or false, got {val_cover_end!r}.")
+        self.val_cover_end = val_cover_end
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"{owner}: val_fraction must lie in (0, 1), got {val_fraction!r}.")
         if dt_unit is not None and not (isinstance(dt_unit, (int, float)) and np.isfinite(dt_unit) and dt_unit > 0):
@@ -129,7 +135,7 @@ class WindowDataModule(LightningDataModule, abc.ABC):
                                                                   for g in gaps])))
             train_dts, val_dts = zip(*(split_by_time(g / unit, self.val_fraction) for g in gaps), strict=True)
         self.train_dataset = self._windows(normalise(train_values), train_dts, self.stride)
-        self.val_dataset = self._windows(normalise(val_values), val_dts, self.val_stride)
+        self.val_dataset = self._windows(normalise(val_values), val_dts, self.val_stride, self.val_cover_end)
 
     def _scales(self, train: np.ndarray) -> np.ndarray:
         """Per-channel standard deviations of the training samples (N, H); 1 for a channel constant there."""
@@ -155,8 +161,8 @@ class WindowDataModule(LightningDataModule, abc.ABC):
             f"{self.context_length + self.horizon}. HINT: lower data.context_length / data.horizon (and "
             "generation.context / generation.horizon with them), or change data.val_fraction.")
 
-    def _windows(self, values, dts, stride: int) -> SeriesWindows:
-        return SeriesWindows(values, dts, self.context_length, self.horizon, stride)
+    def _windows(self, values, dts, stride: int, cover_end: bool = False) -> SeriesWindows:
+        return SeriesWindows(values, dts, self.context_length, self.horizon, stride, cover_end)
 
     @override
     def train_dataloader(self) -> DataLoader:

@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 class SeriesWindows(Dataset):
     """All windows of `context_length + horizon` consecutive samples, every `stride` samples from each series'
-    first sample; the last (N_i - C - T) mod stride samples of a series end no window.
+    first sample; with `cover_end`, also (numbered after them) one that ends at each series' last sample where
+    that grid misses it (else the last (N_i - C - T) mod stride samples of a series end no window).
 
     Args:
         series: one array (N_i, H) per independent series.
@@ -29,6 +30,7 @@ class SeriesWindows(Dataset):
         context_length: C, samples in a window's context.
         horizon: T, samples in a window's future.
         stride: distance between the starts of consecutive windows.
+        cover_end: add, for every series that holds a window, the window that ends at its last sample.
 
     Example:
         >>> windows = SeriesWindows([np.random.randn(100, 2)], None, context_length=16, horizon=8)
@@ -37,7 +39,7 @@ class SeriesWindows(Dataset):
     """
 
     def __init__(self, series: Sequence[np.ndarray], dts: Sequence[np.ndarray] | None, context_length: int,
-                 horizon: int, stride: int = 1):
+                 horizon: int, stride: int = 1, cover_end: bool = False):
         if dts is not None and len(dts) != len(series):
             raise ValueError(f"SeriesWindows: got {len(series)} series but {len(dts)} dt arrays.")
         self.context_length, self.horizon = context_length, horizon
@@ -46,6 +48,9 @@ class SeriesWindows(Dataset):
         length = context_length + horizon
         self.index = [(i, start) for i, s in enumerate(self.series)
                       for start in range(0, s.shape[0] - length + 1, stride)]
+        if cover_end:  # after the grid's windows, so that their numbers (a callback's checkpointed picks) stay
+            self.index += [(i, s.shape[0] - length) for i, s in enumerate(self.series)
+                           if s.shape[0] >= length and (s.shape[0] - length) % stride]
 
     @property
     def window_length(self) -> int:
