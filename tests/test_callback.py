@@ -77,6 +77,20 @@ def test_metrics_reach_a_csv_logger_and_match_an_independent_rollout(tmp_path):
     assert float(rows[-1]["rollout/nrmse"]) == pytest.approx(float(errors.nrmse.mean()), rel=1e-5)
 
 
+def test_a_channel_constant_over_the_rolled_out_windows_warns_and_does_not_make_rollouts_diverge(tmp_path):
+    rng = np.random.default_rng(3)
+    flag = np.r_[rng.integers(0, 2, 96), np.zeros(24)]  # moves in training, stays 0 after the split
+    path = tmp_path / "flag.csv"
+    path.write_text("x,flag\n" + "\n".join(f"{np.sin(0.3 * k):.5f},{int(f)}" for k, f in enumerate(flag)))
+    data = CsvDataModule(path=path, context_length=8, horizon=10, val_stride=3, batch_size=8)
+    callback = RolloutCallback(num_sequences=3, batch_size=3)
+    trainer = tiny_trainer(tmp_path, [callback])
+    with pytest.warns(UserWarning, match=r"channel \[1\] does not move in the 3 rolled-out windows.*scale 1.*HINT"):
+        trainer.fit(tiny_module(channels=2), datamodule=data)
+    assert float(trainer.callback_metrics["rollout/diverged_fraction"]) == 0.0  # a 1e-8 scale: all diverged
+    assert float(trainer.callback_metrics["rollout/nrmse"]) < 50
+
+
 def test_persistence_baseline_on_a_ramp_is_slope_times_horizon(tmp_path):
     slope = 0.25
     path = tmp_path / "ramp.csv"

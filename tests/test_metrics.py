@@ -9,6 +9,7 @@ from lrnn_lightning.rollout.metrics import (
     HorizonSums,
     capped_error,
     channel_scale,
+    constant_channels,
     divergence_steps,
     horizon_errors,
     horizon_sums,
@@ -51,6 +52,23 @@ def test_valid_prediction_steps_counts_the_steps_before_the_threshold():
                            [0.1, 0.1, 0.1, 0.5]])   # never exceeds (0.5 is not above 0.5) -> 4
     assert valid_prediction_steps(curves, 0.5).tolist() == [2, 0, 4]
     assert int(valid_prediction_steps(curves[0], 0.5)) == 2
+
+
+def test_a_nan_step_ends_the_valid_prediction_time():
+    curves = torch.tensor([[0.1, 0.2, float("nan"), float("nan")], [float("nan"), 0.1, 0.1, 0.1]])
+    assert valid_prediction_steps(curves, 0.5).tolist() == [2, 0]
+
+
+def test_a_channel_that_does_not_move_is_scaled_by_one_and_a_good_forecast_does_not_diverge():
+    truth = torch.randn(4, 12, 3)
+    truth[..., 1] = 0.25  # e.g. a flag that stays put after the split
+    prediction = truth + 1e-3 * torch.randn(4, 12, 3)
+    scale = channel_scale(truth)
+    assert constant_channels(truth) == [1] and float(scale[1]) == 1.0
+    torch.testing.assert_close(scale[[0, 2]], truth.double()[..., [0, 2]].reshape(-1, 2).std(0, unbiased=False))
+    assert divergence_steps(prediction, truth, scale, 100.0).tolist() == [12] * 4  # a 1e-8 floor: all at step 0
+    assert float(horizon_errors(prediction, truth, scale).nrmse.max()) < 1e-2
+    assert constant_channels(torch.randn(2, 5, 3)) == []
 
 
 def test_mismatched_shapes_are_an_error():

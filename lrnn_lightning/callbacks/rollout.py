@@ -30,7 +30,7 @@ from lrnn_lightning.models.validation import check_positive_int
 from lrnn_lightning.rollout import RolloutEngine
 from lrnn_lightning.rollout.fingerprint import model_signature
 from lrnn_lightning.rollout.fused import support as fused_checks
-from lrnn_lightning.rollout.metrics import channel_scale, valid_prediction_steps
+from lrnn_lightning.rollout.metrics import channel_scale, constant_channels, valid_prediction_steps
 
 OWNER = "RolloutCallback"
 AUTOCAST_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -385,9 +385,17 @@ class RolloutCallback(Callback):
             _check_dt_values(dts, self.indices)
         part = shard(len(self.indices), trainer.world_size, trainer.global_rank)
         rows = torch.tensor(part.positions)
+        truth = torch.cat([contexts, futures], dim=1)
+        constant = constant_channels(truth)
+        if constant:
+            self._warn_once("constant channels", f"{OWNER}: channel{'s' if len(constant) > 1 else ''} {constant} "
+                            f"{'do' if len(constant) > 1 else 'does'} not move in the {len(self.indices)} rolled-out "
+                            "windows, so the normalised errors (nrmse, divergence) measure them in the data's unit "
+                            "(scale 1) rather than by their deviation. HINT: more generation.num_sequences draw "
+                            "more windows; a channel constant over all of validation may be worth dropping.")
         windows = _Windows(
             shard=part, context=contexts[rows], future=futures[rows], dt=None if dts is None else dts[rows],
-            scale=channel_scale(torch.cat([contexts, futures], dim=1)),
+            scale=channel_scale(truth),
             engine_context=contexts[rows].to(device=device, dtype=dtype),
             engine_dt=None if dts is None else dts[rows].to(device=device, dtype=dtype),
         )

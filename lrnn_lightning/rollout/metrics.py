@@ -2,8 +2,8 @@
 
 All curves are indexed by the horizon step k = 1..T (index k - 1): how far past the end
 of the context the prediction is. The normalised RMSE divides each channel's error by
-that channel's variance over the truth, so 1.0 means "as bad as predicting the mean" and
-channels of different scales count alike.
+that channel's standard deviation over the truth, so 1.0 means "as bad as predicting the
+mean" and channels of different scales count alike.
 """
 
 from __future__ import annotations
@@ -33,9 +33,22 @@ def persistence_forecast(context: Tensor, horizon: int) -> Tensor:
 
 
 def channel_scale(truth: Tensor, eps: float = 1e-8) -> Tensor:
-    """Per-channel standard deviation of (B, L, H) over batch and time -> (H,), floored at `eps`."""
-    flat = truth.detach().double().reshape(-1, truth.shape[-1])
-    return flat.std(dim=0, unbiased=False).clamp_min(eps)
+    """Per-channel standard deviation of (B, L, H) over batch and time -> (H,); 1 for a channel whose
+    deviation is at most `eps` (`constant_channels`).
+
+    A floor like eps itself would make any error on a channel that does not move in these windows (a flag
+    that stays 0 after the split) count as millions of scales: every rollout would look diverged. The
+    datamodules normalise each channel to unit deviation over training, so 1 is the data's own unit.
+    """
+    std = truth.detach().double().reshape(-1, truth.shape[-1]).std(dim=0, unbiased=False)
+    return torch.where(std > eps, std, torch.ones_like(std))
+
+
+def constant_channels(truth: Tensor, eps: float = 1e-8) -> list[int]:
+    """The channels of (B, L, H) whose deviation over batch and time is at most `eps` (`channel_scale` gives
+    them scale 1)."""
+    std = truth.detach().double().reshape(-1, truth.shape[-1]).std(dim=0, unbiased=False)
+    return torch.nonzero(std <= eps).flatten().tolist()
 
 
 def horizon_errors(prediction: Tensor, truth: Tensor, scale: Tensor | None = None) -> HorizonErrors:
@@ -75,9 +88,10 @@ def valid_prediction_steps(nrmse: Tensor, threshold: float) -> Tensor:
     """Steps before the normalised error first exceeds `threshold` ("valid prediction time").
 
     `nrmse` is one curve (T,) or a batch of curves (..., T); the result has the leading
-    shape and counts whole steps: 0 if the first step already fails, T if none does.
+    shape and counts whole steps: 0 if the first step already fails, T if none does. A NaN
+    step fails.
     """
-    exceeded = nrmse > threshold
+    exceeded = ~(nrmse <= threshold)  # NaN compares false either way: it counts as exceeded
     first = torch.where(exceeded.any(dim=-1), exceeded.float().argmax(dim=-1),
                         torch.full(exceeded.shape[:-1], nrmse.shape[-1], device=nrmse.device))
     return first.long()
