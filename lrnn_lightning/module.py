@@ -89,6 +89,7 @@ class NextStepModule(LightningModule):
                              f"when trainer.max_epochs=-1).")
         if loss not in LOSSES:
             raise ValueError(f"NextStepModule: unknown loss {loss!r}. Valid names: {', '.join(LOSSES)}.")
+        _try_factories(optimizer, scheduler)
         # factories stay out of the checkpoint's hyperparameters: they would make it unloadable with
         # torch.load(weights_only=True), the default; the run's Hydra config records them instead
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"], logger=False)
@@ -164,3 +165,19 @@ class NextStepModule(LightningModule):
                 length, source = max(1, int(total_steps // steps_per_epoch)), f"{source} / epoch length"
         rank_zero_info(f"NextStepModule: cosine schedule T_max={length} {interval}s (from {source}).")
         return length
+
+
+def _try_factories(optimizer: OptimizerFactory, scheduler: SchedulerFactory | None) -> None:
+    """Build the optimizer (and scheduler) once over a throwaway parameter, so that a misspelt or bad argument
+    fails when the module is made, not in `configure_optimizers` after the loggers started a run."""
+    name = "optimizer"
+    try:
+        trial = optimizer([nn.Parameter(torch.ones(1))])
+        if scheduler is not None:
+            name = "scheduler"
+            if _is_cosine(scheduler) and scheduler.keywords.get("T_max") is None:
+                scheduler = partial(scheduler, T_max=1)  # the run's length comes from the trainer later
+            scheduler(trial)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"NextStepModule: the {name} cannot be built ({type(error).__name__}: {error}). HINT: "
+                         f"check the keys and values of module.{name}.") from error

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 import lrnn_lightning.callbacks.rollout as rollout_module
 from lrnn_lightning.callbacks import RankReport, RolloutCallback
+from lrnn_lightning.callbacks.result import SCALAR_NAMES
 from lrnn_lightning.data import CsvDataModule, OscillatorsDataModule
 from lrnn_lightning.models import build_model
 from lrnn_lightning.module import NextStepModule
@@ -368,6 +369,7 @@ def test_summary_line_of_ranks_on_different_paths_says_mixed_with_each_rank_path
     one = callback.last_result
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     assert metrics["rollout/uses_loop"] == 1.0 and metrics["rollout/uses_graph"] == 0.0  # CPU: every rank looped
+    assert sorted(one.scalars("rollout")) == sorted(f"rollout/{name}" for name in SCALAR_NAMES)  # known up front
     assert summary_line(metrics).endswith("on the loop path.") and _rank_paths(trainer, "rollout") is None
 
     ranks = [RankReport(0, "cuda:0", 2, "fused", 0.0, 900.0), RankReport(1, "cuda:1", 2, "graph", 12.0, 700.0)]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -200,6 +202,14 @@ def test_optuna_search_config_composes(make_cfg):
     assert "model" in params and any(key.startswith("generation.") for key in params)
 
 
+@pytest.mark.parametrize("data", options("data"))
+def test_the_optuna_search_space_fits_every_data_config(make_cfg, data):
+    """A drawn rollout context longer than the data's windows would stop the whole study at that trial."""
+    search = yaml.safe_load((CONF / "hparams_search" / "optuna.yaml").read_text())["hydra"]["sweeper"]["params"]
+    contexts = [int(v) for v in re.fullmatch(r"choice\((.*)\)", search["generation.context"])[1].split(",")]
+    assert max(contexts) <= make_cfg(f"data={data}").data.context_length
+
+
 @pytest.mark.skipif(not has_module("hydra_plugins.hydra_submitit_launcher"),
                     reason="needs the slurm extra (hydra-submitit-launcher)")
 def test_slurm_launcher_config_composes(make_cfg):
@@ -215,6 +225,14 @@ def test_slurm_launcher_config_composes(make_cfg):
 def test_a_data_key_its_module_does_not_take_is_named_before_anything_is_built(make_cfg, overrides, unknown):
     with pytest.raises(ValueError, match=rf"data: \w+DataModule takes no {unknown} \(it takes .*batch_size.*HINT"):
         build(make_cfg("logger=none", *overrides))
+
+
+def test_a_generation_key_nothing_reads_is_named_before_anything_is_built(make_cfg):
+    with pytest.raises(ValueError, match=r"generation: nothing reads generation.horizn \(the config reads .*horizon.*\)"
+                                         r"\. HINT: fix the spelling \(horizn -> horizon\)"):
+        build(make_cfg("logger=none", "+generation.horizn=8"))
+    # without a rollout callback nothing reads the group at all: not second-guessed
+    assert build(make_cfg("logger=none", "callbacks=none", "+generation.horizn=8"))["callbacks"] == []
 
 
 def test_smoke_runs_on_shipped_data_without_the_generated_data_keys(make_cfg):

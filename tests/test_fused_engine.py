@@ -376,7 +376,8 @@ def test_rank_reports_code_the_fused_path():
     vector = RankReport.vector(torch.device("cpu"), 16, stats, 100.0)
     report = RankReport.from_vector(0, vector, "cuda")
     assert report.path == "fused" and report.describe() == "rank 0 on cpu: 16 sequences, fused path"
-    metrics = {"rollout/nrmse": 0.1, "rollout/persistence_nrmse": 0.2, "rollout/skill": 0.5,
+    metrics = {"rollout/nrmse": 0.1, "rollout/persistence_nrmse": 0.2, "rollout/skill": 0.5, "rollout/mse": 0.01,
+               "rollout/persistence_mse": 0.02,
                "rollout/valid_steps": 3.0, "rollout/steps_per_second": 10.0, "rollout/uses_graph": 0.0,
                "rollout/uses_fused": 1.0}
     assert summary_line(metrics).endswith("on the fused path.")

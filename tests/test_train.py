@@ -63,7 +63,7 @@ def test_train_py_logs_rollout_metrics_chart_images_and_table_to_an_offline_wand
     assert run.values("rollout/path") == ["loop", "loop"] and run.values("rollout/processes") == [1, 1]
     assert run.values("rollout/diverged_fraction") == [0.0, 0.0]
     assert all(v > 0 for v in run.values("rollout/steps_per_second"))
-    assert re.search(r"Rollout at epoch \d+: normalised RMSE", done.stdout + done.stderr)
+    assert re.search(r"Rollout at epoch \d+: MSE [\d.e+-]+ vs persistence .*normalised RMSE", done.stdout + done.stderr)
 
 
 def test_multirun_makes_one_grouped_wandb_run_per_job(tmp_path):

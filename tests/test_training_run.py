@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from lrnn_lightning.callbacks import RolloutCallback
-from lrnn_lightning.utils.training import _last_rollout, stale_rollout_warning, summary_line, train
+from lrnn_lightning.utils.training import _last_rollout, metric_value, stale_rollout_warning, summary_line, train
 from tests import test_configs
 from tests.test_callback import tiny_data, tiny_module, tiny_trainer
 
@@ -25,6 +27,37 @@ def test_a_rollout_setting_that_cannot_run_fails_before_a_wandb_run_starts(make_
     assert not list(tmp_path.rglob("offline-run-*")), "a W&B run was started for a run that could not train"
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (("optimized_metric=rollout/nrmsee",),
+     r"optimized_metric='rollout/nrmsee': the rollout callback logs no 'nrmsee'.*HINT: did you mean rollout/nrmse\?"),
+    (("optimized_metric=rollout/nrmse", "generation.every_n_epochs=3"),  # smoke trains 2 epochs
+     r"every_n_epochs=3 the first rollout would come after epoch 2 and the trainer stops after 2 epochs"),
+    (("optimized_metric=rollout/nrmse", "callbacks=none"), r"rollout metric, but this run has no RolloutCallback"),
+])
+def test_an_objective_the_run_cannot_log_fails_before_training(make_cfg, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(make_cfg("logger=wandb", "experiment=smoke", *overrides))
+    assert not list(tmp_path.rglob("offline-run-*")), "a W&B run was started for a run that could not train"
+    assert not list(tmp_path.rglob("*.ckpt")), "it trained"
+
+
+@pytest.mark.parametrize("every, validate_every, max_epochs, warns", [(3, 1, 2, True), (3, 1, 3, False),
+                                                                      (3, 2, 5, True), (3, 2, 6, False)])
+def test_a_rollout_that_never_comes_within_max_epochs_is_announced(tmp_path, every, validate_every, max_epochs,
+                                                                   warns):
+    callback = RolloutCallback(num_sequences=2, every_n_epochs=every)
+    trainer = tiny_trainer(tmp_path, [callback], max_epochs=max_epochs, check_val_every_n_epoch=validate_every)
+    assert callback.first_rollout_epoch(trainer) == (every * validate_every if validate_every == 2 else every) - 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback.check_run(trainer, tiny_module(), tiny_data())
+    said = [str(w.message) for w in caught if "logs no rollout/* metrics" in str(w.message)]
+    assert len(said) == int(warns)
+    if warns:
+        assert (f"the first rollout would come after epoch {callback.first_rollout_epoch(trainer)}, but the trainer "
+                f"stops after {max_epochs} epochs") in said[0] and "HINT" in said[0]
+
+
 @pytest.mark.parametrize("max_epochs, stale", [(3, True), (4, False)])
 def test_a_last_rollout_older_than_the_last_epoch_is_named(tmp_path, max_epochs, stale):
     callback = RolloutCallback(num_sequences=2, every_n_epochs=2, num_plots=0)
@@ -40,7 +73,12 @@ def test_a_last_rollout_older_than_the_last_epoch_is_named(tmp_path, max_epochs,
     else:
         assert warning is None
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    assert summary_line(metrics, epoch=last.epoch).startswith(f"Rollout at epoch {last.epoch}: normalised RMSE")
+    line = summary_line(metrics, epoch=last.epoch)
+    # the skill compares the MSEs, so it stands next to them
+    assert line.startswith(f"Rollout at epoch {last.epoch}: MSE {metrics['rollout/mse']:.4g} vs persistence "
+                           f"{metrics['rollout/persistence_mse']:.4g} (skill {metrics['rollout/skill']:+.3f}), "
+                           f"normalised RMSE {metrics['rollout/nrmse']:.4f} vs "
+                           f"{metrics['rollout/persistence_nrmse']:.4f}, valid for")
 
 
 def test_train_warns_when_the_last_rollout_is_older_than_the_last_epoch(make_cfg):
@@ -76,3 +114,22 @@ def test_an_output_dir_away_from_hydras_run_directory_is_named(make_cfg, tmp_pat
     with pytest.warns(UserWarning, match=r"is not Hydra's run directory .*hydra_run"):
         train(cfg)
     make_cfg("logger=none")  # leaves Hydra's global config as composed, without a run directory
+
+
+def test_ckpt_path_last_without_a_last_checkpoint_says_the_run_starts_from_scratch(make_cfg, tmp_path):
+    with pytest.warns(UserWarning, match=r"ckpt_path=last: there is no last.ckpt in .*checkpoints yet, so this run "
+                                         r"starts from scratch.*HINT: .*ckpt_path=<its run dir>/checkpoints/last.ckpt"):
+        train(make_cfg("logger=none", "experiment=smoke", "ckpt_path=last", "trainer.max_epochs=1"))
+    (last,) = tmp_path.rglob("last.ckpt")  # a second run in the same directory resumes from it: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(make_cfg("logger=none", "experiment=smoke", "ckpt_path=last", "trainer.max_epochs=2"))
+    assert not [w for w in caught if "ckpt_path=last" in str(w.message)]
+
+
+def test_an_objective_missing_after_training_is_named_with_the_closest_logged_metric():
+    metrics = {"val/loss": 0.5, "train/loss": 0.6}
+    assert metric_value(metrics, "val/loss") == 0.5 and metric_value(metrics, None) is None
+    with pytest.raises(ValueError, match=r"optimized_metric='val/losss' was not logged\. Logged metrics: train/loss, "
+                                         r"val/loss\. HINT: pick one of those, e.g\. optimized_metric=val/loss\.$"):
+        metric_value(metrics, "val/losss")

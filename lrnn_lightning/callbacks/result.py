@@ -26,6 +26,10 @@ from lrnn_lightning.rollout.metrics import (
 
 PATHS = ("loop", "graph", "fused")  # RolloutStats.path, coded by position in a gathered report
 MIXED = "mixed"  # the run's path when processes took different ones
+# what `RolloutResult.scalars` logs, after "<prefix>/": known before any rollout, so a run can check what it monitors
+SCALAR_NAMES = ("mse", "mae", "nrmse", "persistence_mse", "persistence_mae", "persistence_nrmse", "nrmse_final",
+                "skill", "valid_steps", "persistence_valid_steps", "diverged_fraction", "first_diverged_step",
+                "steps_per_second", "capture_ms", *(f"uses_{path}" for path in PATHS))
 
 
 @dataclass(frozen=True)

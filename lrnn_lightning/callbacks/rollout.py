@@ -269,6 +269,21 @@ class RolloutCallback(Callback):
                                 getattr(datamodule, "event", None))
         if fitting:
             self._check_monitors(trainer)
+            first = self.first_rollout_epoch(trainer)
+            if trainer.max_epochs not in (None, -1) and first is not None and first >= trainer.max_epochs:
+                rank_zero_warn(f"{OWNER}: every_n_epochs={self.every_n_epochs} with validation every "
+                               f"{trainer.check_val_every_n_epoch} epoch(s): the first rollout would come after epoch "
+                               f"{first}, but the trainer stops after {trainer.max_epochs} epochs, so this fit logs no "
+                               f"{self.prefix}/* metrics. HINT: lower generation.every_n_epochs or raise "
+                               "trainer.max_epochs.")
+
+    def first_rollout_epoch(self, trainer: pl.Trainer) -> int | None:
+        """The 0-based epoch of a fresh fit's first rollout: the first validation whose epoch `every_n_epochs`
+        divides (validations by epoch: every `check_val_every_n_epoch`); None where validation goes by steps."""
+        validate_every = trainer.check_val_every_n_epoch
+        if validate_every is None:
+            return None
+        return math.lcm(self.every_n_epochs, int(validate_every)) - 1
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,14 +1,16 @@
 """Build callbacks and loggers from their Hydra config groups (a dict of `_target_` configs each), and check a
-`_target_` config's keys against what its target takes."""
+`_target_` config's keys against what its target takes, and a settings group's keys against their uses."""
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import re
 
 import hydra
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 def _instantiate_group(cfg: DictConfig | None, group: str, kind: type) -> list:
@@ -75,3 +77,23 @@ def check_target_keys(cfg: DictConfig, group: str, passed: tuple[str, ...] = ())
         raise ValueError(f"{group}: {name} takes no {', '.join(unknown)} (it takes {', '.join(sorted(accepted))}). "
                          f"HINT: fix the spelling, or drop the key: an experiment config may have set it for another "
                          f"{group} config{smoke}.")
+
+
+def check_used_keys(cfg: DictConfig, group: str) -> None:
+    """Raise, naming them, for keys of the plain settings group `cfg.<group>` (e.g. "generation") that nothing in
+    the config interpolates (`${<group>.key}`): a misspelt `+generation.horizn=8` would otherwise be ignored
+    while the default horizon runs. A config that reads none of the group (e.g. callbacks=none) is not checked."""
+    settings = cfg.get(group)
+    if not isinstance(settings, DictConfig):
+        return
+    rest = OmegaConf.to_container(cfg, resolve=False)
+    rest.pop(group, None)
+    used = set(re.findall(rf"\$\{{{group}\.(\w+)", str(rest)))
+    unused = sorted(str(key) for key in settings if str(key) not in used)
+    if not used or not unused:
+        return
+    guesses = [f"{key} -> {close[0]}" for key in unused
+               if (close := difflib.get_close_matches(key, sorted(used), n=1))]
+    raise ValueError(f"{group}: nothing reads {', '.join(f'{group}.{key}' for key in unused)} (the config reads "
+                     f"{', '.join(sorted(used))}). HINT: fix the spelling"
+                     f"{' (' + ', '.join(guesses) + ')' if guesses else ''}, or pass the setting where it is used.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,14 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from lrnn_lightning.callbacks.result import MIXED, RolloutResult
+from lrnn_lightning.callbacks.result import MIXED, SCALAR_NAMES, RolloutResult
 from lrnn_lightning.callbacks.rollout import RolloutCallback
-from lrnn_lightning.utils.instantiate import check_target_keys, instantiate_callbacks, instantiate_loggers
+from lrnn_lightning.utils.instantiate import (
+    check_target_keys,
+    check_used_keys,
+    instantiate_callbacks,
+    instantiate_loggers,
+)
 from lrnn_lightning.utils.wandb_setup import finish_wandb
 
 
@@ -39,6 +45,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         dict with `datamodule`, `model`, `module`, `callbacks`, `loggers` and `trainer`.
     """
     check_target_keys(cfg.data, "data")
+    check_used_keys(cfg, "generation")
     check_target_keys(cfg.model, "model", passed=("d_input",))
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model, d_input=datamodule.num_channels)
@@ -50,13 +57,43 @@ def build(cfg: DictConfig) -> dict[str, Any]:
             "loggers": loggers, "trainer": trainer}
 
 
+def check_objective(name: str | None, trainer: Any) -> None:
+    """Raise, before any training, where `optimized_metric` names a rollout number this run cannot log: no
+    `RolloutCallback` logs under its prefix, the callback logs no such number, or it never rolls out within
+    `trainer.max_epochs`. Other metrics (e.g. val/loss) are checked once logged (`metric_value`)."""
+    if not name:
+        return
+    prefix, _, number = str(name).partition("/")
+    callback = _rollout_callback(trainer, prefix)
+    if callback is None:
+        if prefix == "rollout":
+            raise ValueError(f"optimized_metric={name!r} is a rollout metric, but this run has no RolloutCallback "
+                             "(callbacks group). HINT: keep callbacks=default (or callbacks=rollout), or optimise "
+                             "val/loss.")
+        return
+    if number not in SCALAR_NAMES:
+        close = difflib.get_close_matches(number, SCALAR_NAMES, n=1)
+        guess = f"did you mean {prefix}/{close[0]}? " if close else ""
+        raise ValueError(f"optimized_metric={name!r}: the rollout callback logs no {number!r}; it logs "
+                         f"{', '.join(f'{prefix}/{n}' for n in SCALAR_NAMES)}. HINT: {guess}e.g. "
+                         f"optimized_metric={prefix}/nrmse.")
+    first = callback.first_rollout_epoch(trainer)
+    if trainer.max_epochs not in (None, -1) and first is not None and first >= trainer.max_epochs:
+        raise ValueError(f"optimized_metric={name!r}, but with generation.every_n_epochs={callback.every_n_epochs} "
+                         f"the first rollout would come after epoch {first} and the trainer stops after "
+                         f"{trainer.max_epochs} epochs, so it is never logged. HINT: lower generation.every_n_epochs "
+                         "or raise trainer.max_epochs.")
+
+
 def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
     """The value of the metric an optimiser (Optuna) minimises, or None when none is named."""
     if not name:
         return None
     if name not in metrics:
+        close = difflib.get_close_matches(name, sorted(metrics), n=1)
+        example = close[0] if close else "rollout/nrmse" if "rollout/nrmse" in metrics else min(metrics, default="")
         raise ValueError(f"optimized_metric={name!r} was not logged. Logged metrics: {', '.join(sorted(metrics))}. "
-                         "HINT: pick one of those, e.g. optimized_metric=rollout/nrmse.")
+                         f"HINT: pick one of those{f', e.g. optimized_metric={example}' if example else ''}.")
     return metrics[name]
 
 
@@ -68,13 +105,17 @@ def summary_line(metrics: dict[str, float], prefix: str = "rollout", rank_paths:
     the processes took different paths; `epoch`, the epoch of the rollout the metrics come from, when known.
     """
     if f"{prefix}/nrmse" not in metrics:
-        return "No rollout metrics were logged (no RolloutCallback, or no validation ran)."
+        return ("No rollout metrics were logged (no RolloutCallback, no validation ran, or none was at a multiple "
+                "of generation.every_n_epochs).")
     path = _path_name(metrics, prefix)
     if path == MIXED and rank_paths:
         path = f"{MIXED} ({rank_paths})"
     when = "" if epoch is None else f" at epoch {epoch}"
-    return (f"Rollout{when}: normalised RMSE {metrics[f'{prefix}/nrmse']:.4f} vs persistence "
-            f"{metrics[f'{prefix}/persistence_nrmse']:.4f} (skill {metrics[f'{prefix}/skill']:+.3f}), "
+    # skill compares the MSEs, so it is shown with them: the normalised RMSE weighs channels and steps otherwise
+    # and can rank the model and persistence the other way round
+    return (f"Rollout{when}: MSE {metrics[f'{prefix}/mse']:.4g} vs persistence "
+            f"{metrics[f'{prefix}/persistence_mse']:.4g} (skill {metrics[f'{prefix}/skill']:+.3f}), "
+            f"normalised RMSE {metrics[f'{prefix}/nrmse']:.4f} vs {metrics[f'{prefix}/persistence_nrmse']:.4f}, "
             f"valid for {metrics[f'{prefix}/valid_steps']:.0f} steps, "
             f"{metrics[f'{prefix}/steps_per_second']:.0f} steps/s on the {path} path.")
 
@@ -119,6 +160,22 @@ def stale_rollout_warning(result: RolloutResult | None, last_epoch: int, every_n
             f"{result.epoch}. HINT: make trainer.max_epochs a multiple of generation.every_n_epochs.")
 
 
+def fresh_start_warning(ckpt_path: str | None, trainer: Any) -> str | None:
+    """A warning when `ckpt_path=last` finds no last.ckpt in this run's checkpoint directory (Lightning then
+    starts from scratch): every run gets a directory of its own, so only a run given the directory of an
+    earlier one (a resubmitted SLURM job in its sweep directory) resumes that way. None otherwise."""
+    if ckpt_path != "last":
+        return None
+    checkpoint = trainer.checkpoint_callback
+    directory = getattr(checkpoint, "dirpath", None)
+    if directory and (Path(directory) / "last.ckpt").exists():
+        return None
+    where = f"in {directory}" if directory else "(no ModelCheckpoint saves one)"
+    return (f"ckpt_path=last: there is no last.ckpt {where} yet, so this run starts from scratch (as it should for "
+            "a job's first submission). HINT: to resume an earlier run, pass its checkpoint, "
+            "ckpt_path=<its run dir>/checkpoints/last.ckpt, or run in its directory (hydra.run.dir=<its run dir>).")
+
+
 def output_dir_warning(cfg: DictConfig) -> str | None:
     """A warning when `paths.output_dir` is not Hydra's run directory, where Hydra keeps the run's log and
     `.hydra/config.yaml`: the run's files would then be split over two places. None where they agree or
@@ -148,6 +205,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
     for callback in trainer.callbacks:  # a setting that cannot run fails before a W&B run starts for it
         if isinstance(callback, RolloutCallback):
             callback.check_run(trainer, parts["module"], parts["datamodule"])
+    check_objective(cfg.get("optimized_metric"), trainer)
+    fresh = fresh_start_warning(cfg.get("ckpt_path"), trainer)
+    if fresh:
+        rank_zero_warn(fresh)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     exit_code = 1

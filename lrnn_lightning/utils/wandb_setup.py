@@ -13,6 +13,8 @@ each offline run's directory and the `wandb sync` command that uploads it later.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -151,6 +153,7 @@ def wandb_logger(project: str = "lrnn_lightning", name: str | None = None, group
     """
     import wandb
 
+    _check_init_keys(kwargs, wandb.init)
     mode = resolve_mode(mode)
     if mode == "online" and not _has_credentials():
         rank_zero_warn("W&B: online mode asked for, but no W&B credentials are configured; logging offline "
@@ -173,6 +176,24 @@ def wandb_logger(project: str = "lrnn_lightning", name: str | None = None, group
     # WandbLogger always passes `anonymous`, which recent wandb only warns about (it has no effect)
     getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     return logger
+
+
+def _check_init_keys(kwargs: dict[str, Any], init: Any) -> None:
+    """Raise, naming them, for keys neither `WandbLogger` nor `init` (wandb.init) takes: wandb.init would fail
+    with a TypeError only once the run starts, which reads like a failed start rather than a misspelt key."""
+    accepted = set()
+    for function in (WandbLogger.__init__, init):
+        parameters = inspect.signature(function).parameters.values()
+        if any(p.kind is p.VAR_KEYWORD for p in parameters) and function is init:
+            return  # a wandb.init that takes anything
+        accepted |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        guesses = [f"{key} -> {close[0]}" for key in unknown
+                   if (close := difflib.get_close_matches(key, sorted(accepted), n=1))]
+        raise ValueError(f"logger.wandb: wandb.init takes no {', '.join(unknown)}. HINT: fix the spelling"
+                         f"{' (' + ', '.join(guesses) + ')' if guesses else ''}; the keys it takes are wandb.init's "
+                         "arguments (https://docs.wandb.ai/ref/python/init).")
 
 
 def wandb_loggers(loggers: Iterable[Logger]) -> list[WandbLogger]:
