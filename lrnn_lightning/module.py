@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -89,7 +90,7 @@ class NextStepModule(LightningModule):
                              f"when trainer.max_epochs=-1).")
         if loss not in LOSSES:
             raise ValueError(f"NextStepModule: unknown loss {loss!r}. Valid names: {', '.join(LOSSES)}.")
-        _try_factories(optimizer, scheduler)
+        _check_factory_arguments(optimizer, scheduler)
         # factories stay out of the checkpoint's hyperparameters: they would make it unloadable with
         # torch.load(weights_only=True), the default; the run's Hydra config records them instead
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"], logger=False)
@@ -167,17 +168,24 @@ class NextStepModule(LightningModule):
         return length
 
 
-def _try_factories(optimizer: OptimizerFactory, scheduler: SchedulerFactory | None) -> None:
-    """Build the optimizer (and scheduler) once over a throwaway parameter, so that a misspelt or bad argument
-    fails when the module is made, not in `configure_optimizers` after the loggers started a run."""
-    name = "optimizer"
-    try:
-        trial = optimizer([nn.Parameter(torch.ones(1))])
-        if scheduler is not None:
-            name = "scheduler"
-            if _is_cosine(scheduler) and scheduler.keywords.get("T_max") is None:
-                scheduler = partial(scheduler, T_max=1)  # the run's length comes from the trainer later
-            scheduler(trial)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"NextStepModule: the {name} cannot be built ({type(error).__name__}: {error}). HINT: "
-                         f"check the keys and values of module.{name}.") from error
+def _check_factory_arguments(optimizer: OptimizerFactory, scheduler: SchedulerFactory | None) -> None:
+    """Bind the optimizer's and scheduler's arguments to their signatures, so that a misspelt one fails when the
+    module is made, not in `configure_optimizers` after the loggers started a run. Only binding, and partially
+    (a cosine's T_max comes from the trainer later): building them here could need what the strategy sets up
+    later (a process group for ZeroRedundancyOptimizer)."""
+    for name, factory, argument in (("optimizer", optimizer, [nn.Parameter(torch.ones(1))]),
+                                    ("scheduler", scheduler, object())):
+        if factory is None:
+            continue
+        target = getattr(factory, "func", factory)  # a functools.partial (Hydra's _partial_) or a plain callable
+        try:
+            signature = inspect.signature(target)
+        except (TypeError, ValueError):  # no signature to read (a builtin): left to configure_optimizers
+            continue
+        try:
+            keywords = getattr(factory, "keywords", None) or {}
+            signature.bind_partial(*getattr(factory, "args", ()), argument, **keywords)
+        except TypeError as error:
+            raise ValueError(f"NextStepModule: the {name}'s arguments do not fit "
+                             f"{getattr(target, '__name__', repr(target))} ({error}). HINT: check the keys of "
+                             f"module.{name}.") from error

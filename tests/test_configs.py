@@ -21,7 +21,7 @@ from lrnn_lightning.callbacks import RolloutCallback
 from lrnn_lightning.data import WindowDataModule
 from lrnn_lightning.models import SequenceModel
 from lrnn_lightning.module import NextStepModule
-from lrnn_lightning.utils.training import build
+from lrnn_lightning.utils.training import GENERATION_KEYS, build
 from tests.helpers import has_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -233,6 +233,12 @@ def test_a_generation_key_nothing_reads_is_named_before_anything_is_built(make_c
         build(make_cfg("logger=none", "+generation.horizn=8"))
     # without a rollout callback nothing reads the group at all: not second-guessed
     assert build(make_cfg("logger=none", "callbacks=none", "+generation.horizn=8"))["callbacks"] == []
+    # a known key whose reader was overridden directly, and readers written other ways, are fine
+    (callback,) = [c for c in build(make_cfg("logger=none", "callbacks.rollout.horizon=64"))["callbacks"]
+                   if isinstance(c, RolloutCallback)]
+    assert callback.horizon == 64
+    build(make_cfg("logger=none", "+generation.extra=3", "callbacks.rollout.seed=${oc.select:generation.extra,1}"))
+    assert set(make_cfg("logger=none").generation) <= GENERATION_KEYS  # every default key is known
 
 
 def test_smoke_runs_on_shipped_data_without_the_generated_data_keys(make_cfg):

@@ -31,7 +31,8 @@ def test_a_rollout_setting_that_cannot_run_fails_before_a_wandb_run_starts(make_
     (("optimized_metric=rollout/nrmsee",),
      r"optimized_metric='rollout/nrmsee': the rollout callback logs no 'nrmsee'.*HINT: did you mean rollout/nrmse\?"),
     (("optimized_metric=rollout/nrmse", "generation.every_n_epochs=3"),  # smoke trains 2 epochs
-     r"every_n_epochs=3 the first rollout would come after epoch 2 and the trainer stops after 2 epochs"),
+     r"'rollout/nrmse', but with every_n_epochs=3 and validation every 1 epoch\(s\) the first rollout would come "
+     r"after epoch 2, and the trainer stops after 2 epochs, so it is never logged"),
     (("optimized_metric=rollout/nrmse", "callbacks=none"), r"rollout metric, but this run has no RolloutCallback"),
 ])
 def test_an_objective_the_run_cannot_log_fails_before_training(make_cfg, tmp_path, overrides, message):
@@ -42,19 +43,20 @@ def test_an_objective_the_run_cannot_log_fails_before_training(make_cfg, tmp_pat
 
 
 @pytest.mark.parametrize("every, validate_every, max_epochs, warns", [(3, 1, 2, True), (3, 1, 3, False),
-                                                                      (3, 2, 5, True), (3, 2, 6, False)])
+                                                                      (3, 2, 5, True), (3, 2, 6, False),
+                                                                      (2, 4, 3, True), (2, 4, 4, False)])
 def test_a_rollout_that_never_comes_within_max_epochs_is_announced(tmp_path, every, validate_every, max_epochs,
                                                                    warns):
     callback = RolloutCallback(num_sequences=2, every_n_epochs=every)
     trainer = tiny_trainer(tmp_path, [callback], max_epochs=max_epochs, check_val_every_n_epoch=validate_every)
-    assert callback.first_rollout_epoch(trainer) == (every * validate_every if validate_every == 2 else every) - 1
+    assert callback.first_rollout_epoch(trainer) == {(3, 1): 2, (3, 2): 5, (2, 4): 3}[every, validate_every]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         callback.check_run(trainer, tiny_module(), tiny_data())
     said = [str(w.message) for w in caught if "logs no rollout/* metrics" in str(w.message)]
     assert len(said) == int(warns)
     if warns:
-        assert (f"the first rollout would come after epoch {callback.first_rollout_epoch(trainer)}, but the trainer "
+        assert (f"the first rollout would come after epoch {callback.first_rollout_epoch(trainer)}, and the trainer "
                 f"stops after {max_epochs} epochs") in said[0] and "HINT" in said[0]
 
 
@@ -114,17 +116,6 @@ def test_an_output_dir_away_from_hydras_run_directory_is_named(make_cfg, tmp_pat
     with pytest.warns(UserWarning, match=r"is not Hydra's run directory .*hydra_run"):
         train(cfg)
     make_cfg("logger=none")  # leaves Hydra's global config as composed, without a run directory
-
-
-def test_ckpt_path_last_without_a_last_checkpoint_says_the_run_starts_from_scratch(make_cfg, tmp_path):
-    with pytest.warns(UserWarning, match=r"ckpt_path=last: there is no last.ckpt in .*checkpoints yet, so this run "
-                                         r"starts from scratch.*HINT: .*ckpt_path=<its run dir>/checkpoints/last.ckpt"):
-        train(make_cfg("logger=none", "experiment=smoke", "ckpt_path=last", "trainer.max_epochs=1"))
-    (last,) = tmp_path.rglob("last.ckpt")  # a second run in the same directory resumes from it: no warning
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        train(make_cfg("logger=none", "experiment=smoke", "ckpt_path=last", "trainer.max_epochs=2"))
-    assert not [w for w in caught if "ckpt_path=last" in str(w.message)]
 
 
 def test_an_objective_missing_after_training_is_named_with_the_closest_logged_metric():

@@ -249,8 +249,8 @@ class RolloutCallback(Callback):
                   fitting: bool = True) -> None:
         """Raise, before any training, where this callback's settings cannot serve the run: a graph or the fused
         kernel required where they cannot run, windows too short for the context and horizon, event mode without
-        dt, a monitor that `every_n_epochs` would starve. `setup` calls it; `train.py` calls it too, before the
-        loggers start a run."""
+        dt, a monitor that `every_n_epochs` would starve; and warn (once) where a fit ends before its first
+        rollout. `setup` calls it; `train.py` calls it too, before the loggers start a run."""
         device = trainer.strategy.root_device
         if self.cuda_graph is True and device.type != "cuda":
             raise ValueError(f"{OWNER}: cuda_graph=true needs the model on a CUDA GPU, but the trainer runs it on "
@@ -269,13 +269,10 @@ class RolloutCallback(Callback):
                                 getattr(datamodule, "event", None))
         if fitting:
             self._check_monitors(trainer)
-            first = self.first_rollout_epoch(trainer)
-            if trainer.max_epochs not in (None, -1) and first is not None and first >= trainer.max_epochs:
-                rank_zero_warn(f"{OWNER}: every_n_epochs={self.every_n_epochs} with validation every "
-                               f"{trainer.check_val_every_n_epoch} epoch(s): the first rollout would come after epoch "
-                               f"{first}, but the trainer stops after {trainer.max_epochs} epochs, so this fit logs no "
-                               f"{self.prefix}/* metrics. HINT: lower generation.every_n_epochs or raise "
-                               "trainer.max_epochs.")
+            late = self.first_rollout_after_fit(trainer)
+            if late is not None:
+                self._warn_once("no rollout in fit", f"{OWNER}: {late}, so this fit logs no {self.prefix}/* "
+                                "metrics. HINT: lower generation.every_n_epochs or raise trainer.max_epochs.")
 
     def first_rollout_epoch(self, trainer: pl.Trainer) -> int | None:
         """The 0-based epoch of a fresh fit's first rollout: the first validation whose epoch `every_n_epochs`
@@ -284,6 +281,16 @@ class RolloutCallback(Callback):
         if validate_every is None:
             return None
         return math.lcm(self.every_n_epochs, int(validate_every)) - 1
+
+    def first_rollout_after_fit(self, trainer: pl.Trainer) -> str | None:
+        """Why a fresh fit of `trainer.max_epochs` epochs would end before its first rollout, or None when it
+        rolls out (or the length or the validation epochs are not known ahead)."""
+        first = self.first_rollout_epoch(trainer)
+        if trainer.max_epochs in (None, -1) or first is None or first < trainer.max_epochs:
+            return None
+        return (f"with every_n_epochs={self.every_n_epochs} and validation every {trainer.check_val_every_n_epoch} "
+                f"epoch(s) the first rollout would come after epoch {first}, and the trainer stops after "
+                f"{trainer.max_epochs} epochs")
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -40,15 +40,18 @@ def channel_scale(truth: Tensor, eps: float = 1e-8) -> Tensor:
     that stays 0 after the split) count as millions of scales: every rollout would look diverged. The
     datamodules normalise each channel to unit deviation over training, so 1 is the data's own unit.
     """
-    std = truth.detach().double().reshape(-1, truth.shape[-1]).std(dim=0, unbiased=False)
+    std = _channel_std(truth)
     return torch.where(std > eps, std, torch.ones_like(std))
 
 
 def constant_channels(truth: Tensor, eps: float = 1e-8) -> list[int]:
     """The channels of (B, L, H) whose deviation over batch and time is at most `eps` (`channel_scale` gives
     them scale 1)."""
-    std = truth.detach().double().reshape(-1, truth.shape[-1]).std(dim=0, unbiased=False)
-    return torch.nonzero(std <= eps).flatten().tolist()
+    return torch.nonzero(_channel_std(truth) <= eps).flatten().tolist()
+
+
+def _channel_std(truth: Tensor) -> Tensor:
+    return truth.detach().double().reshape(-1, truth.shape[-1]).std(dim=0, unbiased=False)
 
 
 def horizon_errors(prediction: Tensor, truth: Tensor, scale: Tensor | None = None) -> HorizonErrors:

@@ -79,21 +79,28 @@ def check_target_keys(cfg: DictConfig, group: str, passed: tuple[str, ...] = ())
                          f"{group} config{smoke}.")
 
 
-def check_used_keys(cfg: DictConfig, group: str) -> None:
-    """Raise, naming them, for keys of the plain settings group `cfg.<group>` (e.g. "generation") that nothing in
-    the config interpolates (`${<group>.key}`): a misspelt `+generation.horizn=8` would otherwise be ignored
-    while the default horizon runs. A config that reads none of the group (e.g. callbacks=none) is not checked."""
+def close_match(word: str, choices) -> str | None:
+    """The choice closest to a misspelt `word` (difflib), or None: what a "did you mean" hint names."""
+    matches = difflib.get_close_matches(word, sorted(choices), n=1)
+    return matches[0] if matches else None
+
+
+def check_used_keys(cfg: DictConfig, group: str, known: set[str]) -> None:
+    """Raise, naming them, for keys of the plain settings group `cfg.<group>` (e.g. "generation") that are not
+    `known` and that nothing in the config reads (`${<group>.key}`, also through oc.select or brackets): a
+    misspelt `+generation.horizn=8` would otherwise be ignored while the default horizon runs. A known key
+    nobody reads (its reader overridden directly) is fine, and a config that reads none of the group (e.g.
+    callbacks=none) is not checked."""
     settings = cfg.get(group)
     if not isinstance(settings, DictConfig):
         return
     rest = OmegaConf.to_container(cfg, resolve=False)
     rest.pop(group, None)
-    used = set(re.findall(rf"\$\{{{group}\.(\w+)", str(rest)))
-    unused = sorted(str(key) for key in settings if str(key) not in used)
+    used = set(re.findall(rf"\b{group}(?:\.|\[['\"]?)(\w+)", " ".join(re.findall(r"\$\{[^}]*\}", str(rest)))))
+    unused = sorted(str(key) for key in settings if str(key) not in used | known)
     if not used or not unused:
         return
-    guesses = [f"{key} -> {close[0]}" for key in unused
-               if (close := difflib.get_close_matches(key, sorted(used), n=1))]
+    guesses = [f"{key} -> {match}" for key in unused if (match := close_match(key, used | known))]
     raise ValueError(f"{group}: nothing reads {', '.join(f'{group}.{key}' for key in unused)} (the config reads "
                      f"{', '.join(sorted(used))}). HINT: fix the spelling"
                      f"{' (' + ', '.join(guesses) + ')' if guesses else ''}, or pass the setting where it is used.")

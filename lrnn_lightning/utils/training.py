@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,17 @@ from omegaconf import DictConfig, OmegaConf
 from lrnn_lightning.callbacks.result import MIXED, SCALAR_NAMES, RolloutResult
 from lrnn_lightning.callbacks.rollout import RolloutCallback
 from lrnn_lightning.utils.instantiate import (
+    accepted_keys,
     check_target_keys,
     check_used_keys,
+    close_match,
     instantiate_callbacks,
     instantiate_loggers,
 )
 from lrnn_lightning.utils.wandb_setup import finish_wandb
+
+# the generation group's own settings: the callback's arguments, `event` standing for its event_mode
+GENERATION_KEYS = frozenset(accepted_keys(RolloutCallback) or ()) | {"event"}
 
 
 def route_lightning_logs_through_hydra() -> None:
@@ -45,7 +49,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         dict with `datamodule`, `model`, `module`, `callbacks`, `loggers` and `trainer`.
     """
     check_target_keys(cfg.data, "data")
-    check_used_keys(cfg, "generation")
+    check_used_keys(cfg, "generation", GENERATION_KEYS)
     check_target_keys(cfg.model, "model", passed=("d_input",))
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model, d_input=datamodule.num_channels)
@@ -72,17 +76,15 @@ def check_objective(name: str | None, trainer: Any) -> None:
                              "val/loss.")
         return
     if number not in SCALAR_NAMES:
-        close = difflib.get_close_matches(number, SCALAR_NAMES, n=1)
-        guess = f"did you mean {prefix}/{close[0]}? " if close else ""
+        match = close_match(number, SCALAR_NAMES)
+        guess = f"did you mean {prefix}/{match}? " if match else ""
         raise ValueError(f"optimized_metric={name!r}: the rollout callback logs no {number!r}; it logs "
                          f"{', '.join(f'{prefix}/{n}' for n in SCALAR_NAMES)}. HINT: {guess}e.g. "
                          f"optimized_metric={prefix}/nrmse.")
-    first = callback.first_rollout_epoch(trainer)
-    if trainer.max_epochs not in (None, -1) and first is not None and first >= trainer.max_epochs:
-        raise ValueError(f"optimized_metric={name!r}, but with generation.every_n_epochs={callback.every_n_epochs} "
-                         f"the first rollout would come after epoch {first} and the trainer stops after "
-                         f"{trainer.max_epochs} epochs, so it is never logged. HINT: lower generation.every_n_epochs "
-                         "or raise trainer.max_epochs.")
+    late = callback.first_rollout_after_fit(trainer)
+    if late is not None:
+        raise ValueError(f"optimized_metric={name!r}, but {late}, so it is never logged. HINT: lower "
+                         "generation.every_n_epochs or raise trainer.max_epochs.")
 
 
 def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
@@ -90,8 +92,7 @@ def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        close = difflib.get_close_matches(name, sorted(metrics), n=1)
-        example = close[0] if close else "rollout/nrmse" if "rollout/nrmse" in metrics else min(metrics, default="")
+        example = close_match(name, metrics) or ("rollout/nrmse" if "rollout/nrmse" in metrics else None)
         raise ValueError(f"optimized_metric={name!r} was not logged. Logged metrics: {', '.join(sorted(metrics))}. "
                          f"HINT: pick one of those{f', e.g. optimized_metric={example}' if example else ''}.")
     return metrics[name]
@@ -160,22 +161,6 @@ def stale_rollout_warning(result: RolloutResult | None, last_epoch: int, every_n
             f"{result.epoch}. HINT: make trainer.max_epochs a multiple of generation.every_n_epochs.")
 
 
-def fresh_start_warning(ckpt_path: str | None, trainer: Any) -> str | None:
-    """A warning when `ckpt_path=last` finds no last.ckpt in this run's checkpoint directory (Lightning then
-    starts from scratch): every run gets a directory of its own, so only a run given the directory of an
-    earlier one (a resubmitted SLURM job in its sweep directory) resumes that way. None otherwise."""
-    if ckpt_path != "last":
-        return None
-    checkpoint = trainer.checkpoint_callback
-    directory = getattr(checkpoint, "dirpath", None)
-    if directory and (Path(directory) / "last.ckpt").exists():
-        return None
-    where = f"in {directory}" if directory else "(no ModelCheckpoint saves one)"
-    return (f"ckpt_path=last: there is no last.ckpt {where} yet, so this run starts from scratch (as it should for "
-            "a job's first submission). HINT: to resume an earlier run, pass its checkpoint, "
-            "ckpt_path=<its run dir>/checkpoints/last.ckpt, or run in its directory (hydra.run.dir=<its run dir>).")
-
-
 def output_dir_warning(cfg: DictConfig) -> str | None:
     """A warning when `paths.output_dir` is not Hydra's run directory, where Hydra keeps the run's log and
     `.hydra/config.yaml`: the run's files would then be split over two places. None where they agree or
@@ -202,13 +187,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], float | None]:
         seed_everything(cfg.seed, workers=True)
     parts = build(cfg)
     trainer, loggers = parts["trainer"], parts["loggers"]
-    for callback in trainer.callbacks:  # a setting that cannot run fails before a W&B run starts for it
+    # settings that cannot run fail before a W&B run starts for them; the objective first, so that a rollout
+    # that never comes is one error rather than the callback's warning and then the error
+    check_objective(cfg.get("optimized_metric"), trainer)
+    for callback in trainer.callbacks:
         if isinstance(callback, RolloutCallback):
             callback.check_run(trainer, parts["module"], parts["datamodule"])
-    check_objective(cfg.get("optimized_metric"), trainer)
-    fresh = fresh_start_warning(cfg.get("ckpt_path"), trainer)
-    if fresh:
-        rank_zero_warn(fresh)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     exit_code = 1

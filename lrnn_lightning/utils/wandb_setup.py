@@ -13,7 +13,6 @@ each offline run's directory and the `wandb sync` command that uploads it later.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,8 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
+
+from lrnn_lightning.utils.instantiate import accepted_keys, close_match
 
 MODES = ("online", "offline", "disabled")
 FALLBACK = {"online": "offline", "offline": "disabled"}
@@ -181,16 +182,14 @@ def wandb_logger(project: str = "lrnn_lightning", name: str | None = None, group
 def _check_init_keys(kwargs: dict[str, Any], init: Any) -> None:
     """Raise, naming them, for keys neither `WandbLogger` nor `init` (wandb.init) takes: wandb.init would fail
     with a TypeError only once the run starts, which reads like a failed start rather than a misspelt key."""
-    accepted = set()
-    for function in (WandbLogger.__init__, init):
-        parameters = inspect.signature(function).parameters.values()
-        if any(p.kind is p.VAR_KEYWORD for p in parameters) and function is init:
-            return  # a wandb.init that takes anything
-        accepted |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    init_keys = accepted_keys(init)
+    if init_keys is None:  # a wandb.init that takes anything
+        return
+    parameters = inspect.signature(WandbLogger).parameters.values()
+    accepted = init_keys | {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        guesses = [f"{key} -> {close[0]}" for key in unknown
-                   if (close := difflib.get_close_matches(key, sorted(accepted), n=1))]
+        guesses = [f"{key} -> {match}" for key in unknown if (match := close_match(key, accepted))]
         raise ValueError(f"logger.wandb: wandb.init takes no {', '.join(unknown)}. HINT: fix the spelling"
                          f"{' (' + ', '.join(guesses) + ')' if guesses else ''}; the keys it takes are wandb.init's "
                          "arguments (https://docs.wandb.ai/ref/python/init).")
