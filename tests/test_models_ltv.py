@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from lrnn_lightning.models.causal_conv import CausalConv1d
 from lrnn_lightning.models.mamba import Mamba, selective_scan
-from lrnn_lightning.models.rglru import RGLRU
+from lrnn_lightning.models.rglru import RGLRU, _SqrtWithBoundedGrad
 from tests.conftest import relative_error
 from tests.helpers import perturb_parameters, random_dt
 
@@ -247,3 +247,12 @@ def test_rglru_rejects_bad_options():
         RGLRU(8, 1, decay_max=1.0)
     with pytest.raises(ValueError, match=r"d_state must be a positive integer, got 0"):
         RGLRU(8, 0)
+
+
+def test_rglru_normaliser_slope_is_capped_at_max_grad_and_exact_elsewhere():
+    x = torch.tensor([1e-12, 1e-8, 0.25, 0.81], dtype=torch.float64, requires_grad=True)
+    root = _SqrtWithBoundedGrad.apply(x, 1000.0)
+    torch.testing.assert_close(root, x.detach().sqrt())
+    (slope,) = torch.autograd.grad(root.sum(), x)
+    # the true slope 1 / (2 sqrt x) is 5e5 and 5e3 at the first two: capped at max_grad, exact at the others
+    torch.testing.assert_close(slope, torch.tensor([1000.0, 1000.0, 1.0, 1 / 1.8], dtype=torch.float64))

@@ -46,7 +46,7 @@ class _SqrtWithBoundedGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (root,) = ctx.saved_tensors
-        return grad / (2.0 * root).clamp_min(0.5 / ctx.max_grad), None
+        return grad / (2.0 * root).clamp_min(1.0 / ctx.max_grad), None  # d sqrt(x)/dx = 1 / (2 root) <= max_grad
 
 
 class RGLRU(Mixer):
