@@ -54,8 +54,8 @@ class ComplexStateMixer(Mixer):
 
         Args:
             x_t: input, shape (B, H).
-            state: as returned by `allocate_state` or `prefill`, of any floating dtype
-                (the step computes in at least float32 and rounds into it).
+            state: as returned by `allocate_state` or `prefill`, in the parameters' dtype or a
+                narrower floating one (the step computes in at least float32 and rounds into it).
             dt_t: optional timestep, shape (B,) or (B, 1).
 
         Returns:

@@ -13,7 +13,9 @@ decay over an interval dt of the continuous system whose unit step is lambda. ga
 not depend on dt: each event is an impulse that adds gamma * B x_t to the state whatever
 the gap before it (the Dirac input of Event-SSM). Then dt = 1 everywhere reproduces the
 plain LRU exactly, and the state after a long gap decays instead of being rescaled.
-forward and step share this rule.
+forward and step share this rule. With dt[t] the gap from sample t to t + 1 (the data's
+convention), step t decays the state carried into it by dt[t] and adds x_t undecayed, so a
+sequence's first gap dt[:, 0] does not change its outputs.
 """
 
 from __future__ import annotations

@@ -42,7 +42,12 @@ def bilinear(lam: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dirac(lam: Tensor, delta: Tensor) -> tuple[Tensor, None]:
-    """Dirac input (Event-SSM): decay exp(Delta Lambda), and each input is an impulse, so B-bar = B."""
+    """Dirac input (Event-SSM): decay exp(Delta Lambda), and each input is an impulse, so B-bar = B.
+
+    With event dt (dt[t] the gap from sample t to t + 1) the step is h_t = exp(dt_t Lambda) h_{t-1} + B x_t:
+    the gap decays the state carried into the step and x_t enters undecayed, so a sequence's first gap
+    dt[:, 0] does not change its outputs (zoh and bilinear integrate x_t over its own gap instead).
+    """
     return delta * lam, None
 
 

@@ -50,7 +50,9 @@ def pairwise_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
     the odd states recursively, then fills in each even state from the odd state before it.
     Its backward is the adjoint recurrence lambda_t = g_t + conj(a_{t+1}) lambda_{t+1}, solved
     by the same scan in reverse, so autograd keeps only `a` and `h` and launches a few
-    kernels per level instead of differentiating through every level.
+    kernels per level instead of differentiating through every level. That backward is
+    not itself differentiable: second derivatives (gradient penalties, meta-learning)
+    do not flow through it; `linear_scan` gives them.
 
     Args:
         a: decays, shape (B, L, *S) or broadcastable to `b`'s shape.
