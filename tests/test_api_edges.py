@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrnn_lightning.models import MIXERS, build_model
+from lrnn_lightning.models import MIXERS, build_model, get_mixer_class
 from lrnn_lightning.rollout import RolloutEngine, run_steps
 from tests.conftest import relative_error
 
@@ -89,6 +89,20 @@ def test_a_state_that_is_not_the_models_is_named():
     one_layer = build_model("lru", d_input=3, d_model=16, d_state=8, n_layers=1).allocate_state(2)
     with pytest.raises(ValueError, match=r"no entries of layer 1"):
         model.step(torch.randn(2, 3), one_layer)
+
+
+@pytest.mark.parametrize("name", ["lru", "s4d", "s5", "mamba", "rglru"])
+def test_a_bare_mixer_names_a_state_of_another_batch_size(name):
+    """A bare mixer's step used to broadcast a 3-row state against 1 row silently (LRU, S4D, S5: a (3, D) output) or
+    fail with a broadcasting error."""
+    mixer = get_mixer_class(name)(16, 8).eval()
+    with torch.no_grad():
+        _, state = mixer.prefill(torch.randn(3, 5, 16))
+        for rows in (1, 5):
+            with pytest.raises(ValueError, match=rf"\.step: state '\w+' has shape \(3, .*but x_t has {rows} rows.*"
+                                                 r"HINT: allocate_state"):
+                mixer.step(torch.randn(rows, 16), state)
+        assert mixer.step(torch.randn(3, 16), state).shape == (3, 16)
 
 
 @pytest.mark.parametrize("name", ["lru", "mamba"])

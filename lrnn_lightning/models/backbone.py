@@ -12,6 +12,7 @@ from lrnn_lightning.models.validation import (
     check_dt,
     check_positive_int,
     check_sequence,
+    check_state_rows,
     check_step_dt,
     check_step_input,
     dt_values_checked,
@@ -140,11 +141,7 @@ class SequenceModel(nn.Module):
         if not layer:  # e.g. a bare mixer's state, or another model's: say so rather than a KeyError deep inside
             raise ValueError(f"SequenceModel.step: the state has no entries of layer {i} (keys '{i}.<name>'); its keys "
                              f"are {sorted(state)[:6]}. HINT: make it with this model's allocate_state or prefill.")
-        for key, value in layer.items():  # metadata only: free inside a captured step
-            if value.dim() == 0 or value.shape[0] != batch:
-                raise ValueError(f"SequenceModel.step: state '{prefix}{key}' has shape {tuple(value.shape)}, but x_t "
-                                 f"has {batch} rows (state tensors are (B, ...)). HINT: allocate_state({batch}) or "
-                                 "prefill a context of this batch size.")
+        check_state_rows(layer, batch, "SequenceModel", prefix)  # names the layer; its mixer checks again, bare
         return layer
 
     def step(self, x_t: Tensor, state: State, dt_t: Tensor | None = None) -> Tensor:

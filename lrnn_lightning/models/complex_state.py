@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lrnn_lightning.models.lti_complex import working_precision
 from lrnn_lightning.models.mixer import Mixer, State, state_placement
-from lrnn_lightning.models.validation import check_step_dt, check_step_input
+from lrnn_lightning.models.validation import check_state_rows, check_step_dt, check_step_input
 
 
 class ComplexStateMixer(Mixer):
@@ -63,6 +63,7 @@ class ComplexStateMixer(Mixer):
         """
         batch = check_step_input(x_t, self.d_model, self._owner)
         check_step_dt(dt_t, batch, self._owner)
+        check_state_rows(state, batch, self._owner)
         with torch.autocast(x_t.device.type, enabled=False):
             x_t, dt_t, out_dtype = working_precision(self.D, x_t, None if dt_t is None else dt_t.reshape(batch))
             return self._complex_step(x_t, state, dt_t).to(out_dtype)

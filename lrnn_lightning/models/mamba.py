@@ -26,6 +26,7 @@ from lrnn_lightning.models.validation import (
     check_dt,
     check_positive_int,
     check_sequence,
+    check_state_rows,
     check_step_dt,
     check_step_input,
 )
@@ -199,6 +200,7 @@ class Mamba(Mixer):
         """x_t (B, D), dt_t (B,) or None -> (B, D); `state` updated in place."""
         batch = check_step_input(x_t, self.d_model, "Mamba")
         check_step_dt(dt_t, batch, "Mamba")
+        check_state_rows(state, batch, "Mamba")
         x_in, z = linear_step(x_t, self.in_proj).chunk(2, dim=-1)
         u = F.silu(self.conv.step(x_in, state["conv"]))
         delta, B, C = self._selection(u)

@@ -24,6 +24,7 @@ from lrnn_lightning.models.validation import (
     check_dt,
     check_positive_int,
     check_sequence,
+    check_state_rows,
     check_step_dt,
     check_step_input,
 )
@@ -157,6 +158,7 @@ class RGLRU(Mixer):
         """x_t (B, D), dt_t (B,) or None -> (B, D); `state` updated in place."""
         batch = check_step_input(x_t, self.d_model, "RGLRU")
         check_step_dt(dt_t, batch, "RGLRU")
+        check_state_rows(state, batch, "RGLRU")
         x_in, gate = linear_step(x_t, self.in_proj).chunk(2, dim=-1)
         a, normaliser, gated_input = self._recurrence(self.conv.step(x_in, state["conv"]),
                                                       None if dt_t is None else dt_t.reshape(batch))

@@ -72,6 +72,17 @@ def check_step_input(x_t: Tensor, d_model: int, owner: str) -> int:
     return x_t.shape[0]
 
 
+def check_state_rows(state, batch: int, owner: str, prefix: str = "") -> None:
+    """Raise unless every tensor of a step's `state` has `batch` rows (state tensors are (B, ...)), as x_t has:
+    a state of another batch size would otherwise broadcast silently or fail deep inside the step. Metadata only,
+    so it is free inside a captured step. `prefix` is how the caller names the keys (e.g. "0." for layer 0)."""
+    for key, value in state.items():
+        if value.dim() == 0 or value.shape[0] != batch:
+            raise ValueError(f"{owner}.step: state '{prefix}{key}' has shape {tuple(value.shape)}, but x_t has {batch} "
+                             f"rows (state tensors are (B, ...)). HINT: allocate_state({batch}) or prefill a context "
+                             "of this batch size.")
+
+
 def check_dt(dt: Tensor | None, batch: int, length: int, owner: str, check_values: bool = True) -> None:
     """Validate event timesteps of shape (B, L): positive and finite.
 
